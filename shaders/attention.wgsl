@@ -1,0 +1,217 @@
+// Fused causal attention with grouped KV heads (GQA; MHA and MQA are its edge cases):
+//   out[t, h] = softmax(q[t, h] · K[kvh]ᵀ · scale, keys 0 ..= pos0 + t) · V[kvh],  kvh = h / group
+// (Vaswani et al. 2017; Ainslie et al. 2023 for GQA). The softmax is computed online in tiles of
+// 64 keys (Milakov & Gimelshein 2018; FlashAttention), so no (queries × keys) matrix exists.
+// One workgroup serves up to 8 query heads that share one KV head, so each key and value row is
+// read once for the whole group and never copied per query head.
+//
+// K and V live in the preallocated cache, (kv_heads, ctx, head_dim), filled up to pos0 + T.
+//   prefill:       one workgroup per (query, KV head, block of ≤ 8 query heads) → out
+//   decode_split:  the keys split into ranges of `split_len`; one workgroup per (query, KV head,
+//                  head block, range) → partial (max, sum, unnormalised output)
+//   decode_reduce: one workgroup per (query, head) merges the partials → out
+// Split-KV keeps a long-context decode step busy on many cores (flash-decoding).
+
+struct Params {
+    n_tokens: u32,
+    n_heads: u32,
+    n_kv_heads: u32,
+    head_dim: u32,
+    ctx: u32,          // KV cache capacity (positions)
+    pos0: u32,         // absolute position of query 0; query t sees keys 0 ..= pos0 + t
+    n_splits: u32,
+    split_len: u32,    // keys per split (multiple of BK)
+    group: u32,        // query heads per KV head
+    head_blocks: u32,  // ceil(group / GMAX)
+    scale: f32,        // 1 / sqrt(head_dim)
+    _pad: u32,
+}
+
+const WG: u32 = 64u;
+const BK: u32 = 64u;      // keys per tile: one per invocation
+const GMAX: u32 = 8u;     // query heads per workgroup
+const DMAX: u32 = 128u;   // head_dim ≤ 2 · WG: each invocation owns output dims lid and lid + WG
+const NEG: f32 = -1.0e30; // running max before any key: finite, so exp(NEG - m) is 0, never NaN
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> q: array<f32>;                // (n_tokens, n_heads, head_dim)
+@group(0) @binding(2) var<storage, read> k_cache: array<kv_t>;        // (n_kv_heads, ctx, head_dim)
+@group(0) @binding(3) var<storage, read> v_cache: array<kv_t>;        // (n_kv_heads, ctx, head_dim)
+@group(0) @binding(4) var<storage, read_write> out: array<f32>;       // (n_tokens, n_heads, head_dim)
+@group(0) @binding(5) var<storage, read_write> part_ml: array<vec2<f32>>; // (n_tokens, n_heads, n_splits): (max, sum)
+@group(0) @binding(6) var<storage, read_write> part_acc: array<f32>;  // (n_tokens, n_heads, n_splits, head_dim)
+
+var<workgroup> q_s: array<f32, 1024>;   // (GMAX, head_dim): scaled queries of the head block
+var<workgroup> s_s: array<f32, 512>;    // (GMAX, BK): scores of the tile
+var<workgroup> p_s: array<f32, 512>;    // (GMAX, BK): exp(score - running max)
+
+var<private> m_run: array<f32, 8>;      // (GMAX) running max per head
+var<private> l_run: array<f32, 8>;      // (GMAX) running sum of exp per head
+var<private> acc: array<f32, 16>;       // (GMAX, 2) this invocation's output dims per head
+
+struct Block {
+    t: u32,
+    kvh: u32,
+    h0: u32,      // first query head of the block
+    heads: u32,   // query heads in the block (≤ GMAX)
+}
+
+fn block_of(x: u32, t: u32) -> Block {
+    var b: Block;
+    b.t = t;
+    b.kvh = x / p.head_blocks;
+    let hb = x % p.head_blocks;
+    b.h0 = b.kvh * p.group + hb * GMAX;
+    b.heads = min(GMAX, p.group - hb * GMAX);
+    return b;
+}
+
+// Online-softmax attention of block `b` over keys [j_begin, j_end) into m_run, l_run, acc.
+fn attend(b: Block, j_begin: u32, j_end: u32, lid: u32) {
+    let d_len = p.head_dim;
+    for (var g = 0u; g < GMAX; g++) {
+        m_run[g] = NEG;
+        l_run[g] = 0.0;
+        acc[2u * g] = 0.0;
+        acc[2u * g + 1u] = 0.0;
+    }
+    for (var i = lid; i < b.heads * d_len; i += WG) {
+        let g = i / d_len;
+        q_s[i] = q[(b.t * p.n_heads + b.h0 + g) * d_len + i % d_len] * p.scale;
+    }
+    let kv_base = b.kvh * p.ctx;
+    for (var start = j_begin; start < j_end; start += BK) {
+        let n_valid = min(BK, j_end - start);
+        workgroupBarrier(); // q_s is written; p_s readers of the previous tile are done
+        // 1. Scores of key start + lid for every head of the block.
+        if lid < n_valid {
+            var s: array<f32, 8>;
+            for (var g = 0u; g < GMAX; g++) {
+                s[g] = 0.0;
+            }
+            let k_row = (kv_base + start + lid) * d_len;
+            for (var d = 0u; d < d_len; d++) {
+                let kd = f32(k_cache[k_row + d]);
+                for (var g = 0u; g < b.heads; g++) {
+                    s[g] += q_s[g * d_len + d] * kd;
+                }
+            }
+            for (var g = 0u; g < b.heads; g++) {
+                s_s[g * BK + lid] = s[g];
+            }
+        }
+        workgroupBarrier();
+        // 2. New running max per head (every invocation computes the same), and the tile's
+        //    probabilities for this invocation's key.
+        var corr: array<f32, 8>;
+        for (var g = 0u; g < b.heads; g++) {
+            var mx = m_run[g];
+            for (var jj = 0u; jj < n_valid; jj++) {
+                mx = max(mx, s_s[g * BK + jj]);
+            }
+            corr[g] = exp(m_run[g] - mx);
+            m_run[g] = mx;
+            if lid < n_valid {
+                p_s[g * BK + lid] = exp(s_s[g * BK + lid] - mx);
+            }
+        }
+        workgroupBarrier();
+        // 3. Rescale and accumulate p · V for this invocation's output dims.
+        for (var g = 0u; g < b.heads; g++) {
+            var l = l_run[g] * corr[g];
+            for (var jj = 0u; jj < n_valid; jj++) {
+                l += p_s[g * BK + jj];
+            }
+            l_run[g] = l;
+            acc[2u * g] *= corr[g];
+            acc[2u * g + 1u] *= corr[g];
+        }
+        for (var jj = 0u; jj < n_valid; jj++) {
+            let v_row = (kv_base + start + jj) * d_len;
+            var v0 = 0.0;
+            var v1 = 0.0;
+            if lid < d_len {
+                v0 = f32(v_cache[v_row + lid]);
+            }
+            if lid + WG < d_len {
+                v1 = f32(v_cache[v_row + lid + WG]);
+            }
+            for (var g = 0u; g < b.heads; g++) {
+                let pj = p_s[g * BK + jj];
+                acc[2u * g] += pj * v0;
+                acc[2u * g + 1u] += pj * v1;
+            }
+        }
+    }
+}
+
+@compute @workgroup_size(WG)
+fn prefill(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let b = block_of(wid.x, wid.y);
+    attend(b, 0u, p.pos0 + b.t + 1u, lid);
+    for (var g = 0u; g < b.heads; g++) {
+        let o = (b.t * p.n_heads + b.h0 + g) * p.head_dim;
+        let inv = 1.0 / l_run[g];
+        if lid < p.head_dim {
+            out[o + lid] = acc[2u * g] * inv;
+        }
+        if lid + WG < p.head_dim {
+            out[o + lid + WG] = acc[2u * g + 1u] * inv;
+        }
+    }
+}
+
+@compute @workgroup_size(WG)
+fn decode_split(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let b = block_of(wid.x, wid.y);
+    let split = wid.z;
+    let kv_len = p.pos0 + b.t + 1u;
+    let j_begin = min(split * p.split_len, kv_len);
+    let j_end = min(j_begin + p.split_len, kv_len);
+    attend(b, j_begin, j_end, lid);
+    for (var g = 0u; g < b.heads; g++) {
+        let slot = (b.t * p.n_heads + b.h0 + g) * p.n_splits + split;
+        if lid == 0u {
+            part_ml[slot] = vec2<f32>(m_run[g], l_run[g]);
+        }
+        if lid < p.head_dim {
+            part_acc[slot * p.head_dim + lid] = acc[2u * g];
+        }
+        if lid + WG < p.head_dim {
+            part_acc[slot * p.head_dim + lid + WG] = acc[2u * g + 1u];
+        }
+    }
+}
+
+@compute @workgroup_size(WG)
+fn decode_reduce(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let h = wid.x;
+    let t = wid.y;
+    let first = (t * p.n_heads + h) * p.n_splits;
+    var m = NEG;
+    for (var s = 0u; s < p.n_splits; s++) {
+        m = max(m, part_ml[first + s].x);
+    }
+    var l = 0.0;
+    var o0 = 0.0;
+    var o1 = 0.0;
+    for (var s = 0u; s < p.n_splits; s++) {
+        let ml = part_ml[first + s];
+        let wgt = exp(ml.x - m);
+        l += wgt * ml.y;
+        let a = (first + s) * p.head_dim;
+        if lid < p.head_dim {
+            o0 += wgt * part_acc[a + lid];
+        }
+        if lid + WG < p.head_dim {
+            o1 += wgt * part_acc[a + lid + WG];
+        }
+    }
+    let o = (t * p.n_heads + h) * p.head_dim;
+    if lid < p.head_dim {
+        out[o + lid] = o0 / l;
+    }
+    if lid + WG < p.head_dim {
+        out[o + lid + WG] = o1 / l;
+    }
+}

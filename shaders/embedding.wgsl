@@ -1,0 +1,38 @@
+// Embedding lookup: x[t] = table[ids[t]], converting the table's f32 or f16 rows to f32.
+// A table larger than one storage binding is split in row chunks; each chunk's dispatch
+// writes only the tokens whose id falls in its rows.
+
+struct Params {
+    n_tokens: u32,
+    dim: u32,
+    first_row: u32,    // first vocabulary row held by this chunk
+    rows: u32,         // rows in this chunk
+}
+
+override W_F16: bool = false;
+const WG: u32 = 64u;
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> ids: array<u32>;         // (n_tokens)
+@group(0) @binding(2) var<storage, read> table: array<u32>;       // (rows, dim) f32 bits or packed f16
+@group(0) @binding(3) var<storage, read_write> x: array<f32>;     // (n_tokens, dim)
+
+fn table_at(i: u32) -> f32 {
+    if W_F16 {
+        return unpack2x16float(table[i >> 1u])[i & 1u];
+    }
+    return bitcast<f32>(table[i]);
+}
+
+@compute @workgroup_size(WG)
+fn embedding(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let t = wid.x;
+    let id = ids[t];
+    if id < p.first_row || id >= p.first_row + p.rows {
+        return;
+    }
+    let src = (id - p.first_row) * p.dim;
+    for (var i = lid; i < p.dim; i += WG) {
+        x[t * p.dim + i] = table_at(src + i);
+    }
+}

@@ -1,0 +1,94 @@
+// Matrix-vector product for decode: y[m] = W · x[m] (+ bias), i.e. y = x·Wᵀ for a few rows m
+// of x (one per token in the step). W is (rows × K) row-major as checkpoints store linear
+// weights, f32 or f16 (two halves per u32, `W_F16`). Memory-bound: each workgroup streams 4
+// weight rows with 16-byte loads, one partial dot product per row in each invocation, then one
+// vec4 workgroup reduction for all 4 rows.
+
+struct Params {
+    k: u32,           // input features (columns of W)
+    rows: u32,        // rows of W in this chunk
+    first_row: u32,   // this chunk's first row within the whole matrix
+    n: u32,           // rows of the whole matrix (row stride of y)
+    has_bias: u32,
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
+}
+
+override W_F16: bool = false;
+const WG: u32 = 64u;
+const ROWS: u32 = 4u;   // weight rows per workgroup (one vec4 lane each)
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> w: array<vec4<u32>>;    // (rows, k) f32 bits or packed f16
+@group(0) @binding(2) var<storage, read> x: array<vec4<f32>>;    // (m, k)
+@group(0) @binding(3) var<storage, read> bias: array<f32>;       // (n), read when has_bias
+@group(0) @binding(4) var<storage, read_write> y: array<f32>;    // (m, n)
+
+fn w_word(i: u32) -> u32 {
+    return w[i >> 2u][i & 3u];
+}
+
+// Element `i` of the flattened chunk, for shapes the vector path cannot take.
+fn w_at(i: u32) -> f32 {
+    if W_F16 {
+        return unpack2x16float(w_word(i >> 1u))[i & 1u];
+    }
+    return bitcast<f32>(w_word(i));
+}
+
+fn x_at(i: u32) -> f32 {
+    return x[i >> 2u][i & 3u];
+}
+
+// Dot product of 8 weights starting at element 8·j of the chunk with xa, xb.
+fn dot8(j: u32, xa: vec4<f32>, xb: vec4<f32>) -> f32 {
+    if W_F16 {
+        let q = w[j];
+        return dot(vec4<f32>(unpack2x16float(q.x), unpack2x16float(q.y)), xa)
+             + dot(vec4<f32>(unpack2x16float(q.z), unpack2x16float(q.w)), xb);
+    }
+    return dot(bitcast<vec4<f32>>(w[2u * j]), xa) + dot(bitcast<vec4<f32>>(w[2u * j + 1u]), xb);
+}
+
+@compute @workgroup_size(WG)
+fn gemv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let m = wid.y;
+    let row0 = wid.x * ROWS;
+    var acc = vec4<f32>(0.0);
+    if p.k % 8u == 0u {
+        let k8 = p.k / 8u;
+        let x8 = m * k8;
+        for (var j = lid; j < k8; j += WG) {
+            let xa = x[2u * (x8 + j)];
+            let xb = x[2u * (x8 + j) + 1u];
+            for (var r = 0u; r < ROWS; r++) {
+                if row0 + r < p.rows {
+                    acc[r] += dot8((row0 + r) * k8 + j, xa, xb);
+                }
+            }
+        }
+    } else {
+        for (var k = lid; k < p.k; k += WG) {
+            let xv = x_at(m * p.k + k);
+            for (var r = 0u; r < ROWS; r++) {
+                if row0 + r < p.rows {
+                    acc[r] += w_at((row0 + r) * p.k + k) * xv;
+                }
+            }
+        }
+    }
+    let total = workgroup_sum4(acc, lid);
+    if lid == 0u {
+        for (var r = 0u; r < ROWS; r++) {
+            let row = row0 + r;
+            if row < p.rows {
+                var v = total[r];
+                if p.has_bias != 0u {
+                    v += bias[p.first_row + row];
+                }
+                y[m * p.n + p.first_row + row] = v;
+            }
+        }
+    }
+}

@@ -1,0 +1,47 @@
+//! One error type for the whole crate, grouped by kind. Everything a user file, flag or device
+//! can cause comes back as a `KilnError`; `assert!` is kept for internal invariants only.
+
+use thiserror::Error;
+
+pub type Result<T, E = KilnError> = std::result::Result<T, E>;
+
+#[derive(Debug, Error)]
+pub enum KilnError {
+    /// No adapter matched what was asked for (or none exists at all).
+    #[error("no GPU adapter found: {0}")]
+    NoAdapter(String),
+
+    /// The adapter exists but refused to open a device with the features/limits we asked for.
+    #[error("could not open a device on {adapter}: {reason}")]
+    DeviceRequest { adapter: String, reason: String },
+
+    /// A WGSL source failed to compile or a pipeline failed to build.
+    #[error("kernel `{kernel}`: shader or pipeline error: {message}")]
+    Shader { kernel: String, message: String },
+
+    /// wgpu reported a validation error while recording or submitting `kernel`'s work.
+    #[error("kernel `{kernel}`: GPU validation error: {message}")]
+    Validation { kernel: String, message: String },
+
+    /// The device ran out of memory while allocating or running `kernel`.
+    #[error("kernel `{kernel}`: out of GPU memory: {message}")]
+    OutOfMemory { kernel: String, message: String },
+
+    /// A buffer readback failed (device lost, map error).
+    #[error("reading back `{what}` from the GPU failed: {message}")]
+    Readback { what: String, message: String },
+
+    /// An op was called with shapes that do not fit together.
+    #[error("{op}: shape mismatch: {message}")]
+    Shape { op: &'static str, message: String },
+
+    /// Anything the user asked for that this device or build cannot do.
+    #[error("unsupported: {0}")]
+    Unsupported(String),
+}
+
+impl KilnError {
+    pub(crate) fn shape(op: &'static str, message: impl Into<String>) -> Self {
+        KilnError::Shape { op, message: message.into() }
+    }
+}

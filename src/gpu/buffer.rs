@@ -1,0 +1,185 @@
+//! Buffers: allocation with typed OOM errors, uploads, readback, and `Weight`, a matrix that
+//! may be larger than one storage binding and is then split into row chunks.
+
+use super::{ErrorScope, Gpu};
+use crate::error::{KilnError, Result};
+use wgpu::util::DeviceExt;
+
+/// Element type of a weight matrix as stored on the GPU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DType {
+    F32,
+    /// IEEE half, two per u32 word, read with `unpack2x16float`.
+    F16,
+}
+
+impl DType {
+    pub fn bytes_for(self, elements: u64) -> u64 {
+        match self {
+            DType::F32 => elements * 4,
+            DType::F16 => elements * 2,
+        }
+    }
+
+    /// Value of the kernels' `W_F16` override constant.
+    pub fn w_f16(self) -> u32 {
+        (self == DType::F16) as u32
+    }
+}
+
+/// Rows `first_row .. first_row + rows` of a weight matrix, in one buffer.
+#[derive(Debug)]
+pub struct WeightChunk {
+    pub buffer: wgpu::Buffer,
+    pub first_row: u32,
+    pub rows: u32,
+}
+
+/// A row-major (rows × cols) matrix, as checkpoints store linear weights (out × in, so a
+/// projection computes y = x·Wᵀ). Split into row chunks when it is larger than one binding
+/// (a 151936 × 896 f16 lm-head is 272 MB; lavapipe binds at most 128 MiB).
+#[derive(Debug)]
+pub struct Weight {
+    pub name: String,
+    pub rows: u32,
+    pub cols: u32,
+    pub dtype: DType,
+    pub chunks: Vec<WeightChunk>,
+}
+
+impl Weight {
+    /// Upload raw little-endian element bytes (f32 or f16) of a (rows × cols) matrix.
+    pub fn upload(gpu: &Gpu, name: &str, rows: u32, cols: u32, dtype: DType, bytes: &[u8]) -> Result<Weight> {
+        let expected = dtype.bytes_for(rows as u64 * cols as u64);
+        if bytes.len() as u64 != expected {
+            return Err(KilnError::shape(
+                "weight upload",
+                format!("{name}: {rows}×{cols} {dtype:?} needs {expected} bytes, got {}", bytes.len()),
+            ));
+        }
+        let row_bytes = dtype.bytes_for(cols as u64);
+        // Chunk boundaries fall on rows; a chunk of f16 rows with odd `cols` still starts on a
+        // u32 word because we start every chunk in its own buffer.
+        let rows_per_chunk = (gpu.max_binding / row_bytes.max(1)).max(1).min(rows.max(1) as u64) as u32;
+        if row_bytes > gpu.max_binding {
+            return Err(KilnError::Unsupported(format!(
+                "{name}: one row is {row_bytes} bytes, more than the device's {} byte storage binding",
+                gpu.max_binding
+            )));
+        }
+        let mut chunks = Vec::new();
+        let mut first = 0u32;
+        while first < rows {
+            let n = rows_per_chunk.min(rows - first);
+            let start = (first as u64 * row_bytes) as usize;
+            let end = start + (n as u64 * row_bytes) as usize;
+            let label = if rows_per_chunk >= rows { name.to_string() } else { format!("{name}[{first}..{}]", first + n) };
+            let buffer = gpu.upload_padded(&label, &bytes[start..end], wgpu::BufferUsages::STORAGE)?;
+            chunks.push(WeightChunk { buffer, first_row: first, rows: n });
+            first += n;
+        }
+        Ok(Weight { name: name.into(), rows, cols, dtype, chunks })
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.dtype.bytes_for(self.rows as u64 * self.cols as u64)
+    }
+}
+
+/// Storage buffers are bound as arrays of vec4, so every size is padded to 16 bytes.
+pub(crate) fn padded(size: u64) -> u64 {
+    size.div_ceil(16).max(1) * 16
+}
+
+impl Gpu {
+    /// A zero-filled storage buffer that can also be copied to and from.
+    pub fn buffer(&self, label: &str, size: u64) -> Result<wgpu::Buffer> {
+        self.alloc(label, padded(size), wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST)
+    }
+
+    fn alloc(&self, label: &str, size: u64, usage: wgpu::BufferUsages) -> Result<wgpu::Buffer> {
+        if size > self.limits.max_buffer_size {
+            return Err(KilnError::OutOfMemory {
+                kernel: label.into(),
+                message: format!("{size} bytes exceeds the device's max buffer size {}", self.limits.max_buffer_size),
+            });
+        }
+        let scope = ErrorScope::push(self);
+        let buffer = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(label),
+            size,
+            usage,
+            mapped_at_creation: false,
+        });
+        scope.pop(label)?;
+        Ok(buffer)
+    }
+
+    /// A storage buffer holding `data` (padded with zeros to 16 bytes).
+    pub fn upload(&self, label: &str, data: &[u8]) -> Result<wgpu::Buffer> {
+        self.upload_padded(
+            label,
+            data,
+            wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+        )
+    }
+
+    fn upload_padded(&self, label: &str, data: &[u8], usage: wgpu::BufferUsages) -> Result<wgpu::Buffer> {
+        let size = padded(data.len() as u64);
+        let scope = ErrorScope::push(self);
+        let buffer = if size == data.len() as u64 {
+            self.device.create_buffer_init(&wgpu::util::BufferInitDescriptor { label: Some(label), contents: data, usage })
+        } else {
+            let mut v = data.to_vec();
+            v.resize(size as usize, 0);
+            self.device.create_buffer_init(&wgpu::util::BufferInitDescriptor { label: Some(label), contents: &v, usage })
+        };
+        scope.pop(label)?;
+        Ok(buffer)
+    }
+
+    /// A uniform buffer holding one params struct.
+    pub fn uniform<T: bytemuck::Pod>(&self, label: &str, params: &T) -> wgpu::Buffer {
+        self.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some(label),
+            contents: bytemuck::bytes_of(params),
+            usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+        })
+    }
+
+    /// Copy `bytes` bytes from the start of `buffer` back to the host. Waits for the GPU.
+    pub fn read_bytes(&self, buffer: &wgpu::Buffer, bytes: u64) -> Result<Vec<u8>> {
+        let what = || "a GPU buffer".to_string();
+        let size = bytes.div_ceil(4) * 4;
+        let staging = self.alloc("readback staging", size.max(4), wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST)?;
+        let mut encoder = self.encoder("readback");
+        encoder.copy_buffer_to_buffer(buffer, 0, &staging, 0, size);
+        self.submit_and_wait("readback", encoder)?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        staging.map_async(wgpu::MapMode::Read, .., move |r| {
+            let _ = tx.send(r);
+        });
+        self.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| KilnError::Readback { what: what(), message: e.to_string() })?;
+        rx.recv()
+            .map_err(|e| KilnError::Readback { what: what(), message: e.to_string() })?
+            .map_err(|e| KilnError::Readback { what: what(), message: e.to_string() })?;
+        let view = staging
+            .get_mapped_range(..)
+            .map_err(|e| KilnError::Readback { what: what(), message: format!("{e:?}") })?;
+        let mut out = view.to_vec();
+        out.truncate(bytes as usize);
+        Ok(out)
+    }
+
+    pub fn read_f32(&self, buffer: &wgpu::Buffer, count: usize) -> Result<Vec<f32>> {
+        let bytes = self.read_bytes(buffer, count as u64 * 4)?;
+        Ok(bytemuck::pod_collect_to_vec(&bytes))
+    }
+
+    pub fn read_u32(&self, buffer: &wgpu::Buffer, count: usize) -> Result<Vec<u32>> {
+        let bytes = self.read_bytes(buffer, count as u64 * 4)?;
+        Ok(bytemuck::pod_collect_to_vec(&bytes))
+    }
+}

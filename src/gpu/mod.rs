@@ -1,0 +1,135 @@
+//! The GPU layer: one `Gpu` owns the wgpu device and queue, knows what the adapter can do
+//! (`Caps`), builds every compute pipeline once (`pipelines`), and turns wgpu's validation and
+//! out-of-memory errors into `KilnError`s that name the kernel.
+//!
+//! Everything above this module (ops, the executor) records `Dispatch`es into one command
+//! encoder per step and submits once.
+
+mod adapter;
+mod buffer;
+mod dispatch;
+mod pipelines;
+pub mod shaders;
+mod timer;
+
+pub use adapter::{Backend, GpuOptions};
+pub use buffer::{DType, Weight, WeightChunk};
+pub use dispatch::Dispatch;
+pub use pipelines::{PipelineKey, Variant};
+pub use timer::GpuTimer;
+
+use crate::error::{KilnError, Result};
+use std::sync::Arc;
+
+/// What the adapter offers that changes which kernels we build. Each flag can be forced off
+/// (`GpuOptions`) so the fallback path is tested on hardware that has the feature.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Caps {
+    /// `SHADER_F16`: the KV cache is stored as f16 (`enable f16;`); without it, as f32.
+    /// f16 *weights* need no feature: they are packed two per u32 and read with the core
+    /// builtin `unpack2x16float`, so they stay half-size on every adapter.
+    pub f16: bool,
+    /// `SUBGROUP`: reductions use `subgroupAdd`/`subgroupMax` plus one shared-memory step;
+    /// without it, a shared-memory tree reduction.
+    pub subgroups: bool,
+    /// `TIMESTAMP_QUERY`: benchmarks read GPU time; without it, they time on the host after a sync.
+    pub timestamps: bool,
+}
+
+pub struct Gpu {
+    pub device: wgpu::Device,
+    pub queue: wgpu::Queue,
+    pub info: wgpu::AdapterInfo,
+    pub limits: wgpu::Limits,
+    pub caps: Caps,
+    /// Largest byte size one storage binding may cover (the adapter's limit, or a smaller
+    /// override used by tests to exercise weight chunking).
+    pub max_binding: u64,
+    /// Bound where a kernel's optional input (a bias) is absent.
+    pub(crate) empty: wgpu::Buffer,
+    pipelines: pipelines::PipelineCache,
+}
+
+impl Gpu {
+    /// Open the best adapter, honouring `KILN_BACKEND`, `KILN_ADAPTER`, `KILN_NO_SUBGROUPS`
+    /// and `KILN_NO_F16` from the environment.
+    pub fn new() -> Result<Arc<Gpu>> {
+        Self::with_options(&GpuOptions::from_env()?)
+    }
+
+    pub fn with_options(options: &GpuOptions) -> Result<Arc<Gpu>> {
+        pollster::block_on(adapter::open(options)).map(Arc::new)
+    }
+
+    /// One line for logs: adapter name, backend, device type and the chosen paths.
+    pub fn describe(&self) -> String {
+        format!(
+            "{} ({:?}, {:?}); f16 KV: {}, subgroups: {}, timestamps: {}, max binding {} MiB",
+            self.info.name,
+            self.info.backend,
+            self.info.device_type,
+            self.caps.f16,
+            self.caps.subgroups,
+            self.caps.timestamps,
+            self.max_binding >> 20
+        )
+    }
+
+    /// Submit `encoder` and wait for the GPU, surfacing validation and OOM errors as
+    /// typed errors naming `kernel`.
+    pub fn submit_and_wait(&self, kernel: &str, encoder: wgpu::CommandEncoder) -> Result<()> {
+        let scope = ErrorScope::push(self);
+        let index = self.queue.submit([encoder.finish()]);
+        scope.pop(kernel)?;
+        self.device
+            .poll(wgpu::PollType::Wait { submission_index: Some(index), timeout: None })
+            .map_err(|e| KilnError::Validation { kernel: kernel.into(), message: e.to_string() })?;
+        Ok(())
+    }
+
+    /// Record `dispatches` into one compute pass and run them.
+    pub fn run(&self, label: &str, dispatches: &[&Dispatch]) -> Result<()> {
+        let mut encoder = self.encoder(label);
+        {
+            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some(label),
+                timestamp_writes: None,
+            });
+            for d in dispatches {
+                d.record(&mut pass);
+            }
+        }
+        self.submit_and_wait(label, encoder)
+    }
+
+    pub fn encoder(&self, label: &str) -> wgpu::CommandEncoder {
+        self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some(label) })
+    }
+}
+
+/// Captures validation and out-of-memory errors raised between `push` and `pop` on this thread.
+pub(crate) struct ErrorScope {
+    oom: wgpu::ErrorScopeGuard,
+    validation: wgpu::ErrorScopeGuard,
+}
+
+impl ErrorScope {
+    pub(crate) fn push(gpu: &Gpu) -> Self {
+        let oom = gpu.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let validation = gpu.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        ErrorScope { oom, validation }
+    }
+
+    /// Pop both scopes (inner first) and return the first error, attributed to `kernel`.
+    pub(crate) fn pop(self, kernel: &str) -> Result<()> {
+        let validation = pollster::block_on(self.validation.pop());
+        let oom = pollster::block_on(self.oom.pop());
+        if let Some(e) = oom {
+            return Err(KilnError::OutOfMemory { kernel: kernel.into(), message: e.to_string() });
+        }
+        if let Some(e) = validation {
+            return Err(KilnError::Validation { kernel: kernel.into(), message: e.to_string() });
+        }
+        Ok(())
+    }
+}

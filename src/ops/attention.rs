@@ -1,0 +1,206 @@
+//! Fused causal attention with GQA/MQA over the KV cache (`shaders/attention.wgsl`).
+
+use crate::gpu::{shaders, Dispatch, Gpu};
+use crate::{KilnError, Result};
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct Params {
+    pub n_tokens: u32,
+    pub n_heads: u32,
+    pub n_kv_heads: u32,
+    pub head_dim: u32,
+    pub ctx: u32,
+    pub pos0: u32,
+    pub n_splits: u32,
+    pub split_len: u32,
+    pub group: u32,
+    pub head_blocks: u32,
+    pub scale: f32,
+    pub _pad: u32,
+}
+
+/// Query heads one workgroup serves (`GMAX`), keys per tile (`BK`), largest head_dim (`DMAX`).
+const GMAX: u32 = 8;
+const BK: u32 = 64;
+const DMAX: u32 = 128;
+
+/// The attention geometry of a model and its cache.
+#[derive(Clone, Copy, Debug)]
+pub struct AttentionShape {
+    pub n_heads: u32,
+    pub n_kv_heads: u32,
+    pub head_dim: u32,
+    /// KV cache capacity in positions.
+    pub ctx: u32,
+}
+
+impl AttentionShape {
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(KilnError::shape("attention", m));
+        if self.n_kv_heads == 0 || self.n_heads % self.n_kv_heads != 0 {
+            return bad(format!("{} query heads do not divide into {} KV heads", self.n_heads, self.n_kv_heads));
+        }
+        if self.head_dim == 0 || self.head_dim > DMAX {
+            return bad(format!("head_dim {} not in 1..={DMAX}", self.head_dim));
+        }
+        Ok(())
+    }
+
+    fn group(&self) -> u32 {
+        self.n_heads / self.n_kv_heads
+    }
+
+    fn head_blocks(&self) -> u32 {
+        self.group().div_ceil(GMAX)
+    }
+
+    /// Params for `n_tokens` queries at positions pos0.. over `n_splits` ranges of `split_len` keys.
+    fn params(&self, n_tokens: u32, pos0: u32, n_splits: u32, split_len: u32) -> Result<Params> {
+        self.validate()?;
+        if n_tokens == 0 {
+            return Err(KilnError::shape("attention", "no queries"));
+        }
+        if pos0 + n_tokens > self.ctx {
+            return Err(KilnError::shape("attention", format!("positions up to {} exceed the cache's {}", pos0 + n_tokens, self.ctx)));
+        }
+        Ok(Params {
+            n_tokens,
+            n_heads: self.n_heads,
+            n_kv_heads: self.n_kv_heads,
+            head_dim: self.head_dim,
+            ctx: self.ctx,
+            pos0,
+            n_splits,
+            split_len,
+            group: self.group(),
+            head_blocks: self.head_blocks(),
+            scale: 1.0 / (self.head_dim as f32).sqrt(),
+            _pad: 0,
+        })
+    }
+
+    /// How to split `kv_len` keys so a decode step fills about `target_groups` workgroups:
+    /// (n_splits, split_len), split_len a multiple of the 64-key tile.
+    pub fn splits(&self, kv_len: u32, target_groups: u32) -> (u32, u32) {
+        let per_split = self.n_kv_heads * self.head_blocks();
+        let want = target_groups.div_ceil(per_split).max(1);
+        let split_len = kv_len.div_ceil(want).div_ceil(BK).max(1) * BK;
+        (kv_len.div_ceil(split_len).max(1), split_len)
+    }
+}
+
+/// q (n_tokens, n_heads, head_dim) at positions pos0.. attends causally to the cache
+/// (n_kv_heads, ctx, head_dim), already holding keys 0 .. pos0 + n_tokens → out, same shape as q.
+pub fn prefill(
+    gpu: &Gpu,
+    shape: &AttentionShape,
+    q: &wgpu::Buffer,
+    k_cache: &wgpu::Buffer,
+    v_cache: &wgpu::Buffer,
+    out: &wgpu::Buffer,
+    n_tokens: u32,
+    pos0: u32,
+) -> Result<Dispatch> {
+    let params = shape.params(n_tokens, pos0, 1, 0)?;
+    super::check_groups(gpu, "attention", "queries", n_tokens)?;
+    let pipeline = gpu.pipeline(&shaders::ATTENTION, "prefill", &[])?;
+    let grid = [shape.n_kv_heads * shape.head_blocks(), n_tokens, 1];
+    gpu.dispatch_at("attention prefill", pipeline, &params, &[(1, q), (2, k_cache), (3, v_cache), (4, out)], grid)
+}
+
+/// Scratch for split-KV decoding: room for `n_splits` partial results of `n_tokens` queries.
+pub struct Partials {
+    pub ml: wgpu::Buffer,
+    pub acc: wgpu::Buffer,
+    pub n_tokens: u32,
+    pub n_splits: u32,
+}
+
+impl Partials {
+    pub fn new(gpu: &Gpu, shape: &AttentionShape, n_tokens: u32, n_splits: u32) -> Result<Self> {
+        let slots = n_tokens as u64 * shape.n_heads as u64 * n_splits as u64;
+        Ok(Partials {
+            ml: gpu.buffer("attention partial max/sum", slots * 8)?,
+            acc: gpu.buffer("attention partial output", slots * shape.head_dim as u64 * 4)?,
+            n_tokens,
+            n_splits,
+        })
+    }
+}
+
+/// The same result as `prefill`, computed as `n_splits` ranges of `split_len` keys in
+/// parallel and then merged: two dispatches (split, reduce).
+#[allow(clippy::too_many_arguments)]
+pub fn decode(
+    gpu: &Gpu,
+    shape: &AttentionShape,
+    q: &wgpu::Buffer,
+    k_cache: &wgpu::Buffer,
+    v_cache: &wgpu::Buffer,
+    out: &wgpu::Buffer,
+    partials: &Partials,
+    n_tokens: u32,
+    pos0: u32,
+    (n_splits, split_len): (u32, u32),
+) -> Result<[Dispatch; 2]> {
+    if n_tokens > partials.n_tokens || n_splits > partials.n_splits {
+        return Err(KilnError::shape(
+            "attention",
+            format!("{n_tokens} queries × {n_splits} splits exceed the scratch for {} × {}", partials.n_tokens, partials.n_splits),
+        ));
+    }
+    if split_len == 0 || split_len % BK != 0 || (n_splits as u64) * (split_len as u64) < (pos0 + n_tokens) as u64 {
+        return Err(KilnError::shape("attention", format!("{n_splits} splits of {split_len} keys do not cover {} keys", pos0 + n_tokens)));
+    }
+    let params = shape.params(n_tokens, pos0, n_splits, split_len)?;
+    super::check_groups(gpu, "attention", "queries", n_tokens)?;
+    let split = gpu.pipeline(&shaders::ATTENTION, "decode_split", &[])?;
+    let reduce = gpu.pipeline(&shaders::ATTENTION, "decode_reduce", &[])?;
+    let grid = [shape.n_kv_heads * shape.head_blocks(), n_tokens, n_splits];
+    Ok([
+        gpu.dispatch_at(
+            "attention split",
+            split,
+            &params,
+            &[(1, q), (2, k_cache), (3, v_cache), (5, &partials.ml), (6, &partials.acc)],
+            grid,
+        )?,
+        gpu.dispatch_at(
+            "attention reduce",
+            reduce,
+            &params,
+            &[(4, out), (5, &partials.ml), (6, &partials.acc)],
+            [shape.n_heads, n_tokens, 1],
+        )?,
+    ])
+}
+
+/// Reference causal attention in f64. q (n_tokens, n_heads, d); k, v caches (n_kv_heads, ctx, d).
+pub fn attention_cpu(shape: &AttentionShape, q: &[f32], k: &[f32], v: &[f32], n_tokens: usize, pos0: usize) -> Vec<f32> {
+    let (h_n, d, ctx) = (shape.n_heads as usize, shape.head_dim as usize, shape.ctx as usize);
+    let group = (shape.n_heads / shape.n_kv_heads) as usize;
+    let scale = 1.0 / (d as f64).sqrt();
+    let mut out = vec![0f32; n_tokens * h_n * d];
+    for t in 0..n_tokens {
+        let kv_len = pos0 + t + 1;
+        for h in 0..h_n {
+            let kvh = h / group;
+            let qv = &q[(t * h_n + h) * d..][..d];
+            let scores: Vec<f64> = (0..kv_len)
+                .map(|j| {
+                    let kr = &k[(kvh * ctx + j) * d..][..d];
+                    qv.iter().zip(kr).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>() * scale
+                })
+                .collect();
+            let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let w: Vec<f64> = scores.iter().map(|s| (s - m).exp()).collect();
+            let sum: f64 = w.iter().sum();
+            for e in 0..d {
+                let o: f64 = (0..kv_len).map(|j| w[j] * v[(kvh * ctx + j) * d + e] as f64).sum();
+                out[(t * h_n + h) * d + e] = (o / sum) as f32;
+            }
+        }
+    }
+    out
+}

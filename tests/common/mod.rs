@@ -1,0 +1,92 @@
+//! Shared test harness: the devices under test, seeded random inputs, NaN-poisoned outputs
+//! and a comparison that names the index, the values and the reason for its tolerance.
+#![allow(dead_code)]
+
+use kiln::gpu::{Gpu, GpuOptions};
+use rand::{rngs::StdRng, Rng, SeedableRng};
+use std::sync::{Arc, OnceLock};
+
+/// The paths every kernel is tested on: what the adapter offers ("fast": subgroups, f16 KV
+/// cache on lavapipe) and the forced fallback ("fallback": shared-memory reductions, f32 KV).
+/// There is no silent skip: without an adapter these panic with the reason.
+pub fn devices() -> Vec<(&'static str, Arc<Gpu>)> {
+    static FAST: OnceLock<Arc<Gpu>> = OnceLock::new();
+    static FALLBACK: OnceLock<Arc<Gpu>> = OnceLock::new();
+    let open = |o: GpuOptions| Gpu::with_options(&o).unwrap_or_else(|e| panic!("GPU tests need an adapter: {e}"));
+    let fast = FAST.get_or_init(|| open(GpuOptions::default())).clone();
+    let fallback = FALLBACK
+        .get_or_init(|| open(GpuOptions { disable_subgroups: true, disable_f16: true, ..Default::default() }))
+        .clone();
+    vec![("fast", fast), ("fallback", fallback)]
+}
+
+/// A device whose storage bindings are capped at `max_binding` bytes, to split weights into
+/// several chunks with small test matrices.
+pub fn small_binding_device(max_binding: u64) -> Arc<Gpu> {
+    Gpu::with_options(&GpuOptions { max_binding: Some(max_binding), ..Default::default() })
+        .unwrap_or_else(|e| panic!("GPU tests need an adapter: {e}"))
+}
+
+/// A fresh seed per run (KILN_TEST_SEED pins one); printed so a failure can be replayed.
+pub fn rng(test: &str) -> StdRng {
+    let seed = std::env::var("KILN_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
+    });
+    eprintln!("{test}: KILN_TEST_SEED={seed}");
+    StdRng::seed_from_u64(seed)
+}
+
+pub fn uniform(rng: &mut StdRng, n: usize, lo: f32, hi: f32) -> Vec<f32> {
+    (0..n).map(|_| rng.random_range(lo..hi)).collect()
+}
+
+/// A buffer of `n` f32 NaNs: a kernel that skips an element cannot pass.
+pub fn poisoned(gpu: &Gpu, label: &str, n: usize) -> wgpu::Buffer {
+    gpu.upload(label, bytemuck::cast_slice(&vec![f32::NAN; n])).unwrap()
+}
+
+pub fn upload_f32(gpu: &Gpu, label: &str, data: &[f32]) -> wgpu::Buffer {
+    gpu.upload(label, bytemuck::cast_slice(data)).unwrap()
+}
+
+/// Round through f16, as a value stored in an f16 buffer reads back.
+pub fn round_f16(v: &[f32]) -> Vec<f32> {
+    v.iter().map(|&x| half::f16::from_f32(x).to_f32()).collect()
+}
+
+pub fn f16_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|&x| half::f16::from_f32(x).to_le_bytes()).collect()
+}
+
+/// Assert |actual − expected| ≤ tol[i] everywhere, with every value finite. `why` states where
+/// the tolerance comes from; a failure prints the first offending indices with both values.
+pub fn assert_close_each(what: &str, actual: &[f32], expected: &[f32], tol: impl Fn(usize) -> f64, why: &str) {
+    assert_eq!(actual.len(), expected.len(), "{what}: length");
+    let mut bad = Vec::new();
+    let mut worst = (0.0f64, 0usize);
+    for (i, (&a, &e)) in actual.iter().zip(expected).enumerate() {
+        let err = (a as f64 - e as f64).abs();
+        if !a.is_finite() || !(err <= tol(i)) {
+            bad.push(i);
+        }
+        if err > worst.0 {
+            worst = (err, i);
+        }
+    }
+    if !bad.is_empty() {
+        let shown: Vec<String> = bad
+            .iter()
+            .take(8)
+            .map(|&i| format!("  [{i}] actual {} expected {} (|Δ| {:.3e}, tol {:.3e})", actual[i], expected[i], (actual[i] as f64 - expected[i] as f64).abs(), tol(i)))
+            .collect();
+        panic!("{what}: {} of {} elements out of tolerance ({why}):\n{}", bad.len(), actual.len(), shown.join("\n"));
+    }
+}
+
+/// `assert_close_each` with one absolute tolerance.
+pub fn assert_close(what: &str, actual: &[f32], expected: &[f32], atol: f64, why: &str) {
+    assert_close_each(what, actual, expected, |_| atol, why)
+}
+
+/// Unit roundoff of f32.
+pub const U32: f64 = f32::EPSILON as f64 / 2.0;
