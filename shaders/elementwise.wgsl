@@ -46,3 +46,16 @@ fn add_assign(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_i
         y[i] += a[i];
     }
 }
+
+// y = a, 16 bytes per invocation: device copy bandwidth for benchmarks, and cache copies.
+// `n` counts vec4s here.
+@group(0) @binding(1) var<storage, read> a4: array<vec4<f32>>;
+@group(0) @binding(3) var<storage, read_write> y4: array<vec4<f32>>;
+
+@compute @workgroup_size(WG)
+fn copy(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let i = index(wid, lid);
+    if i < p.n {
+        y4[i] = a4[i];
+    }
+}

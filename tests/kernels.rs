@@ -103,6 +103,10 @@ fn swiglu_and_residual_add_match_reference() {
             gpu.run("add", &[&elementwise::add(&gpu, &ab, &bb, &y, n as u32).unwrap()]).unwrap();
             assert_close(&format!("add {name} n={n}"), &gpu.read_f32(&y, n).unwrap(), &elementwise::add_cpu(&a, &b), 0.0, "one correctly rounded f32 add, as on the CPU");
 
+            let y = poisoned(&gpu, "y", n.div_ceil(4) * 4);
+            gpu.run("copy", &[&elementwise::copy(&gpu, &ab, &y, n.div_ceil(4) as u64 * 16).unwrap()]).unwrap();
+            assert_close(&format!("copy {name} n={n}"), &gpu.read_f32(&y, n).unwrap(), &a, 0.0, "a copy changes no bits");
+
             let acc = upload_f32(&gpu, "acc", &a);
             gpu.run("add_assign", &[&elementwise::add_assign(&gpu, &acc, &bb, n as u32).unwrap()]).unwrap();
             assert_close(&format!("add_assign {name} n={n}"), &gpu.read_f32(&acc, n).unwrap(), &elementwise::add_cpu(&a, &b), 0.0, "one correctly rounded f32 add");

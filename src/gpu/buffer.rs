@@ -57,25 +57,46 @@ impl Weight {
                 format!("{name}: {rows}×{cols} {dtype:?} needs {expected} bytes, got {}", bytes.len()),
             ));
         }
+        let row_bytes = dtype.bytes_for(cols as u64) as usize;
+        Self::build(gpu, name, rows, cols, dtype, |label, first, n| {
+            let data = &bytes[first as usize * row_bytes..(first + n) as usize * row_bytes];
+            gpu.upload_padded(label, data, wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST)
+        })
+    }
+
+    /// A zero-filled matrix, written later (streamed loads) or used as is (benchmarks).
+    pub fn zeroed(gpu: &Gpu, name: &str, rows: u32, cols: u32, dtype: DType) -> Result<Weight> {
         let row_bytes = dtype.bytes_for(cols as u64);
-        // Chunk boundaries fall on rows; a chunk of f16 rows with odd `cols` still starts on a
-        // u32 word because we start every chunk in its own buffer.
-        let rows_per_chunk = (gpu.max_binding / row_bytes.max(1)).max(1).min(rows.max(1) as u64) as u32;
-        if row_bytes > gpu.max_binding {
+        Self::build(gpu, name, rows, cols, dtype, |label, _, n| gpu.buffer(label, n as u64 * row_bytes))
+    }
+
+    /// Split the rows into chunks no larger than one storage binding; `make(label, first, n)`
+    /// creates the buffer of rows first .. first + n. Every chunk starts a buffer, so even an
+    /// f16 matrix with odd `cols` starts each chunk on a u32 word.
+    fn build(
+        gpu: &Gpu,
+        name: &str,
+        rows: u32,
+        cols: u32,
+        dtype: DType,
+        mut make: impl FnMut(&str, u32, u32) -> Result<wgpu::Buffer>,
+    ) -> Result<Weight> {
+        let row_bytes = dtype.bytes_for(cols as u64).max(1);
+        // Leave room for the 16-byte padding of the last row.
+        let limit = gpu.max_binding.saturating_sub(16);
+        if row_bytes > limit {
             return Err(KilnError::Unsupported(format!(
                 "{name}: one row is {row_bytes} bytes, more than the device's {} byte storage binding",
                 gpu.max_binding
             )));
         }
+        let rows_per_chunk = (limit / row_bytes).min(rows.max(1) as u64) as u32;
         let mut chunks = Vec::new();
         let mut first = 0u32;
         while first < rows {
             let n = rows_per_chunk.min(rows - first);
-            let start = (first as u64 * row_bytes) as usize;
-            let end = start + (n as u64 * row_bytes) as usize;
-            let label = if rows_per_chunk >= rows { name.to_string() } else { format!("{name}[{first}..{}]", first + n) };
-            let buffer = gpu.upload_padded(&label, &bytes[start..end], wgpu::BufferUsages::STORAGE)?;
-            chunks.push(WeightChunk { buffer, first_row: first, rows: n });
+            let label = if n == rows { name.to_string() } else { format!("{name}[{first}..{}]", first + n) };
+            chunks.push(WeightChunk { buffer: make(&label, first, n)?, first_row: first, rows: n });
             first += n;
         }
         Ok(Weight { name: name.into(), rows, cols, dtype, chunks })

@@ -37,6 +37,19 @@ pub fn add_assign(gpu: &Gpu, y: &wgpu::Buffer, a: &wgpu::Buffer, n: u32) -> Resu
     gpu.dispatch_at("add_assign", pipeline, &params, &[(1, a), (3, y)], grid)
 }
 
+/// y = a over `bytes` bytes (a multiple of 16): a plain device copy, also the yardstick the
+/// benchmarks divide kernel bandwidth by.
+pub fn copy(gpu: &Gpu, a: &wgpu::Buffer, y: &wgpu::Buffer, bytes: u64) -> Result<Dispatch> {
+    if bytes % 16 != 0 {
+        return Err(crate::KilnError::shape("copy", format!("{bytes} bytes is not a multiple of 16")));
+    }
+    let n = (bytes / 16) as u32;
+    let grid = super::flat_grid(gpu, n.div_ceil(WG));
+    let pipeline = gpu.pipeline(&shaders::ELEMENTWISE, "copy", &[])?;
+    let params = Params { n, groups_x: grid[0], _pad: [0; 2] };
+    gpu.dispatch_at("copy", pipeline, &params, &[(1, a), (3, y)], grid)
+}
+
 pub fn swiglu_cpu(gate: &[f32], up: &[f32]) -> Vec<f32> {
     gate.iter()
         .zip(up)
