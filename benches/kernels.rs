@@ -3,6 +3,7 @@
 //!
 //!     cargo bench --bench kernels                 # all three models
 //!     KILN_BENCH_MODELS=smollm2,qwen2.5 cargo bench --bench kernels
+//!     KILN_BENCH_ALL_KERNELS=1 ...                # also the kernels not chosen for this device
 //!
 //! GPU time comes from timestamp queries where the adapter has them, else from the host
 //! after a full sync. Each figure is the best of 3 runs of a batch of repetitions recorded
@@ -10,6 +11,8 @@
 //! does not depend on the values.
 
 use kiln::gpu::{DType, Dispatch, Gpu, Weight};
+use kiln::ops::gemv::GemvKernel;
+use kiln::ops::matmul::MatmulKernel;
 use kiln::ops::{attention, elementwise, gemv, matmul};
 use kiln::Result;
 
@@ -43,6 +46,29 @@ fn seconds(gpu: &Gpu, label: &str, dispatches: &[&Dispatch], budget: f64) -> Res
     Ok(best)
 }
 
+/// The device's own choice first; with KILN_BENCH_ALL_KERNELS=1 the alternatives too.
+fn gemv_kernels(gpu: &Gpu) -> Vec<GemvKernel> {
+    let own = GemvKernel::for_device(gpu);
+    let mut v = vec![own];
+    if all_kernels() {
+        v.extend([GemvKernel::Reduce, GemvKernel::RowPerInvocation].into_iter().filter(|k| *k != own));
+    }
+    v
+}
+
+fn matmul_kernels(gpu: &Gpu) -> Vec<MatmulKernel> {
+    let own = MatmulKernel::for_device(gpu);
+    let mut v = vec![own];
+    if all_kernels() {
+        v.extend([MatmulKernel::Tiled, MatmulKernel::Registers].into_iter().filter(|k| *k != own));
+    }
+    v
+}
+
+fn all_kernels() -> bool {
+    std::env::var("KILN_BENCH_ALL_KERNELS").is_ok_and(|v| v == "1")
+}
+
 fn main() -> Result<()> {
     let gpu = Gpu::new()?;
     let wanted = std::env::var("KILN_BENCH_MODELS").unwrap_or_default();
@@ -71,25 +97,29 @@ fn main() -> Result<()> {
             ("lm_head", model.vocab, model.hidden),
         ];
         for (name, n, k) in projections {
-            let w = Weight::zeroed(&gpu, name, n, k, DType::F16)?;
+            let w = Weight::zeroed(&gpu, name, n, k, if std::env::var("KILN_BENCH_F32").is_ok() { DType::F32 } else { DType::F16 })?;
             // Decode: one token.
             let (x, y) = (gpu.buffer("x", k as u64 * 4)?, gpu.buffer("y", n as u64 * 4)?);
-            let ds = gemv::gemv(&gpu, &x, &w, None, &y, 1)?;
-            let t = seconds(&gpu, name, &ds.iter().collect::<Vec<_>>(), 0.3)?;
-            let gbs = (w.bytes() + k as u64 * 4 + n as u64 * 4) as f64 / t / 1e9;
-            println!(
-                "| {} | gemv f16 | {name} {n}×{k} | {:.3} ms | {gbs:.2} GB/s | {:.0}% of copy |",
-                model.name,
-                t * 1e3,
-                100.0 * gbs / copy_gbs
-            );
+            for kind in gemv_kernels(&gpu) {
+                let ds = gemv::gemv_with(&gpu, kind, &x, &w, None, &y, 1)?;
+                let t = seconds(&gpu, name, &ds.iter().collect::<Vec<_>>(), 0.3)?;
+                let gbs = (w.bytes() + k as u64 * 4 + n as u64 * 4) as f64 / t / 1e9;
+                println!(
+                    "| {} | gemv f16 {kind:?} | {name} {n}×{k} | {:.3} ms | {gbs:.2} GB/s | {:.0}% of copy |",
+                    model.name,
+                    t * 1e3,
+                    100.0 * gbs / copy_gbs
+                );
+            }
             // Prefill: a batch of tokens (the lm-head is applied to the last token only).
             if name != "lm_head" {
                 let (x, y) = (gpu.buffer("x", (prefill_m * k) as u64 * 4)?, gpu.buffer("y", (prefill_m * n) as u64 * 4)?);
-                let ds = matmul::matmul(&gpu, &x, &w, None, &y, prefill_m)?;
-                let t = seconds(&gpu, name, &ds.iter().collect::<Vec<_>>(), 0.5)?;
-                let gflops = 2.0 * prefill_m as f64 * n as f64 * k as f64 / t / 1e9;
-                matmul_rows.push((format!("| {} | matmul f16 | {name} M={prefill_m} {n}×{k} | {:.2} ms", model.name, t * 1e3), gflops));
+                for kind in matmul_kernels(&gpu) {
+                    let ds = matmul::matmul_with(&gpu, kind, &x, &w, None, &y, prefill_m)?;
+                    let t = seconds(&gpu, name, &ds.iter().collect::<Vec<_>>(), 0.5)?;
+                    let gflops = 2.0 * prefill_m as f64 * n as f64 * k as f64 / t / 1e9;
+                    matmul_rows.push((format!("| {} | matmul f16 {kind:?} | {name} M={prefill_m} {n}×{k} | {:.2} ms", model.name, t * 1e3), gflops));
+                }
             }
         }
 

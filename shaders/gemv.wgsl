@@ -92,3 +92,45 @@ fn gemv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         }
     }
 }
+
+// ---- gemv_rows: each invocation computes LANE_ROWS whole rows in registers, no reduction and
+// so no barrier. Uncoalesced on a GPU, but on CPU adapters (lavapipe) each invocation is a
+// SIMD lane streaming its own rows, and every x load serves LANE_ROWS rows.
+
+const LANE_ROWS: u32 = 4u;
+const ROWS_WG: u32 = 16u;   // small workgroups: even a 576-row matrix spreads over all cores
+
+@compute @workgroup_size(ROWS_WG)
+fn gemv_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let m = wid.y;
+    let row0 = (wid.x * ROWS_WG + lid) * LANE_ROWS;
+    var r: array<u32, 4>;   // clamped rows: reads stay in range, the store is masked
+    for (var i = 0u; i < LANE_ROWS; i++) {
+        r[i] = min(row0 + i, p.rows - 1u);
+    }
+    var acc = vec4<f32>(0.0);
+    if p.k % 8u == 0u {
+        let k8 = p.k / 8u;
+        for (var j = 0u; j < k8; j++) {
+            let xa = x[2u * (m * k8 + j)];
+            let xb = x[2u * (m * k8 + j) + 1u];
+            acc += vec4<f32>(dot8(r[0] * k8 + j, xa, xb), dot8(r[1] * k8 + j, xa, xb),
+                             dot8(r[2] * k8 + j, xa, xb), dot8(r[3] * k8 + j, xa, xb));
+        }
+    } else {
+        for (var k = 0u; k < p.k; k++) {
+            let xv = x_at(m * p.k + k);
+            acc += xv * vec4<f32>(w_at(r[0] * p.k + k), w_at(r[1] * p.k + k), w_at(r[2] * p.k + k), w_at(r[3] * p.k + k));
+        }
+    }
+    for (var i = 0u; i < LANE_ROWS; i++) {
+        let row = row0 + i;
+        if row < p.rows {
+            var v = acc[i];
+            if p.has_bias != 0u {
+                v += bias[p.first_row + row];
+            }
+            y[m * p.n + p.first_row + row] = v;
+        }
+    }
+}

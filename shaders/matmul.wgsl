@@ -91,3 +91,93 @@ fn matmul(@builtin(workgroup_id) wid: vec3<u32>,
         }
     }
 }
+
+// ---- matmul_regs: the same product without shared memory or barriers.
+// Each invocation computes a 4 × 4 block of y straight from memory with 16-byte loads along K
+// (x rows and W rows are both K-contiguous); a workgroup of 8 × 8 covers a 32 × 32 tile. On
+// CPU adapters (lavapipe) barriers cost more than the re-reads they save, so this wins there.
+
+@group(0) @binding(1) var<storage, read> w4: array<vec4<u32>>;   // (rows, k) as 16-byte words
+@group(0) @binding(2) var<storage, read> x4: array<vec4<f32>>;   // (m, k) as vec4
+
+const RTILE: u32 = 32u;
+
+fn w4_word(i: u32) -> u32 {
+    return w4[i >> 2u][i & 3u];
+}
+
+fn w4_at(i: u32) -> f32 {
+    if W_F16 {
+        return unpack2x16float(w4_word(i >> 1u))[i & 1u];
+    }
+    return bitcast<f32>(w4_word(i));
+}
+
+fn x4_at(i: u32) -> f32 {
+    return x4[i >> 2u][i & 3u];
+}
+
+// 8 weights of W row-chunk element 8·j .. 8·j + 7, as two vec4.
+fn w8(j: u32) -> array<vec4<f32>, 2> {
+    if W_F16 {
+        let q = w4[j];
+        return array<vec4<f32>, 2>(vec4<f32>(unpack2x16float(q.x), unpack2x16float(q.y)),
+                                   vec4<f32>(unpack2x16float(q.z), unpack2x16float(q.w)));
+    }
+    return array<vec4<f32>, 2>(bitcast<vec4<f32>>(w4[2u * j]), bitcast<vec4<f32>>(w4[2u * j + 1u]));
+}
+
+@compute @workgroup_size(8, 8)
+fn matmul_regs(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) local: vec3<u32>) {
+    let r0 = wid.y * RTILE + local.y * 4u;   // first x row of this invocation's block
+    let c0 = wid.x * RTILE + local.x * 4u;   // first W row (y column), within the chunk
+    // Clamp reads into range; the store below masks what is outside.
+    var rows: array<u32, 4>;
+    var cols: array<u32, 4>;
+    for (var i = 0u; i < 4u; i++) {
+        rows[i] = min(r0 + i, p.m - 1u);
+        cols[i] = min(c0 + i, p.rows - 1u);
+    }
+    var acc: array<vec4<f32>, 4>;   // acc[i][j]: x row i, W row j
+    for (var i = 0u; i < 4u; i++) {
+        acc[i] = vec4<f32>(0.0);
+    }
+    if p.k % 8u == 0u {
+        let k8 = p.k / 8u;
+        for (var j = 0u; j < k8; j++) {
+            var wv: array<array<vec4<f32>, 2>, 4>;
+            for (var c = 0u; c < 4u; c++) {
+                wv[c] = w8(cols[c] * k8 + j);
+            }
+            for (var i = 0u; i < 4u; i++) {
+                let xa = x4[2u * (rows[i] * k8 + j)];
+                let xb = x4[2u * (rows[i] * k8 + j) + 1u];
+                acc[i] += vec4<f32>(dot(xa, wv[0][0]) + dot(xb, wv[0][1]),
+                                    dot(xa, wv[1][0]) + dot(xb, wv[1][1]),
+                                    dot(xa, wv[2][0]) + dot(xb, wv[2][1]),
+                                    dot(xa, wv[3][0]) + dot(xb, wv[3][1]));
+            }
+        }
+    } else {
+        for (var k = 0u; k < p.k; k++) {
+            let wv = vec4<f32>(w4_at(cols[0] * p.k + k), w4_at(cols[1] * p.k + k),
+                               w4_at(cols[2] * p.k + k), w4_at(cols[3] * p.k + k));
+            for (var i = 0u; i < 4u; i++) {
+                acc[i] += x4_at(rows[i] * p.k + k) * wv;
+            }
+        }
+    }
+    for (var i = 0u; i < 4u; i++) {
+        let row = r0 + i;
+        for (var j = 0u; j < 4u; j++) {
+            let col = c0 + j;
+            if row < p.m && col < p.rows {
+                var v = acc[i][j];
+                if p.has_bias != 0u {
+                    v += bias[p.first_row + col];
+                }
+                y[row * p.n + p.first_row + col] = v;
+            }
+        }
+    }
+}

@@ -153,8 +153,8 @@ fn dot_bound(abs_sum: f32, k: usize, value: f32) -> f64 {
 }
 
 enum Kernel {
-    Gemv,
-    Matmul,
+    Gemv(gemv::GemvKernel),
+    Matmul(matmul::MatmulKernel),
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -167,8 +167,8 @@ fn check_linear(gpu: &Gpu, kernel: &Kernel, what: &str, m: usize, n: usize, k: u
     let xb = upload_f32(gpu, "x", &x);
     let b = with_bias.then_some(&bias_buf);
     let ds = match kernel {
-        Kernel::Gemv => gemv::gemv(gpu, &xb, &w, b, &y, m as u32),
-        Kernel::Matmul => matmul::matmul(gpu, &xb, &w, b, &y, m as u32),
+        Kernel::Gemv(kind) => gemv::gemv_with(gpu, *kind, &xb, &w, b, &y, m as u32),
+        Kernel::Matmul(kind) => matmul::matmul_with(gpu, *kind, &xb, &w, b, &y, m as u32),
     }
     .unwrap();
     gpu.run(what, &ds.iter().collect::<Vec<_>>()).unwrap();
@@ -187,11 +187,13 @@ fn check_linear(gpu: &Gpu, kernel: &Kernel, what: &str, m: usize, n: usize, k: u
 fn gemv_matches_reference_at_odd_shapes() {
     let mut rng = rng("gemv");
     for (name, gpu) in devices() {
-        for dtype in [DType::F32, DType::F16] {
-            // K % 8 == 0 takes the 16-byte-load path, other K the scalar path; N not a multiple of 4 rows.
-            for (m, n, k) in [(1usize, 37usize, 576usize), (1, 131, 1000), (3, 67, 577), (1, 3, 13), (2, 5, 8), (1, 1, 1)] {
-                for bias in [false, true] {
-                    check_linear(&gpu, &Kernel::Gemv, &format!("gemv {name} {dtype:?} m={m} n={n} k={k} bias={bias}"), m, n, k, dtype, bias, &mut rng);
+        for kind in [gemv::GemvKernel::Reduce, gemv::GemvKernel::RowPerInvocation] {
+            for dtype in [DType::F32, DType::F16] {
+                // K % 8 == 0 takes the 16-byte-load path, other K the scalar path; N not a multiple of the rows per workgroup.
+                for (m, n, k) in [(1usize, 37usize, 576usize), (1, 131, 1000), (3, 67, 577), (1, 3, 13), (2, 5, 8), (1, 1, 1)] {
+                    for bias in [false, true] {
+                        check_linear(&gpu, &Kernel::Gemv(kind), &format!("gemv {kind:?} {name} {dtype:?} m={m} n={n} k={k} bias={bias}"), m, n, k, dtype, bias, &mut rng);
+                    }
                 }
             }
         }
@@ -202,10 +204,12 @@ fn gemv_matches_reference_at_odd_shapes() {
 fn matmul_matches_reference_at_odd_shapes() {
     let mut rng = rng("matmul");
     for (name, gpu) in devices() {
-        for dtype in [DType::F32, DType::F16] {
-            for (m, n, k) in [(2usize, 3usize, 5usize), (67, 129, 77), (130, 65, 576), (64, 64, 64), (7, 200, 33)] {
-                for bias in [false, true] {
-                    check_linear(&gpu, &Kernel::Matmul, &format!("matmul {name} {dtype:?} m={m} n={n} k={k} bias={bias}"), m, n, k, dtype, bias, &mut rng);
+        for kind in [matmul::MatmulKernel::Tiled, matmul::MatmulKernel::Registers] {
+            for dtype in [DType::F32, DType::F16] {
+                for (m, n, k) in [(2usize, 3usize, 5usize), (67, 129, 77), (130, 65, 576), (64, 64, 64), (7, 200, 33), (33, 31, 24)] {
+                    for bias in [false, true] {
+                        check_linear(&gpu, &Kernel::Matmul(kind), &format!("matmul {kind:?} {name} {dtype:?} m={m} n={n} k={k} bias={bias}"), m, n, k, dtype, bias, &mut rng);
+                    }
                 }
             }
         }
@@ -217,7 +221,7 @@ fn linear_kernels_handle_weights_split_across_bindings() {
     let mut rng = rng("linear chunked");
     let gpu = small_binding_device(4096);
     for dtype in [DType::F32, DType::F16] {
-        for kernel in [Kernel::Gemv, Kernel::Matmul] {
+        for kernel in [Kernel::Gemv(gemv::GemvKernel::Reduce), Kernel::Gemv(gemv::GemvKernel::RowPerInvocation), Kernel::Matmul(matmul::MatmulKernel::Tiled), Kernel::Matmul(matmul::MatmulKernel::Registers)] {
             let chunks = check_linear(&gpu, &kernel, &format!("chunked {dtype:?}"), 3, 301, 40, dtype, true, &mut rng);
             assert!(chunks > 2, "301 rows over a 4 KiB binding cap must make several chunks, got {chunks}");
         }

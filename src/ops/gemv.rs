@@ -14,23 +14,61 @@ pub struct Params {
     pub _pad: [u32; 3],
 }
 
-/// Weight rows per workgroup (`ROWS` in the shader).
-const ROWS: u32 = 4;
+/// The two formulations in `gemv.wgsl`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GemvKernel {
+    /// A workgroup splits K over its invocations for 4 rows, then one workgroup reduction.
+    Reduce,
+    /// Each invocation computes 4 whole rows, no reduction: for CPU adapters.
+    RowPerInvocation,
+}
 
-/// x (m, K), W (N, K), bias (N) → y (m, N). One dispatch per chunk of W.
+impl GemvKernel {
+    pub fn for_device(gpu: &Gpu) -> Self {
+        if gpu.info.device_type == wgpu::DeviceType::Cpu {
+            GemvKernel::RowPerInvocation
+        } else {
+            GemvKernel::Reduce
+        }
+    }
+
+    /// Entry point and weight rows per workgroup.
+    fn entry_and_rows(self) -> (&'static str, u32) {
+        match self {
+            GemvKernel::Reduce => ("gemv", 4),
+            GemvKernel::RowPerInvocation => ("gemv_rows", 16 * 4),
+        }
+    }
+}
+
+/// x (m, K), W (N, K), bias (N) → y (m, N) with the device's preferred kernel. One dispatch
+/// per chunk of W.
 pub fn gemv(gpu: &Gpu, x: &wgpu::Buffer, w: &Weight, bias: Option<&wgpu::Buffer>, y: &wgpu::Buffer, m: u32) -> Result<Vec<Dispatch>> {
+    gemv_with(gpu, GemvKernel::for_device(gpu), x, w, bias, y, m)
+}
+
+pub fn gemv_with(
+    gpu: &Gpu,
+    kernel: GemvKernel,
+    x: &wgpu::Buffer,
+    w: &Weight,
+    bias: Option<&wgpu::Buffer>,
+    y: &wgpu::Buffer,
+    m: u32,
+) -> Result<Vec<Dispatch>> {
     if m == 0 {
         return Err(KilnError::shape("gemv", "no input rows"));
     }
     super::check_groups(gpu, "gemv", "input rows", m)?;
-    let pipeline = gpu.pipeline(&shaders::GEMV, "gemv", &[("W_F16", w.dtype.w_f16())])?;
+    let (entry, rows_per_group) = kernel.entry_and_rows();
+    let pipeline = gpu.pipeline(&shaders::GEMV, entry, &[("W_F16", w.dtype.w_f16())])?;
     w.chunks
         .iter()
         .map(|c| {
-            let groups = c.rows.div_ceil(ROWS);
-            super::check_groups(gpu, "gemv", "weight rows / 4", groups)?;
+            let groups = c.rows.div_ceil(rows_per_group);
+            super::check_groups(gpu, "gemv", "weight row groups", groups)?;
             let params = Params { k: w.cols, rows: c.rows, first_row: c.first_row, n: w.rows, has_bias: bias.is_some() as u32, _pad: [0; 3] };
-            gpu.dispatch(format!("gemv {}", w.name), pipeline.clone(), &params, &[&c.buffer, x, bias.unwrap_or(&gpu.empty), y], [groups, m, 1])
+            gpu.dispatch(format!("{entry} {}", w.name), pipeline.clone(), &params, &[&c.buffer, x, bias.unwrap_or(&gpu.empty), y], [groups, m, 1])
         })
         .collect()
 }

@@ -15,23 +15,62 @@ pub struct Params {
     pub _pad: [u32; 2],
 }
 
-/// Output tile edge (`TILE` in the shader).
-const TILE: u32 = 64;
+/// The two formulations in `matmul.wgsl`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MatmulKernel {
+    /// 64 × 64 tiles staged through shared memory: fewer memory reads, two barriers per K slice.
+    Tiled,
+    /// 32 × 32 tiles straight from memory into registers, no barriers.
+    Registers,
+}
 
-/// x (M, K), W (N, K), bias (N) → y (M, N). One dispatch per chunk of W.
+impl MatmulKernel {
+    /// Registers on CPU adapters (lavapipe), where a barrier costs more than the re-reads it
+    /// saves (benches/RESULTS.md); shared-memory tiles elsewhere.
+    pub fn for_device(gpu: &Gpu) -> Self {
+        if gpu.info.device_type == wgpu::DeviceType::Cpu {
+            MatmulKernel::Registers
+        } else {
+            MatmulKernel::Tiled
+        }
+    }
+
+    fn entry_and_tile(self) -> (&'static str, u32) {
+        match self {
+            MatmulKernel::Tiled => ("matmul", 64),
+            MatmulKernel::Registers => ("matmul_regs", 32),
+        }
+    }
+}
+
+/// x (M, K), W (N, K), bias (N) → y (M, N) with the device's preferred kernel. One dispatch
+/// per chunk of W.
 pub fn matmul(gpu: &Gpu, x: &wgpu::Buffer, w: &Weight, bias: Option<&wgpu::Buffer>, y: &wgpu::Buffer, m: u32) -> Result<Vec<Dispatch>> {
+    matmul_with(gpu, MatmulKernel::for_device(gpu), x, w, bias, y, m)
+}
+
+pub fn matmul_with(
+    gpu: &Gpu,
+    kernel: MatmulKernel,
+    x: &wgpu::Buffer,
+    w: &Weight,
+    bias: Option<&wgpu::Buffer>,
+    y: &wgpu::Buffer,
+    m: u32,
+) -> Result<Vec<Dispatch>> {
     if m == 0 {
         return Err(KilnError::shape("matmul", "no input rows"));
     }
-    super::check_groups(gpu, "matmul", "row tiles", m.div_ceil(TILE))?;
-    let pipeline = gpu.pipeline(&shaders::MATMUL, "matmul", &[("W_F16", w.dtype.w_f16())])?;
+    let (entry, tile) = kernel.entry_and_tile();
+    super::check_groups(gpu, "matmul", "row tiles", m.div_ceil(tile))?;
+    let pipeline = gpu.pipeline(&shaders::MATMUL, entry, &[("W_F16", w.dtype.w_f16())])?;
     w.chunks
         .iter()
         .map(|c| {
             let params = Params { m, k: w.cols, rows: c.rows, first_row: c.first_row, n: w.rows, has_bias: bias.is_some() as u32, _pad: [0; 2] };
-            let grid = [c.rows.div_ceil(TILE), m.div_ceil(TILE), 1];
+            let grid = [c.rows.div_ceil(tile), m.div_ceil(tile), 1];
             super::check_groups(gpu, "matmul", "column tiles", grid[0])?;
-            gpu.dispatch(format!("matmul {}", w.name), pipeline.clone(), &params, &[&c.buffer, x, bias.unwrap_or(&gpu.empty), y], grid)
+            gpu.dispatch(format!("{entry} {}", w.name), pipeline.clone(), &params, &[&c.buffer, x, bias.unwrap_or(&gpu.empty), y], grid)
         })
         .collect()
 }
