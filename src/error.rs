@@ -35,12 +35,40 @@ pub enum KilnError {
     #[error("{op}: shape mismatch: {message}")]
     Shape { op: &'static str, message: String },
 
+    /// A model file (config.json, safetensors, ...) is missing, malformed or inconsistent.
+    #[error("{path}: {message}")]
+    Model { path: String, message: String },
+
+    /// tokenizer.json / tokenizer_config.json could not be loaded, or encoding/decoding failed.
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+
+    /// The chat template failed to parse or render.
+    #[error("chat template: {0}")]
+    ChatTemplate(String),
+
+    /// A request that cannot be served as asked (empty prompt, prompt longer than the context, ...).
+    #[error("{0}")]
+    Request(String),
+
+    /// Reading a file failed.
+    #[error("{path}: {source}")]
+    Io { path: String, source: std::io::Error },
+
     /// Anything the user asked for that this device or build cannot do.
     #[error("unsupported: {0}")]
     Unsupported(String),
 }
 
 impl KilnError {
+    pub(crate) fn model(path: impl AsRef<std::path::Path>, message: impl Into<String>) -> Self {
+        KilnError::Model { path: path.as_ref().display().to_string(), message: message.into() }
+    }
+
+    pub(crate) fn io(path: impl AsRef<std::path::Path>, source: std::io::Error) -> Self {
+        KilnError::Io { path: path.as_ref().display().to_string(), source }
+    }
+
     pub(crate) fn shape(op: &'static str, message: impl Into<String>) -> Self {
         KilnError::Shape { op, message: message.into() }
     }
