@@ -1,4 +1,4 @@
-// Embedding lookup: x[t] = table[ids[t]], converting the table's f32 or f16 rows to f32.
+// Embedding lookup: x[t] = table[ids[t]], converting the table's rows (f32, f16 or bf16) to f32.
 // A table larger than one storage binding is split in row chunks; each chunk's dispatch
 // writes only the tokens whose id falls in its rows.
 
@@ -9,19 +9,15 @@ struct Params {
     rows: u32,         // rows in this chunk
 }
 
-override W_F16: bool = false;
 const WG: u32 = 64u;
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> ids: array<u32>;         // (n_tokens)
-@group(0) @binding(2) var<storage, read> table: array<u32>;       // (rows, dim) f32 bits or packed f16
+@group(0) @binding(2) var<storage, read> table: array<u32>;       // (rows, dim) as weights.wgsl stores them
 @group(0) @binding(3) var<storage, read_write> x: array<f32>;     // (n_tokens, dim)
 
 fn table_at(i: u32) -> f32 {
-    if W_F16 {
-        return unpack2x16float(table[i >> 1u])[i & 1u];
-    }
-    return bitcast<f32>(table[i]);
+    return decode_at(table[i / per_word()], i);
 }
 
 @compute @workgroup_size(WG)

@@ -1,6 +1,6 @@
 // Matrix-vector product for decode: y[m] = W · x[m] (+ bias), i.e. y = x·Wᵀ for a few rows m
 // of x (one per token in the step). W is (rows × K) row-major as checkpoints store linear
-// weights, f32 or f16 (two halves per u32, `W_F16`). Memory-bound: each workgroup streams 4
+// weights, f32, f16 or bf16 (weights.wgsl). Memory-bound: each workgroup streams 4
 // weight rows with 16-byte loads, one partial dot product per row in each invocation, then one
 // vec4 workgroup reduction for all 4 rows.
 
@@ -15,12 +15,11 @@ struct Params {
     _pad2: u32,
 }
 
-override W_F16: bool = false;
 const WG: u32 = 64u;
 const ROWS: u32 = 4u;   // weight rows per workgroup (one vec4 lane each)
 
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> w: array<vec4<u32>>;    // (rows, k) f32 bits or packed f16
+@group(0) @binding(1) var<storage, read> w: array<vec4<u32>>;    // (rows, k) as weights.wgsl stores them
 @group(0) @binding(2) var<storage, read> x: array<vec4<f32>>;    // (m, k)
 @group(0) @binding(3) var<storage, read> bias: array<f32>;       // (n), read when has_bias
 @group(0) @binding(4) var<storage, read_write> y: array<f32>;    // (m, n)
@@ -31,10 +30,7 @@ fn w_word(i: u32) -> u32 {
 
 // Element `i` of the flattened chunk, for shapes the vector path cannot take.
 fn w_at(i: u32) -> f32 {
-    if W_F16 {
-        return unpack2x16float(w_word(i >> 1u))[i & 1u];
-    }
-    return bitcast<f32>(w_word(i));
+    return decode_at(w_word(i / per_word()), i);
 }
 
 fn x_at(i: u32) -> f32 {
@@ -43,10 +39,9 @@ fn x_at(i: u32) -> f32 {
 
 // Dot product of 8 weights starting at element 8·j of the chunk with xa, xb.
 fn dot8(j: u32, xa: vec4<f32>, xb: vec4<f32>) -> f32 {
-    if W_F16 {
-        let q = w[j];
-        return dot(vec4<f32>(unpack2x16float(q.x), unpack2x16float(q.y)), xa)
-             + dot(vec4<f32>(unpack2x16float(q.z), unpack2x16float(q.w)), xb);
+    if W_DTYPE != DT_F32 {
+        let v = decode8(w[j]);
+        return dot(v[0], xa) + dot(v[1], xb);
     }
     return dot(bitcast<vec4<f32>>(w[2u * j]), xa) + dot(bitcast<vec4<f32>>(w[2u * j + 1u]), xb);
 }

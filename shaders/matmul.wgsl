@@ -1,5 +1,5 @@
 // Matrix product for prefill: y = x·Wᵀ (+ bias), x (M × K) activations, W (N × K) row-major
-// as checkpoints store linear weights (f32, or f16 two per u32 with `W_F16`), f32 accumulation.
+// as checkpoints store linear weights (f32, f16 or bf16: weights.wgsl), f32 accumulation.
 // Tiled: a workgroup of 16 × 16 invocations computes a 64 × 64 tile of y, each invocation a
 // 4 × 4 block held in registers, stepping through K in slices of 16 staged in shared memory.
 // Any M, N, K: partial tiles are zero-filled on load and masked on store.
@@ -15,13 +15,12 @@ struct Params {
     _pad1: u32,
 }
 
-override W_F16: bool = false;
 const TILE: u32 = 64u;           // BM = BN
 const BK: u32 = 16u;
 const WG: u32 = 256u;            // 16 × 16 invocations
 
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> w: array<u32>;          // (rows, k) f32 bits or packed f16
+@group(0) @binding(1) var<storage, read> w: array<u32>;          // (rows, k) as weights.wgsl stores them
 @group(0) @binding(2) var<storage, read> x: array<f32>;          // (m, k)
 @group(0) @binding(3) var<storage, read> bias: array<f32>;       // (n), read when has_bias
 @group(0) @binding(4) var<storage, read_write> y: array<f32>;    // (m, n)
@@ -30,10 +29,7 @@ var<workgroup> xs: array<f32, 1024>;   // (BK, TILE): x tile, k-major
 var<workgroup> ws: array<f32, 1024>;   // (BK, TILE): W tile, k-major
 
 fn w_at(i: u32) -> f32 {
-    if W_F16 {
-        return unpack2x16float(w[i >> 1u])[i & 1u];
-    }
-    return bitcast<f32>(w[i]);
+    return decode_at(w[i / per_word()], i);
 }
 
 @compute @workgroup_size(16, 16)
@@ -107,10 +103,7 @@ fn w4_word(i: u32) -> u32 {
 }
 
 fn w4_at(i: u32) -> f32 {
-    if W_F16 {
-        return unpack2x16float(w4_word(i >> 1u))[i & 1u];
-    }
-    return bitcast<f32>(w4_word(i));
+    return decode_at(w4_word(i / per_word()), i);
 }
 
 fn x4_at(i: u32) -> f32 {
@@ -119,10 +112,8 @@ fn x4_at(i: u32) -> f32 {
 
 // 8 weights of W row-chunk element 8·j .. 8·j + 7, as two vec4.
 fn w8(j: u32) -> array<vec4<f32>, 2> {
-    if W_F16 {
-        let q = w4[j];
-        return array<vec4<f32>, 2>(vec4<f32>(unpack2x16float(q.x), unpack2x16float(q.y)),
-                                   vec4<f32>(unpack2x16float(q.z), unpack2x16float(q.w)));
+    if W_DTYPE != DT_F32 {
+        return decode8(w4[j]);
     }
     return array<vec4<f32>, 2>(bitcast<vec4<f32>>(w4[2u * j]), bitcast<vec4<f32>>(w4[2u * j + 1u]));
 }

@@ -43,9 +43,9 @@ fn backend_variable_is_checked() {
 #[test]
 fn pipelines_are_built_once_per_key() {
     let (_, gpu) = common::devices().remove(0);
-    let a = gpu.pipeline(&shaders::GEMV, "gemv", &[("W_F16", 1)]).unwrap();
-    let b = gpu.pipeline(&shaders::GEMV, "gemv", &[("W_F16", 1)]).unwrap();
-    let c = gpu.pipeline(&shaders::GEMV, "gemv", &[("W_F16", 0)]).unwrap();
+    let a = gpu.pipeline(&shaders::GEMV, "gemv", &[("W_DTYPE", 1)]).unwrap();
+    let b = gpu.pipeline(&shaders::GEMV, "gemv", &[("W_DTYPE", 1)]).unwrap();
+    let c = gpu.pipeline(&shaders::GEMV, "gemv", &[("W_DTYPE", 0)]).unwrap();
     assert!(Arc::ptr_eq(&a, &b), "same key, same pipeline");
     assert!(!Arc::ptr_eq(&a, &c), "another override value is another pipeline");
 }
@@ -72,7 +72,7 @@ fn oversized_allocation_is_a_typed_out_of_memory_error() {
 
 #[test]
 fn broken_wgsl_is_a_shader_error_naming_the_kernel() {
-    static BROKEN: shaders::Shader = shaders::Shader { file: "broken.wgsl", source: "fn main( {", reduces: false, uses_kv: false };
+    static BROKEN: shaders::Shader = shaders::Shader { file: "broken.wgsl", source: "fn main( {", reduces: false, uses_kv: false, reads_weights: false };
     let (_, gpu) = common::devices().remove(0);
     let err = gpu.pipeline(&BROKEN, "main", &[]).err().expect("does not parse");
     assert!(matches!(err, KilnError::Shader { ref kernel, .. } if kernel.contains("broken.wgsl")), "{err:?}");

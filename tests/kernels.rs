@@ -13,6 +13,11 @@ fn weight(gpu: &Gpu, name: &str, rows: usize, cols: usize, dtype: DType, values:
     match dtype {
         DType::F32 => (Weight::upload(gpu, name, rows as u32, cols as u32, dtype, bytemuck::cast_slice(values)).unwrap(), values.to_vec()),
         DType::F16 => (Weight::upload(gpu, name, rows as u32, cols as u32, dtype, &f16_bytes(values)).unwrap(), round_f16(values)),
+        DType::BF16 => {
+            let b: Vec<half::bf16> = values.iter().map(|&v| half::bf16::from_f32(v)).collect();
+            let bytes: Vec<u8> = b.iter().flat_map(|v| v.to_le_bytes()).collect();
+            (Weight::upload(gpu, name, rows as u32, cols as u32, dtype, &bytes).unwrap(), b.iter().map(|v| v.to_f32()).collect())
+        }
     }
 }
 
@@ -133,12 +138,12 @@ fn check_embedding(gpu: &Gpu, what: &str, vocab: usize, dim: usize, dtype: DType
 fn embedding_gathers_rows_of_f32_and_f16_tables() {
     let mut rng = rng("embedding");
     for (name, gpu) in devices() {
-        for dtype in [DType::F32, DType::F16] {
+        for dtype in [DType::F32, DType::F16, DType::BF16] {
             check_embedding(&gpu, &format!("embedding {name} {dtype:?}"), 1000, 77, dtype, &mut rng);
         }
     }
     let small = small_binding_device(4096);
-    for dtype in [DType::F32, DType::F16] {
+    for dtype in [DType::F32, DType::F16, DType::BF16] {
         let chunks = check_embedding(&small, &format!("embedding chunked {dtype:?}"), 301, 33, dtype, &mut rng);
         assert!(chunks > 1, "the 4 KiB binding cap must split the table ({chunks} chunk)");
     }
@@ -188,7 +193,7 @@ fn gemv_matches_reference_at_odd_shapes() {
     let mut rng = rng("gemv");
     for (name, gpu) in devices() {
         for kind in [gemv::GemvKernel::Reduce, gemv::GemvKernel::RowPerInvocation] {
-            for dtype in [DType::F32, DType::F16] {
+            for dtype in [DType::F32, DType::F16, DType::BF16] {
                 // K % 8 == 0 takes the 16-byte-load path, other K the scalar path; N not a multiple of the rows per workgroup.
                 for (m, n, k) in [(1usize, 37usize, 576usize), (1, 131, 1000), (3, 67, 577), (1, 3, 13), (2, 5, 8), (1, 1, 1)] {
                     for bias in [false, true] {
@@ -205,7 +210,7 @@ fn matmul_matches_reference_at_odd_shapes() {
     let mut rng = rng("matmul");
     for (name, gpu) in devices() {
         for kind in [matmul::MatmulKernel::Tiled, matmul::MatmulKernel::Registers] {
-            for dtype in [DType::F32, DType::F16] {
+            for dtype in [DType::F32, DType::F16, DType::BF16] {
                 for (m, n, k) in [(2usize, 3usize, 5usize), (67, 129, 77), (130, 65, 576), (64, 64, 64), (7, 200, 33), (33, 31, 24)] {
                     for bias in [false, true] {
                         check_linear(&gpu, &Kernel::Matmul(kind), &format!("matmul {kind:?} {name} {dtype:?} m={m} n={n} k={k} bias={bias}"), m, n, k, dtype, bias, &mut rng);
@@ -220,7 +225,7 @@ fn matmul_matches_reference_at_odd_shapes() {
 fn linear_kernels_handle_weights_split_across_bindings() {
     let mut rng = rng("linear chunked");
     let gpu = small_binding_device(4096);
-    for dtype in [DType::F32, DType::F16] {
+    for dtype in [DType::F32, DType::F16, DType::BF16] {
         for kernel in [Kernel::Gemv(gemv::GemvKernel::Reduce), Kernel::Gemv(gemv::GemvKernel::RowPerInvocation), Kernel::Matmul(matmul::MatmulKernel::Tiled), Kernel::Matmul(matmul::MatmulKernel::Registers)] {
             let chunks = check_linear(&gpu, &kernel, &format!("chunked {dtype:?}"), 3, 301, 40, dtype, true, &mut rng);
             assert!(chunks > 2, "301 rows over a 4 KiB binding cap must make several chunks, got {chunks}");

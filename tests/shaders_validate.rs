@@ -36,7 +36,7 @@ fn every_shader_file_is_registered() {
         .collect();
     files.sort();
     let mut known: Vec<String> = shaders::ALL.iter().map(|s| s.file.to_string()).collect();
-    known.extend(["reduce_subgroup.wgsl".to_string(), "reduce_workgroup.wgsl".to_string()]);
+    known.extend(["reduce_subgroup.wgsl", "reduce_workgroup.wgsl", "weights.wgsl"].map(String::from));
     known.sort();
     assert_eq!(files, known, "shaders/ and gpu::shaders::ALL disagree");
 }

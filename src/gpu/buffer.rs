@@ -11,19 +11,25 @@ pub enum DType {
     F32,
     /// IEEE half, two per u32 word, read with `unpack2x16float`.
     F16,
+    /// bfloat16 (the top half of an f32), two per u32 word: kept as stored in checkpoints.
+    BF16,
 }
 
 impl DType {
     pub fn bytes_for(self, elements: u64) -> u64 {
         match self {
             DType::F32 => elements * 4,
-            DType::F16 => elements * 2,
+            DType::F16 | DType::BF16 => elements * 2,
         }
     }
 
-    /// Value of the kernels' `W_F16` override constant.
-    pub fn w_f16(self) -> u32 {
-        (self == DType::F16) as u32
+    /// Value of the kernels' `W_DTYPE` override constant (weights.wgsl).
+    pub fn w_dtype(self) -> u32 {
+        match self {
+            DType::F32 => 0,
+            DType::F16 => 1,
+            DType::BF16 => 2,
+        }
     }
 }
 

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 pub struct Variant {
     pub subgroups: bool,
     pub kv_f16: bool,
-    /// Values of `override` constants, e.g. `("W_F16", 1)`.
+    /// Values of `override` constants, e.g. `("W_DTYPE", 1)`.
     pub overrides: Vec<(&'static str, u32)>,
 }
 

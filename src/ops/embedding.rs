@@ -16,7 +16,7 @@ pub struct Params {
 /// the table; an id outside the table leaves its row of x untouched (callers validate ids).
 pub fn embedding(gpu: &Gpu, ids: &wgpu::Buffer, table: &Weight, x: &wgpu::Buffer, n_tokens: u32) -> Result<Vec<Dispatch>> {
     super::check_groups(gpu, "embedding", "tokens", n_tokens)?;
-    let pipeline = gpu.pipeline(&shaders::EMBEDDING, "embedding", &[("W_F16", table.dtype.w_f16())])?;
+    let pipeline = gpu.pipeline(&shaders::EMBEDDING, "embedding", &[("W_DTYPE", table.dtype.w_dtype())])?;
     table
         .chunks
         .iter()

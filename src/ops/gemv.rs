@@ -61,7 +61,7 @@ pub fn gemv_with(
     }
     super::check_groups(gpu, "gemv", "input rows", m)?;
     let (entry, rows_per_group) = kernel.entry_and_rows();
-    let pipeline = gpu.pipeline(&shaders::GEMV, entry, &[("W_F16", w.dtype.w_f16())])?;
+    let pipeline = gpu.pipeline(&shaders::GEMV, entry, &[("W_DTYPE", w.dtype.w_dtype())])?;
     w.chunks
         .iter()
         .map(|c| {

@@ -63,7 +63,7 @@ pub fn matmul_with(
     }
     let (entry, tile) = kernel.entry_and_tile();
     super::check_groups(gpu, "matmul", "row tiles", m.div_ceil(tile))?;
-    let pipeline = gpu.pipeline(&shaders::MATMUL, entry, &[("W_F16", w.dtype.w_f16())])?;
+    let pipeline = gpu.pipeline(&shaders::MATMUL, entry, &[("W_DTYPE", w.dtype.w_dtype())])?;
     w.chunks
         .iter()
         .map(|c| {
