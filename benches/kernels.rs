@@ -28,9 +28,36 @@ struct Model {
 }
 
 const MODELS: [Model; 3] = [
-    Model { name: "SmolLM2-135M", key: "smollm2", hidden: 576, ffn: 1536, heads: 9, kv_heads: 3, head_dim: 64, vocab: 49152 },
-    Model { name: "Qwen2.5-0.5B", key: "qwen2.5", hidden: 896, ffn: 4864, heads: 14, kv_heads: 2, head_dim: 64, vocab: 151936 },
-    Model { name: "Llama-3-8B", key: "llama3-8b", hidden: 4096, ffn: 14336, heads: 32, kv_heads: 8, head_dim: 128, vocab: 128256 },
+    Model {
+        name: "SmolLM2-135M",
+        key: "smollm2",
+        hidden: 576,
+        ffn: 1536,
+        heads: 9,
+        kv_heads: 3,
+        head_dim: 64,
+        vocab: 49152,
+    },
+    Model {
+        name: "Qwen2.5-0.5B",
+        key: "qwen2.5",
+        hidden: 896,
+        ffn: 4864,
+        heads: 14,
+        kv_heads: 2,
+        head_dim: 64,
+        vocab: 151936,
+    },
+    Model {
+        name: "Llama-3-8B",
+        key: "llama3-8b",
+        hidden: 4096,
+        ffn: 14336,
+        heads: 32,
+        kv_heads: 8,
+        head_dim: 128,
+        vocab: 128256,
+    },
 ];
 
 /// Best-of-3 (best-of-2 for slow kernels) seconds per repetition of `dispatches`, repetitions sized to ~`budget` seconds.
@@ -51,7 +78,11 @@ fn gemv_kernels(gpu: &Gpu) -> Vec<GemvKernel> {
     let own = GemvKernel::for_device(gpu);
     let mut v = vec![own];
     if all_kernels() {
-        v.extend([GemvKernel::Reduce, GemvKernel::RowPerInvocation].into_iter().filter(|k| *k != own));
+        v.extend(
+            [GemvKernel::Reduce, GemvKernel::RowPerInvocation]
+                .into_iter()
+                .filter(|k| *k != own),
+        );
     }
     v
 }
@@ -60,7 +91,11 @@ fn matmul_kernels(gpu: &Gpu) -> Vec<MatmulKernel> {
     let own = MatmulKernel::for_device(gpu);
     let mut v = vec![own];
     if all_kernels() {
-        v.extend([MatmulKernel::Tiled, MatmulKernel::Registers].into_iter().filter(|k| *k != own));
+        v.extend(
+            [MatmulKernel::Tiled, MatmulKernel::Registers]
+                .into_iter()
+                .filter(|k| *k != own),
+        );
     }
     v
 }
@@ -72,13 +107,19 @@ fn all_kernels() -> bool {
 fn main() -> Result<()> {
     let gpu = Gpu::new()?;
     let wanted = std::env::var("KILN_BENCH_MODELS").unwrap_or_default();
-    let prefill_m: u32 = std::env::var("KILN_BENCH_M").ok().and_then(|s| s.parse().ok()).unwrap_or(128);
+    let prefill_m: u32 = std::env::var("KILN_BENCH_M")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(128);
     println!("device: {}", gpu.describe());
     println!("timing: {:?}", gpu.timer());
 
     // Copy bandwidth: read + write of a 64 MiB buffer by a vec4 copy kernel.
     let bytes = 64u64 << 20;
-    let (src, dst) = (gpu.buffer("copy src", bytes)?, gpu.buffer("copy dst", bytes)?);
+    let (src, dst) = (
+        gpu.buffer("copy src", bytes)?,
+        gpu.buffer("copy dst", bytes)?,
+    );
     let copy = elementwise::copy(&gpu, &src, &dst, bytes)?;
     let copy_gbs = 2.0 * bytes as f64 / seconds(&gpu, "copy", &[&copy], 0.5)? / 1e9;
     println!("copy bandwidth (read + write): {copy_gbs:.2} GB/s\n");
@@ -87,7 +128,10 @@ fn main() -> Result<()> {
     let mut matmul_rows = Vec::new();
     println!("| model | kernel | shape | time | throughput | ratio |");
     println!("|---|---|---|---|---|---|");
-    for model in MODELS.iter().filter(|m| wanted.is_empty() || wanted.split(',').any(|w| w == m.key)) {
+    for model in MODELS
+        .iter()
+        .filter(|m| wanted.is_empty() || wanted.split(',').any(|w| w == m.key))
+    {
         let kv_dim = model.kv_heads * model.head_dim;
         let projections = [
             ("q_proj", model.hidden, model.hidden),
@@ -97,11 +141,24 @@ fn main() -> Result<()> {
             ("lm_head", model.vocab, model.hidden),
         ];
         for (name, n, k) in projections {
-            let w = Weight::zeroed(&gpu, name, n, k, if std::env::var("KILN_BENCH_F32").is_ok() { DType::F32 } else { DType::F16 })?;
+            let w = Weight::zeroed(
+                &gpu,
+                name,
+                n,
+                k,
+                if std::env::var("KILN_BENCH_F32").is_ok() {
+                    DType::F32
+                } else {
+                    DType::F16
+                },
+            )?;
             // Decode: one token.
-            let (x, y) = (gpu.buffer("x", k as u64 * 4)?, gpu.buffer("y", n as u64 * 4)?);
+            let (x, y) = (
+                gpu.buffer("x", k as u64 * 4)?,
+                gpu.buffer("y", n as u64 * 4)?,
+            );
             for kind in gemv_kernels(&gpu) {
-                let ds = gemv::gemv_with(&gpu, kind, &x, &w, None, &y, 1)?;
+                let ds = gemv::gemv_with(&gpu, kind, &x, &w, None, &y, 1, 0)?;
                 let t = seconds(&gpu, name, &ds.iter().collect::<Vec<_>>(), 0.3)?;
                 let gbs = (w.bytes() + k as u64 * 4 + n as u64 * 4) as f64 / t / 1e9;
                 println!(
@@ -113,19 +170,34 @@ fn main() -> Result<()> {
             }
             // Prefill: a batch of tokens (the lm-head is applied to the last token only).
             if name != "lm_head" {
-                let (x, y) = (gpu.buffer("x", (prefill_m * k) as u64 * 4)?, gpu.buffer("y", (prefill_m * n) as u64 * 4)?);
+                let (x, y) = (
+                    gpu.buffer("x", (prefill_m * k) as u64 * 4)?,
+                    gpu.buffer("y", (prefill_m * n) as u64 * 4)?,
+                );
                 for kind in matmul_kernels(&gpu) {
                     let ds = matmul::matmul_with(&gpu, kind, &x, &w, None, &y, prefill_m)?;
                     let t = seconds(&gpu, name, &ds.iter().collect::<Vec<_>>(), 0.5)?;
                     let gflops = 2.0 * prefill_m as f64 * n as f64 * k as f64 / t / 1e9;
-                    matmul_rows.push((format!("| {} | matmul f16 {kind:?} | {name} M={prefill_m} {n}×{k} | {:.2} ms", model.name, t * 1e3), gflops));
+                    matmul_rows.push((
+                        format!(
+                            "| {} | matmul f16 {kind:?} | {name} M={prefill_m} {n}×{k} | {:.2} ms",
+                            model.name,
+                            t * 1e3
+                        ),
+                        gflops,
+                    ));
                 }
             }
         }
 
         // Attention: prefill of prefill_m tokens, and one decode step at several cache fills.
         let ctx = 4096u32;
-        let shape = attention::AttentionShape { n_heads: model.heads, n_kv_heads: model.kv_heads, head_dim: model.head_dim, ctx };
+        let shape = attention::AttentionShape {
+            n_heads: model.heads,
+            n_kv_heads: model.kv_heads,
+            head_dim: model.head_dim,
+            ctx,
+        };
         let elem = if gpu.caps.f16 { 2 } else { 4 };
         let cache = (kv_dim as u64) * ctx as u64 * elem;
         let (kc, vc) = (gpu.buffer("k cache", cache)?, gpu.buffer("v cache", cache)?);
@@ -133,25 +205,58 @@ fn main() -> Result<()> {
         let (q, out) = (gpu.buffer("q", q_len)?, gpu.buffer("out", q_len)?);
         let d = attention::prefill(&gpu, &shape, &q, &kc, &vc, &out, prefill_m, 0)?;
         let t = seconds(&gpu, "attention prefill", &[&d], 0.5)?;
-        println!("| {} | attention prefill | T={prefill_m} | {:.3} ms | | |", model.name, t * 1e3);
+        println!(
+            "| {} | attention prefill | T={prefill_m} | {:.3} ms | | |",
+            model.name,
+            t * 1e3
+        );
         for kv_len in [512u32, 2048, 4096] {
             let splits = shape.splits(kv_len, 64);
             let partials = attention::Partials::new(&gpu, &shape, 1, splits.0)?;
-            let [a, b] = attention::decode(&gpu, &shape, &q, &kc, &vc, &out, &partials, 1, kv_len - 1, splits)?;
-            let t = seconds(&gpu, "attention decode", &[&a, &b], 0.3)?;
-            let gbs = (2 * kv_len as u64 * kv_dim as u64 * elem) as f64 / t / 1e9;
-            println!(
-                "| {} | attention decode | kv={kv_len} splits={} | {:.3} ms | {gbs:.2} GB/s (K+V) | {:.0}% of copy |",
-                model.name,
-                splits.0,
-                t * 1e3,
-                100.0 * gbs / copy_gbs
-            );
+            let own = attention::SplitKernel::for_device(&gpu);
+            let mut kernels = vec![own];
+            if all_kernels() {
+                kernels.extend(
+                    [
+                        attention::SplitKernel::Workgroup,
+                        attention::SplitKernel::Lanes,
+                    ]
+                    .into_iter()
+                    .filter(|k| *k != own),
+                );
+            }
+            for kernel in kernels {
+                let [a, b] = attention::decode_with(
+                    &gpu,
+                    kernel,
+                    &shape,
+                    &q,
+                    &kc,
+                    &vc,
+                    &out,
+                    &partials,
+                    1,
+                    kv_len - 1,
+                    splits,
+                )?;
+                let t = seconds(&gpu, "attention decode", &[&a, &b], 0.3)?;
+                let gbs = (2 * kv_len as u64 * kv_dim as u64 * elem) as f64 / t / 1e9;
+                println!(
+                    "| {} | attention decode {kernel:?} | kv={kv_len} splits={} | {:.3} ms | {gbs:.2} GB/s (K+V) | {:.0}% of copy |",
+                    model.name,
+                    splits.0,
+                    t * 1e3,
+                    100.0 * gbs / copy_gbs
+                );
+            }
         }
     }
     let best = matmul_rows.iter().map(|r| r.1).fold(0.0, f64::max);
     for (row, gflops) in &matmul_rows {
-        println!("{row} | {gflops:.2} GFLOP/s | {:.0}% of best matmul |", 100.0 * gflops / best);
+        println!(
+            "{row} | {gflops:.2} GFLOP/s | {:.0}% of best matmul |",
+            100.0 * gflops / best
+        );
     }
     Ok(())
 }

@@ -215,3 +215,63 @@ fn decode_reduce(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocatio
         out[o + lid + WG] = o1 / l;
     }
 }
+
+// ---- decode_lanes: the split step for CPU adapters (lavapipe). One invocation owns one
+// (query, head, key range) and streams its keys with 16-byte loads, keeping q, the running
+// max/sum and the output in registers: no shared memory and no barrier, which on a CPU
+// adapter cost more than the re-reads they save. Writes the same partials as decode_split,
+// merged by decode_reduce. Needs head_dim % 4 == 0.
+
+@group(0) @binding(2) var<storage, read> k4: array<vec4<kv_t>>;   // (n_kv_heads, ctx, head_dim / 4)
+@group(0) @binding(3) var<storage, read> v4: array<vec4<kv_t>>;   // (n_kv_heads, ctx, head_dim / 4)
+
+const LANES_WG: u32 = 8u;
+
+@compute @workgroup_size(LANES_WG)
+fn decode_lanes(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let t = gid.y;
+    let h = gid.x % p.n_heads;
+    let split = gid.x / p.n_heads;
+    if split >= p.n_splits {
+        return;
+    }
+    let d4 = p.head_dim / 4u;
+    let kvh = h / p.group;
+    let kv_len = p.pos0 + t + 1u;
+    let j_begin = min(split * p.split_len, kv_len);
+    let j_end = min(j_begin + p.split_len, kv_len);
+
+    var qv: array<vec4<f32>, 32>;     // (head_dim / 4) scaled query
+    var o: array<vec4<f32>, 32>;      // (head_dim / 4) unnormalised output
+    let q_base = (t * p.n_heads + h) * p.head_dim;
+    for (var i = 0u; i < d4; i++) {
+        qv[i] = vec4<f32>(q[q_base + 4u * i], q[q_base + 4u * i + 1u], q[q_base + 4u * i + 2u], q[q_base + 4u * i + 3u]) * p.scale;
+        o[i] = vec4<f32>(0.0);
+    }
+    var m = NEG;
+    var l = 0.0;
+    for (var j = j_begin; j < j_end; j++) {
+        let row = (kvh * p.ctx + j) * d4;
+        var s = 0.0;
+        for (var i = 0u; i < d4; i++) {
+            s += dot(qv[i], vec4<f32>(k4[row + i]));
+        }
+        let m_new = max(m, s);
+        let corr = exp(m - m_new);
+        let pj = exp(s - m_new);
+        l = l * corr + pj;
+        for (var i = 0u; i < d4; i++) {
+            o[i] = o[i] * corr + pj * vec4<f32>(v4[row + i]);
+        }
+        m = m_new;
+    }
+    let slot = (t * p.n_heads + h) * p.n_splits + split;
+    part_ml[slot] = vec2<f32>(m, l);
+    for (var i = 0u; i < d4; i++) {
+        let a = slot * p.head_dim + 4u * i;
+        part_acc[a] = o[i].x;
+        part_acc[a + 1u] = o[i].y;
+        part_acc[a + 2u] = o[i].z;
+        part_acc[a + 3u] = o[i].w;
+    }
+}

@@ -10,7 +10,7 @@ struct Params {
     first_row: u32,   // this chunk's first row within the whole matrix
     n: u32,           // rows of the whole matrix (row stride of y)
     has_bias: u32,
-    _pad0: u32,
+    x_row: u32,       // first row of x to use: y row m is computed from x row x_row + m
     _pad1: u32,
     _pad2: u32,
 }
@@ -49,11 +49,12 @@ fn dot8(j: u32, xa: vec4<f32>, xb: vec4<f32>) -> f32 {
 @compute @workgroup_size(WG)
 fn gemv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let m = wid.y;
+    let xm = p.x_row + m;
     let row0 = wid.x * ROWS;
     var acc = vec4<f32>(0.0);
     if p.k % 8u == 0u {
         let k8 = p.k / 8u;
-        let x8 = m * k8;
+        let x8 = xm * k8;
         for (var j = lid; j < k8; j += WG) {
             let xa = x[2u * (x8 + j)];
             let xb = x[2u * (x8 + j) + 1u];
@@ -65,7 +66,7 @@ fn gemv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         }
     } else {
         for (var k = lid; k < p.k; k += WG) {
-            let xv = x_at(m * p.k + k);
+            let xv = x_at(xm * p.k + k);
             for (var r = 0u; r < ROWS; r++) {
                 if row0 + r < p.rows {
                     acc[r] += w_at((row0 + r) * p.k + k) * xv;
@@ -98,6 +99,7 @@ const ROWS_WG: u32 = 16u;   // small workgroups: even a 576-row matrix spreads o
 @compute @workgroup_size(ROWS_WG)
 fn gemv_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let m = wid.y;
+    let xm = p.x_row + m;
     let row0 = (wid.x * ROWS_WG + lid) * LANE_ROWS;
     var r: array<u32, 4>;   // clamped rows: reads stay in range, the store is masked
     for (var i = 0u; i < LANE_ROWS; i++) {
@@ -107,14 +109,14 @@ fn gemv_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_in
     if p.k % 8u == 0u {
         let k8 = p.k / 8u;
         for (var j = 0u; j < k8; j++) {
-            let xa = x[2u * (m * k8 + j)];
-            let xb = x[2u * (m * k8 + j) + 1u];
+            let xa = x[2u * (xm * k8 + j)];
+            let xb = x[2u * (xm * k8 + j) + 1u];
             acc += vec4<f32>(dot8(r[0] * k8 + j, xa, xb), dot8(r[1] * k8 + j, xa, xb),
                              dot8(r[2] * k8 + j, xa, xb), dot8(r[3] * k8 + j, xa, xb));
         }
     } else {
         for (var k = 0u; k < p.k; k++) {
-            let xv = x_at(m * p.k + k);
+            let xv = x_at(xm * p.k + k);
             acc += xv * vec4<f32>(w_at(r[0] * p.k + k), w_at(r[1] * p.k + k), w_at(r[2] * p.k + k), w_at(r[3] * p.k + k));
         }
     }

@@ -3,10 +3,18 @@
 //! Layers, bottom up:
 //! - [`gpu`]: device selection, pipelines, buffers, typed GPU errors.
 //! - [`ops`]: one module per kernel family in `shaders/`, each with its CPU reference.
+//! - [`model`]: config, checkpoint loading, weights on the GPU, the forward pass.
+//! - [`session`]: a conversation's KV cache; feed tokens, get logits or stream new text.
 
 pub mod error;
 pub mod gpu;
+pub mod model;
 pub mod ops;
+pub mod sampling;
+pub mod session;
+pub mod tokenizer;
 
 pub use error::{KilnError, Result};
 pub use gpu::Gpu;
+pub use model::Model;
+pub use session::{GenerateParams, Generation, Session, StopReason};

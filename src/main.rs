@@ -1,1 +1,312 @@
-fn main(){}
+//! `kiln`: the command line over the library. Results go to stdout; progress and statistics
+//! to stderr.
+
+use clap::{Args, Parser, Subcommand};
+use kiln::sampling::SamplingParams;
+use kiln::tokenizer::ChatMessage;
+use kiln::{GenerateParams, Gpu, Model, Session};
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "kiln",
+    version,
+    about = "Run Llama 3 and Qwen2 models on any GPU through WebGPU"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Continue a prompt; prints only the generated text on stdout.
+    Generate {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// The prompt text.
+        #[arg(long)]
+        prompt: String,
+        #[command(flatten)]
+        sampling: SamplingArgs,
+    },
+    /// Chat through the model's chat template, one user line at a time from stdin.
+    Chat {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// A system message to open the conversation.
+        #[arg(long)]
+        system: Option<String>,
+        #[command(flatten)]
+        sampling: SamplingArgs,
+    },
+    /// Perplexity of a text file, over consecutive windows of --ctx tokens.
+    Perplexity {
+        #[command(flatten)]
+        model: ModelArgs,
+        #[arg(long)]
+        file: PathBuf,
+    },
+    /// Architecture, sizes, memory and the adapter.
+    Info {
+        #[command(flatten)]
+        model: ModelArgs,
+    },
+}
+
+#[derive(Args)]
+struct ModelArgs {
+    /// A Hugging Face model directory (config.json, model.safetensors, tokenizer.json, ...).
+    #[arg(long)]
+    model: PathBuf,
+    /// Context length (KV cache positions); default: the model's, at most 4096.
+    #[arg(long)]
+    ctx: Option<usize>,
+}
+
+#[derive(Args)]
+struct SamplingArgs {
+    /// Most new tokens.
+    #[arg(long, default_value_t = 256)]
+    max_tokens: usize,
+    /// 0 is greedy. Default: generation_config.json's when it samples, else greedy.
+    #[arg(long)]
+    temperature: Option<f32>,
+    #[arg(long)]
+    top_k: Option<usize>,
+    #[arg(long)]
+    top_p: Option<f32>,
+    #[arg(long)]
+    min_p: Option<f32>,
+    #[arg(long)]
+    repeat_penalty: Option<f32>,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+impl SamplingArgs {
+    /// Flags first, then generation_config.json (when it asks to sample), then greedy.
+    fn params(&self, model: &Model) -> GenerateParams {
+        let g = &model.generation;
+        let sample = g.do_sample;
+        let pick = |flag: Option<f32>, default: Option<f32>, off: f32| {
+            flag.or(if sample { default } else { None }).unwrap_or(off)
+        };
+        let sampling = SamplingParams {
+            temperature: pick(self.temperature, g.temperature.or(Some(1.0)), 0.0),
+            top_k: self
+                .top_k
+                .or(if sample { g.top_k } else { None })
+                .unwrap_or(0),
+            top_p: pick(self.top_p, g.top_p, 1.0),
+            min_p: pick(self.min_p, g.min_p, 0.0),
+            repeat_penalty: pick(self.repeat_penalty, g.repetition_penalty, 1.0),
+            seed: self.seed,
+        };
+        GenerateParams {
+            max_tokens: self.max_tokens,
+            sampling,
+            stop_at_eos: true,
+        }
+    }
+}
+
+fn load(args: &ModelArgs) -> kiln::Result<Model> {
+    let gpu = Gpu::new()?;
+    let bar = if std::io::stderr().is_terminal() {
+        let bar = indicatif::ProgressBar::new(0);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "loading {bar:40} {bytes}/{total_bytes} ({bytes_per_sec})",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        Some(bar)
+    } else {
+        None
+    };
+    let model = Model::load(&args.model, gpu, &mut |done, total| {
+        if let Some(b) = &bar {
+            b.set_length(total);
+            b.set_position(done);
+        }
+    })?;
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    let s = &model.load_stats;
+    eprintln!(
+        "loaded {} in {:.2} s ({:.1} MiB of weights; peak RSS {}) on {}",
+        args.model.display(),
+        s.seconds,
+        s.weight_bytes as f64 / 1048576.0,
+        s.peak_rss_bytes
+            .map_or("n/a".into(), |b| format!("{:.1} MiB", b as f64 / 1048576.0)),
+        model.gpu.describe()
+    );
+    Ok(model)
+}
+
+fn print_stats(g: &kiln::Generation) {
+    eprintln!(
+        "\nprompt tokens: {}, prefill: {:.1} tok/s, generated: {} tokens, decode: {:.1} tok/s ({:?})",
+        g.prompt_tokens,
+        g.prefill_tokens_per_second(),
+        g.tokens.len(),
+        g.decode_tokens_per_second(),
+        g.stop
+    );
+}
+
+fn stream_to_stdout(text: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(text.as_bytes());
+    let _ = out.flush();
+}
+
+fn run(cli: Cli) -> kiln::Result<()> {
+    match cli.command {
+        Command::Generate {
+            model: args,
+            prompt,
+            sampling,
+        } => {
+            if prompt.is_empty() {
+                return Err(kiln::KilnError::Request("the prompt is empty".into()));
+            }
+            let model = load(&args)?;
+            let params = sampling.params(&model);
+            params.sampling.validate()?;
+            let ids = model.tokenizer.encode(&prompt, true)?;
+            let mut session = Session::new(&model, args.ctx)?;
+            let g = session.generate(&ids, &params, stream_to_stdout)?;
+            println!();
+            print_stats(&g);
+        }
+        Command::Chat {
+            model: args,
+            system,
+            sampling,
+        } => {
+            let model = load(&args)?;
+            let params = sampling.params(&model);
+            params.sampling.validate()?;
+            let mut session = Session::new(&model, args.ctx)?;
+            let mut messages: Vec<ChatMessage> = system
+                .into_iter()
+                .map(|s| ChatMessage {
+                    role: "system".into(),
+                    content: s,
+                })
+                .collect();
+            let stdin = std::io::stdin();
+            let interactive = stdin.is_terminal();
+            loop {
+                if interactive {
+                    eprint!("> ");
+                }
+                let mut line = String::new();
+                if stdin
+                    .lock()
+                    .read_line(&mut line)
+                    .map_err(|e| kiln::KilnError::io("stdin", e))?
+                    == 0
+                {
+                    break;
+                }
+                let line = line.trim_end_matches(['\n', '\r']);
+                if line.is_empty() {
+                    continue;
+                }
+                messages.push(ChatMessage {
+                    role: "user".into(),
+                    content: line.to_string(),
+                });
+                let ids = model.tokenizer.encode_chat(&messages, true)?;
+                // Keep what the cache already holds of this conversation; feed only the rest.
+                let common = session
+                    .tokens()
+                    .iter()
+                    .zip(&ids)
+                    .take_while(|(a, b)| a == b)
+                    .count()
+                    .min(ids.len() - 1);
+                session.rollback(common);
+                let budget = params
+                    .max_tokens
+                    .min(session.context().saturating_sub(ids.len()));
+                if budget == 0 {
+                    return Err(kiln::KilnError::Request(format!(
+                        "the conversation ({} tokens) fills the context of {}",
+                        ids.len(),
+                        session.context()
+                    )));
+                }
+                let turn = GenerateParams {
+                    max_tokens: budget,
+                    ..params.clone()
+                };
+                let g = session.generate(&ids[common..], &turn, stream_to_stdout)?;
+                println!();
+                print_stats(&g);
+                messages.push(ChatMessage {
+                    role: "assistant".into(),
+                    content: g.text.clone(),
+                });
+            }
+        }
+        Command::Perplexity { model: args, file } => {
+            let model = load(&args)?;
+            let text = std::fs::read_to_string(&file).map_err(|e| kiln::KilnError::io(&file, e))?;
+            let ids = model.tokenizer.encode(&text, true)?;
+            if ids.len() < 2 {
+                return Err(kiln::KilnError::Request(format!(
+                    "{} has fewer than 2 tokens",
+                    file.display()
+                )));
+            }
+            let mut session = Session::new(&model, args.ctx)?;
+            let window = session.context();
+            let vocab = model.config.vocab_size;
+            let (mut nll, mut count) = (0f64, 0usize);
+            for chunk in ids.chunks(window) {
+                if chunk.len() < 2 {
+                    continue;
+                }
+                session.rollback(0);
+                let logits = session.feed_all(chunk)?;
+                for i in 0..chunk.len() - 1 {
+                    let row = &logits[i * vocab..(i + 1) * vocab];
+                    let m = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+                    let lse = m + row.iter().map(|&v| (v as f64 - m).exp()).sum::<f64>().ln();
+                    nll += lse - row[chunk[i + 1] as usize] as f64;
+                    count += 1;
+                }
+                eprint!(
+                    "\r{count} tokens, running perplexity {:.4}",
+                    (nll / count as f64).exp()
+                );
+            }
+            eprintln!();
+            println!("perplexity: {:.4}", (nll / count as f64).exp());
+            println!("tokens: {count}");
+        }
+        Command::Info { model: args } => {
+            let model = load(&args)?;
+            print!("{}", model.info());
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -9,14 +9,46 @@ use kiln::gpu::{DType, Gpu, Weight};
 use kiln::ops::{argmax, attention, elementwise, embedding, gemv, matmul, rms_norm, rope, softmax};
 use rand::Rng;
 
-fn weight(gpu: &Gpu, name: &str, rows: usize, cols: usize, dtype: DType, values: &[f32]) -> (Weight, Vec<f32>) {
+fn weight(
+    gpu: &Gpu,
+    name: &str,
+    rows: usize,
+    cols: usize,
+    dtype: DType,
+    values: &[f32],
+) -> (Weight, Vec<f32>) {
     match dtype {
-        DType::F32 => (Weight::upload(gpu, name, rows as u32, cols as u32, dtype, bytemuck::cast_slice(values)).unwrap(), values.to_vec()),
-        DType::F16 => (Weight::upload(gpu, name, rows as u32, cols as u32, dtype, &f16_bytes(values)).unwrap(), round_f16(values)),
+        DType::F32 => (
+            Weight::upload(
+                gpu,
+                name,
+                rows as u32,
+                cols as u32,
+                dtype,
+                bytemuck::cast_slice(values),
+            )
+            .unwrap(),
+            values.to_vec(),
+        ),
+        DType::F16 => (
+            Weight::upload(
+                gpu,
+                name,
+                rows as u32,
+                cols as u32,
+                dtype,
+                &f16_bytes(values),
+            )
+            .unwrap(),
+            round_f16(values),
+        ),
         DType::BF16 => {
             let b: Vec<half::bf16> = values.iter().map(|&v| half::bf16::from_f32(v)).collect();
             let bytes: Vec<u8> = b.iter().flat_map(|v| v.to_le_bytes()).collect();
-            (Weight::upload(gpu, name, rows as u32, cols as u32, dtype, &bytes).unwrap(), b.iter().map(|v| v.to_f32()).collect())
+            (
+                Weight::upload(gpu, name, rows as u32, cols as u32, dtype, &bytes).unwrap(),
+                b.iter().map(|v| v.to_f32()).collect(),
+            )
         }
     }
 }
@@ -31,12 +63,26 @@ fn rms_norm_matches_reference() {
             let x = uniform(&mut rng, rows * dim, -3.0, 3.0);
             let w = uniform(&mut rng, dim, 0.5, 1.5);
             let y = poisoned(&gpu, "y", rows * dim);
-            let d = rms_norm::rms_norm(&gpu, &upload_f32(&gpu, "x", &x), &upload_f32(&gpu, "w", &w), &y, rows as u32, dim as u32, 1e-5).unwrap();
+            let d = rms_norm::rms_norm(
+                &gpu,
+                &upload_f32(&gpu, "x", &x),
+                &upload_f32(&gpu, "w", &w),
+                &y,
+                rows as u32,
+                dim as u32,
+                1e-5,
+            )
+            .unwrap();
             gpu.run("rms_norm", &[&d]).unwrap();
             let got = gpu.read_f32(&y, rows * dim).unwrap();
             let want = rms_norm::rms_norm_cpu(&x, &w, dim, 1e-5);
-            assert_close_each(&format!("rms_norm {name} {rows}×{dim}"), &got, &want, |i| want[i].abs() as f64 * (dim as f64 + 8.0) * U32 + 1e-30,
-                "sum of dim squares in f32 (≤ dim·u relative), inverseSqrt and two products (≤ 8u)");
+            assert_close_each(
+                &format!("rms_norm {name} {rows}×{dim}"),
+                &got,
+                &want,
+                |i| want[i].abs() as f64 * (dim as f64 + 8.0) * U32 + 1e-30,
+                "sum of dim squares in f32 (≤ dim·u relative), inverseSqrt and two products (≤ 8u)",
+            );
         }
     }
 }
@@ -50,7 +96,8 @@ fn softmax_matches_reference() {
         for (rows, n) in [(2usize, 1003usize), (1, 49152), (3, 7)] {
             let x = uniform(&mut rng, rows * n, -8.0, 8.0);
             let y = poisoned(&gpu, "y", rows * n);
-            let d = softmax::softmax(&gpu, &upload_f32(&gpu, "x", &x), &y, rows as u32, n as u32).unwrap();
+            let d = softmax::softmax(&gpu, &upload_f32(&gpu, "x", &x), &y, rows as u32, n as u32)
+                .unwrap();
             gpu.run("softmax", &[&d]).unwrap();
             let got = gpu.read_f32(&y, rows * n).unwrap();
             let want = softmax::softmax_cpu(&x, n);
@@ -78,8 +125,17 @@ fn argmax_picks_first_maximum_and_ignores_nan() {
                     row[rng.random_range(0..i)] = f32::NAN;
                 }
             }
-            let out = gpu.upload("out", bytemuck::cast_slice(&vec![u32::MAX; rows])).unwrap();
-            let d = argmax::argmax(&gpu, &upload_f32(&gpu, "x", &x), &out, rows as u32, n as u32).unwrap();
+            let out = gpu
+                .upload("out", bytemuck::cast_slice(&vec![u32::MAX; rows]))
+                .unwrap();
+            let d = argmax::argmax(
+                &gpu,
+                &upload_f32(&gpu, "x", &x),
+                &out,
+                rows as u32,
+                n as u32,
+            )
+            .unwrap();
             gpu.run("argmax", &[&d]).unwrap();
             let got = gpu.read_u32(&out, rows).unwrap();
             assert_eq!(got, argmax::argmax_cpu(&x, n), "argmax {name} {rows}×{n}");
@@ -99,38 +155,93 @@ fn swiglu_and_residual_add_match_reference() {
             let (ab, bb) = (upload_f32(&gpu, "a", &a), upload_f32(&gpu, "b", &b));
 
             let y = poisoned(&gpu, "y", n);
-            gpu.run("swiglu", &[&elementwise::swiglu(&gpu, &ab, &bb, &y, n as u32).unwrap()]).unwrap();
+            gpu.run(
+                "swiglu",
+                &[&elementwise::swiglu(&gpu, &ab, &bb, &y, n as u32).unwrap()],
+            )
+            .unwrap();
             let want = elementwise::swiglu_cpu(&a, &b);
             assert_close_each(&format!("swiglu {name} n={n}"), &gpu.read_f32(&y, n).unwrap(), &want, |i| want[i].abs() as f64 * 64.0 * U32 + 1e-30,
                 "exp(-g) within 3 + 2|g| ≤ 19 ulp (|g| ≤ 8), then add, divide, multiply: ≤ 64u relative");
 
             let y = poisoned(&gpu, "y", n);
-            gpu.run("add", &[&elementwise::add(&gpu, &ab, &bb, &y, n as u32).unwrap()]).unwrap();
-            assert_close(&format!("add {name} n={n}"), &gpu.read_f32(&y, n).unwrap(), &elementwise::add_cpu(&a, &b), 0.0, "one correctly rounded f32 add, as on the CPU");
+            gpu.run(
+                "add",
+                &[&elementwise::add(&gpu, &ab, &bb, &y, n as u32).unwrap()],
+            )
+            .unwrap();
+            assert_close(
+                &format!("add {name} n={n}"),
+                &gpu.read_f32(&y, n).unwrap(),
+                &elementwise::add_cpu(&a, &b),
+                0.0,
+                "one correctly rounded f32 add, as on the CPU",
+            );
 
             let y = poisoned(&gpu, "y", n.div_ceil(4) * 4);
-            gpu.run("copy", &[&elementwise::copy(&gpu, &ab, &y, n.div_ceil(4) as u64 * 16).unwrap()]).unwrap();
-            assert_close(&format!("copy {name} n={n}"), &gpu.read_f32(&y, n).unwrap(), &a, 0.0, "a copy changes no bits");
+            gpu.run(
+                "copy",
+                &[&elementwise::copy(&gpu, &ab, &y, n.div_ceil(4) as u64 * 16).unwrap()],
+            )
+            .unwrap();
+            assert_close(
+                &format!("copy {name} n={n}"),
+                &gpu.read_f32(&y, n).unwrap(),
+                &a,
+                0.0,
+                "a copy changes no bits",
+            );
 
             let acc = upload_f32(&gpu, "acc", &a);
-            gpu.run("add_assign", &[&elementwise::add_assign(&gpu, &acc, &bb, n as u32).unwrap()]).unwrap();
-            assert_close(&format!("add_assign {name} n={n}"), &gpu.read_f32(&acc, n).unwrap(), &elementwise::add_cpu(&a, &b), 0.0, "one correctly rounded f32 add");
+            gpu.run(
+                "add_assign",
+                &[&elementwise::add_assign(&gpu, &acc, &bb, n as u32).unwrap()],
+            )
+            .unwrap();
+            assert_close(
+                &format!("add_assign {name} n={n}"),
+                &gpu.read_f32(&acc, n).unwrap(),
+                &elementwise::add_cpu(&a, &b),
+                0.0,
+                "one correctly rounded f32 add",
+            );
         }
     }
 }
 
 // ---------------------------------------------------------------- embedding
 
-fn check_embedding(gpu: &Gpu, what: &str, vocab: usize, dim: usize, dtype: DType, rng: &mut rand::rngs::StdRng) -> usize {
+fn check_embedding(
+    gpu: &Gpu,
+    what: &str,
+    vocab: usize,
+    dim: usize,
+    dtype: DType,
+    rng: &mut rand::rngs::StdRng,
+) -> usize {
     let values = uniform(rng, vocab * dim, -1.0, 1.0);
     let (table, exact) = weight(gpu, "embed", vocab, dim, dtype, &values);
     let mut ids: Vec<u32> = (0..9).map(|_| rng.random_range(0..vocab as u32)).collect();
     ids.extend([0, vocab as u32 - 1]);
     let x = poisoned(gpu, "x", ids.len() * dim);
-    let ds = embedding::embedding(gpu, &gpu.upload("ids", bytemuck::cast_slice(&ids)).unwrap(), &table, &x, ids.len() as u32).unwrap();
-    gpu.run("embedding", &ds.iter().collect::<Vec<_>>()).unwrap();
+    let ds = embedding::embedding(
+        gpu,
+        &gpu.upload("ids", bytemuck::cast_slice(&ids)).unwrap(),
+        &table,
+        &x,
+        ids.len() as u32,
+    )
+    .unwrap();
+    gpu.run("embedding", &ds.iter().collect::<Vec<_>>())
+        .unwrap();
     let want = embedding::embedding_cpu(&ids, &exact, dim);
-    assert_close(what, &gpu.read_f32(&x, ids.len() * dim).unwrap(), &want, 0.0, "a gather (and exact f16 → f32 widening) changes no bits");
+    assert_close(
+        what,
+        &gpu.read_f32(&x, ids.len() * dim).unwrap(),
+        &want,
+        0.0,
+        "a gather (and exact f16 → f32 widening) changes no bits",
+    );
     table.chunks.len()
 }
 
@@ -139,13 +250,30 @@ fn embedding_gathers_rows_of_f32_and_f16_tables() {
     let mut rng = rng("embedding");
     for (name, gpu) in devices() {
         for dtype in [DType::F32, DType::F16, DType::BF16] {
-            check_embedding(&gpu, &format!("embedding {name} {dtype:?}"), 1000, 77, dtype, &mut rng);
+            check_embedding(
+                &gpu,
+                &format!("embedding {name} {dtype:?}"),
+                1000,
+                77,
+                dtype,
+                &mut rng,
+            );
         }
     }
     let small = small_binding_device(4096);
     for dtype in [DType::F32, DType::F16, DType::BF16] {
-        let chunks = check_embedding(&small, &format!("embedding chunked {dtype:?}"), 301, 33, dtype, &mut rng);
-        assert!(chunks > 1, "the 4 KiB binding cap must split the table ({chunks} chunk)");
+        let chunks = check_embedding(
+            &small,
+            &format!("embedding chunked {dtype:?}"),
+            301,
+            33,
+            dtype,
+            &mut rng,
+        );
+        assert!(
+            chunks > 1,
+            "the 4 KiB binding cap must split the table ({chunks} chunk)"
+        );
     }
 }
 
@@ -163,7 +291,17 @@ enum Kernel {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn check_linear(gpu: &Gpu, kernel: &Kernel, what: &str, m: usize, n: usize, k: usize, dtype: DType, with_bias: bool, rng: &mut rand::rngs::StdRng) -> usize {
+fn check_linear(
+    gpu: &Gpu,
+    kernel: &Kernel,
+    what: &str,
+    m: usize,
+    n: usize,
+    k: usize,
+    dtype: DType,
+    with_bias: bool,
+    rng: &mut rand::rngs::StdRng,
+) -> usize {
     let x = uniform(rng, m * k, -1.0, 1.0);
     let (w, w_exact) = weight(gpu, "w", n, k, dtype, &uniform(rng, n * k, -1.0, 1.0));
     let bias = uniform(rng, n, -1.0, 1.0);
@@ -172,7 +310,7 @@ fn check_linear(gpu: &Gpu, kernel: &Kernel, what: &str, m: usize, n: usize, k: u
     let xb = upload_f32(gpu, "x", &x);
     let b = with_bias.then_some(&bias_buf);
     let ds = match kernel {
-        Kernel::Gemv(kind) => gemv::gemv_with(gpu, *kind, &xb, &w, b, &y, m as u32),
+        Kernel::Gemv(kind) => gemv::gemv_with(gpu, *kind, &xb, &w, b, &y, m as u32, 0),
         Kernel::Matmul(kind) => matmul::matmul_with(gpu, *kind, &xb, &w, b, &y, m as u32),
     }
     .unwrap();
@@ -184,7 +322,13 @@ fn check_linear(gpu: &Gpu, kernel: &Kernel, what: &str, m: usize, n: usize, k: u
     let abs_w: Vec<f32> = w_exact.iter().map(|v| v.abs()).collect();
     let abs_b: Vec<f32> = bias.iter().map(|v| v.abs()).collect();
     let abs_sum = matmul::matmul_cpu(&abs_x, &abs_w, with_bias.then_some(&abs_b[..]), m, n, k);
-    assert_close_each(what, &got, &want, |i| dot_bound(abs_sum[i], k + 1, want[i]), "f32 accumulation of k products: ≤ (k+2)·u·Σ|xw| + 2u|y|");
+    assert_close_each(
+        what,
+        &got,
+        &want,
+        |i| dot_bound(abs_sum[i], k + 1, want[i]),
+        "f32 accumulation of k products: ≤ (k+2)·u·Σ|xw| + 2u|y|",
+    );
     w.chunks.len()
 }
 
@@ -195,9 +339,28 @@ fn gemv_matches_reference_at_odd_shapes() {
         for kind in [gemv::GemvKernel::Reduce, gemv::GemvKernel::RowPerInvocation] {
             for dtype in [DType::F32, DType::F16, DType::BF16] {
                 // K % 8 == 0 takes the 16-byte-load path, other K the scalar path; N not a multiple of the rows per workgroup.
-                for (m, n, k) in [(1usize, 37usize, 576usize), (1, 131, 1000), (3, 67, 577), (1, 3, 13), (2, 5, 8), (1, 1, 1)] {
+                for (m, n, k) in [
+                    (1usize, 37usize, 576usize),
+                    (1, 131, 1000),
+                    (3, 67, 577),
+                    (1, 3, 13),
+                    (2, 5, 8),
+                    (1, 1, 1),
+                ] {
                     for bias in [false, true] {
-                        check_linear(&gpu, &Kernel::Gemv(kind), &format!("gemv {kind:?} {name} {dtype:?} m={m} n={n} k={k} bias={bias}"), m, n, k, dtype, bias, &mut rng);
+                        check_linear(
+                            &gpu,
+                            &Kernel::Gemv(kind),
+                            &format!(
+                                "gemv {kind:?} {name} {dtype:?} m={m} n={n} k={k} bias={bias}"
+                            ),
+                            m,
+                            n,
+                            k,
+                            dtype,
+                            bias,
+                            &mut rng,
+                        );
                     }
                 }
             }
@@ -211,9 +374,28 @@ fn matmul_matches_reference_at_odd_shapes() {
     for (name, gpu) in devices() {
         for kind in [matmul::MatmulKernel::Tiled, matmul::MatmulKernel::Registers] {
             for dtype in [DType::F32, DType::F16, DType::BF16] {
-                for (m, n, k) in [(2usize, 3usize, 5usize), (67, 129, 77), (130, 65, 576), (64, 64, 64), (7, 200, 33), (33, 31, 24)] {
+                for (m, n, k) in [
+                    (2usize, 3usize, 5usize),
+                    (67, 129, 77),
+                    (130, 65, 576),
+                    (64, 64, 64),
+                    (7, 200, 33),
+                    (33, 31, 24),
+                ] {
                     for bias in [false, true] {
-                        check_linear(&gpu, &Kernel::Matmul(kind), &format!("matmul {kind:?} {name} {dtype:?} m={m} n={n} k={k} bias={bias}"), m, n, k, dtype, bias, &mut rng);
+                        check_linear(
+                            &gpu,
+                            &Kernel::Matmul(kind),
+                            &format!(
+                                "matmul {kind:?} {name} {dtype:?} m={m} n={n} k={k} bias={bias}"
+                            ),
+                            m,
+                            n,
+                            k,
+                            dtype,
+                            bias,
+                            &mut rng,
+                        );
                     }
                 }
             }
@@ -226,9 +408,27 @@ fn linear_kernels_handle_weights_split_across_bindings() {
     let mut rng = rng("linear chunked");
     let gpu = small_binding_device(4096);
     for dtype in [DType::F32, DType::F16, DType::BF16] {
-        for kernel in [Kernel::Gemv(gemv::GemvKernel::Reduce), Kernel::Gemv(gemv::GemvKernel::RowPerInvocation), Kernel::Matmul(matmul::MatmulKernel::Tiled), Kernel::Matmul(matmul::MatmulKernel::Registers)] {
-            let chunks = check_linear(&gpu, &kernel, &format!("chunked {dtype:?}"), 3, 301, 40, dtype, true, &mut rng);
-            assert!(chunks > 2, "301 rows over a 4 KiB binding cap must make several chunks, got {chunks}");
+        for kernel in [
+            Kernel::Gemv(gemv::GemvKernel::Reduce),
+            Kernel::Gemv(gemv::GemvKernel::RowPerInvocation),
+            Kernel::Matmul(matmul::MatmulKernel::Tiled),
+            Kernel::Matmul(matmul::MatmulKernel::Registers),
+        ] {
+            let chunks = check_linear(
+                &gpu,
+                &kernel,
+                &format!("chunked {dtype:?}"),
+                3,
+                301,
+                40,
+                dtype,
+                true,
+                &mut rng,
+            );
+            assert!(
+                chunks > 2,
+                "301 rows over a 4 KiB binding cap must make several chunks, got {chunks}"
+            );
         }
     }
 }
@@ -255,14 +455,34 @@ fn lm_head_larger_than_one_binding_works() {
     let abs_x: Vec<f32> = x.iter().map(|v| v.abs()).collect();
     let abs_w: Vec<f32> = exact.iter().map(|v| v.abs()).collect();
     let abs_sum = matmul::matmul_cpu(&abs_x, &abs_w, None, 1, n, k);
-    assert_close_each(&format!("lm_head gemv {gpu_name} ({} chunks)", w.chunks.len()), &got, &want, |i| dot_bound(abs_sum[i], k, want[i]), "f32 accumulation of k products");
+    assert_close_each(
+        &format!("lm_head gemv {gpu_name} ({} chunks)", w.chunks.len()),
+        &got,
+        &want,
+        |i| dot_bound(abs_sum[i], k, want[i]),
+        "f32 accumulation of k products",
+    );
 
     // And the same table as an embedding: the last rows live in the last chunk.
     let ids = [0u32, 77_777, n as u32 - 1];
     let xe = poisoned(&gpu, "x", ids.len() * k);
-    let ds = embedding::embedding(&gpu, &gpu.upload("ids", bytemuck::cast_slice(&ids)).unwrap(), &w, &xe, 3).unwrap();
-    gpu.run("embedding", &ds.iter().collect::<Vec<_>>()).unwrap();
-    assert_close("embedding from a split table", &gpu.read_f32(&xe, ids.len() * k).unwrap(), &embedding::embedding_cpu(&ids, &exact, k), 0.0, "exact gather");
+    let ds = embedding::embedding(
+        &gpu,
+        &gpu.upload("ids", bytemuck::cast_slice(&ids)).unwrap(),
+        &w,
+        &xe,
+        3,
+    )
+    .unwrap();
+    gpu.run("embedding", &ds.iter().collect::<Vec<_>>())
+        .unwrap();
+    assert_close(
+        "embedding from a split table",
+        &gpu.read_f32(&xe, ids.len() * k).unwrap(),
+        &embedding::embedding_cpu(&ids, &exact, k),
+        0.0,
+        "exact gather",
+    );
 }
 
 // ---------------------------------------------------------------- rope
@@ -270,19 +490,39 @@ fn lm_head_larger_than_one_binding_works() {
 #[test]
 fn rope_rotates_q_in_both_layouts_at_any_offset() {
     let mut rng = rng("rope");
-    let scaling = rope::Llama3Scaling { factor: 8.0, low_freq_factor: 1.0, high_freq_factor: 4.0, original_max_position_embeddings: 8192.0 };
+    let scaling = rope::Llama3Scaling {
+        factor: 8.0,
+        low_freq_factor: 1.0,
+        high_freq_factor: 4.0,
+        original_max_position_embeddings: 8192.0,
+    };
     for (name, gpu) in devices() {
-        for (head_dim, theta, scaled) in [(64usize, 1e4, false), (128, 5e5, true), (80, 1e6, false), (96, 1e5, false)] {
+        for (head_dim, theta, scaled) in [
+            (64usize, 1e4, false),
+            (128, 5e5, true),
+            (80, 1e6, false),
+            (96, 1e5, false),
+        ] {
             let inv = rope::inv_freq(head_dim, theta, scaled.then_some(&scaling));
             let max_pos = 4200;
             let table = rope::upload_table(&gpu, &rope::cos_sin_table(&inv, max_pos)).unwrap();
             for layout in [rope::RopeLayout::HalfSplit, rope::RopeLayout::Interleaved] {
                 for (n_tokens, n_heads, pos0) in [(1u32, 9u32, 0u32), (13, 3, 37), (2, 5, 4100)] {
-                    let shape = rope::RopeShape { n_tokens, n_heads, head_dim: head_dim as u32, pos0, layout };
+                    let shape = rope::RopeShape {
+                        n_tokens,
+                        n_heads,
+                        head_dim: head_dim as u32,
+                        pos0,
+                        layout,
+                    };
                     let n = (n_tokens * n_heads) as usize * head_dim;
                     let x = uniform(&mut rng, n, -2.0, 2.0);
                     let buf = upload_f32(&gpu, "q", &x);
-                    gpu.run("rope_q", &[&rope::rope_q(&gpu, &table, &buf, shape).unwrap()]).unwrap();
+                    gpu.run(
+                        "rope_q",
+                        &[&rope::rope_q(&gpu, &table, &buf, shape).unwrap()],
+                    )
+                    .unwrap();
                     let want = rope::rope_cpu(&x, shape, &inv);
                     assert_close(&format!("rope_q {name} D={head_dim} {layout:?} T={n_tokens} H={n_heads} pos0={pos0}"), &gpu.read_f32(&buf, n).unwrap(), &want, 16.0 * U32 * 2.0,
                         "cos/sin rounded to f32 (u), two products and a sum of |x| ≤ 2 values: ≤ 8u·2 absolute");
@@ -295,7 +535,12 @@ fn rope_rotates_q_in_both_layouts_at_any_offset() {
 #[test]
 fn llama3_frequency_scaling_follows_the_reference_formula() {
     // Llama 3.1: theta 5e5, head_dim 128, factor 8, low 1, high 4, original context 8192.
-    let s = rope::Llama3Scaling { factor: 8.0, low_freq_factor: 1.0, high_freq_factor: 4.0, original_max_position_embeddings: 8192.0 };
+    let s = rope::Llama3Scaling {
+        factor: 8.0,
+        low_freq_factor: 1.0,
+        high_freq_factor: 4.0,
+        original_max_position_embeddings: 8192.0,
+    };
     let plain = rope::inv_freq(128, 5e5, None);
     let scaled = rope::inv_freq(128, 5e5, Some(&s));
     let wavelen = |f: f32| 2.0 * std::f64::consts::PI / f as f64;
@@ -305,14 +550,23 @@ fn llama3_frequency_scaling_follows_the_reference_formula() {
             assert_eq!(p, q, "high frequencies (wavelength < 2048) are kept");
             seen[0] += 1;
         } else if wavelen(p) > 8192.0 {
-            assert!(((q / p) as f64 - 1.0 / 8.0).abs() < 1e-6, "low frequencies (wavelength > 8192) are divided by the factor");
+            assert!(
+                ((q / p) as f64 - 1.0 / 8.0).abs() < 1e-6,
+                "low frequencies (wavelength > 8192) are divided by the factor"
+            );
             seen[1] += 1;
         } else {
-            assert!(q < p && q > p / 8.0, "medium frequencies interpolate between the two");
+            assert!(
+                q < p && q > p / 8.0,
+                "medium frequencies interpolate between the two"
+            );
             seen[2] += 1;
         }
     }
-    assert!(seen.iter().all(|&c| c > 0), "all three bands occur: {seen:?}");
+    assert!(
+        seen.iter().all(|&c| c > 0),
+        "all three bands occur: {seen:?}"
+    );
 }
 
 #[test]
@@ -325,18 +579,47 @@ fn rope_kv_appends_rotated_keys_and_values_to_the_cache() {
         let elem = if gpu.caps.f16 { 2 } else { 4 };
         let cache_bytes = n_kv * ctx * head_dim * elem;
         // Poison the cache: positions not written must stay NaN.
-        let nan_cache: Vec<u8> = if gpu.caps.f16 { f16_bytes(&vec![f32::NAN; n_kv * ctx * head_dim]) } else { bytemuck::cast_slice(&vec![f32::NAN; n_kv * ctx * head_dim]).to_vec() };
-        let (kc, vc) = (gpu.upload("k cache", &nan_cache).unwrap(), gpu.upload("v cache", &nan_cache).unwrap());
+        let nan_cache: Vec<u8> = if gpu.caps.f16 {
+            f16_bytes(&vec![f32::NAN; n_kv * ctx * head_dim])
+        } else {
+            bytemuck::cast_slice(&vec![f32::NAN; n_kv * ctx * head_dim]).to_vec()
+        };
+        let (kc, vc) = (
+            gpu.upload("k cache", &nan_cache).unwrap(),
+            gpu.upload("v cache", &nan_cache).unwrap(),
+        );
         let (n_tokens, pos0) = (7u32, 11u32);
         let n = n_tokens as usize * n_kv * head_dim;
-        let (k, v) = (uniform(&mut rng, n, -2.0, 2.0), uniform(&mut rng, n, -2.0, 2.0));
-        let shape = rope::RopeShape { n_tokens, n_heads: n_kv as u32, head_dim: head_dim as u32, pos0, layout: rope::RopeLayout::HalfSplit };
-        let d = rope::rope_kv(&gpu, &table, &upload_f32(&gpu, "k", &k), &upload_f32(&gpu, "v", &v), &kc, &vc, shape, ctx as u32).unwrap();
+        let (k, v) = (
+            uniform(&mut rng, n, -2.0, 2.0),
+            uniform(&mut rng, n, -2.0, 2.0),
+        );
+        let shape = rope::RopeShape {
+            n_tokens,
+            n_heads: n_kv as u32,
+            head_dim: head_dim as u32,
+            pos0,
+            layout: rope::RopeLayout::HalfSplit,
+        };
+        let d = rope::rope_kv(
+            &gpu,
+            &table,
+            &upload_f32(&gpu, "k", &k),
+            &upload_f32(&gpu, "v", &v),
+            &kc,
+            &vc,
+            shape,
+            ctx as u32,
+        )
+        .unwrap();
         gpu.run("rope_kv", &[&d]).unwrap();
         let read = |b: &wgpu::Buffer| -> Vec<f32> {
             let bytes = gpu.read_bytes(b, cache_bytes as u64).unwrap();
             if gpu.caps.f16 {
-                bytes.chunks(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect()
+                bytes
+                    .chunks(2)
+                    .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                    .collect()
             } else {
                 bytemuck::pod_collect_to_vec(&bytes)
             }
@@ -344,20 +627,37 @@ fn rope_kv_appends_rotated_keys_and_values_to_the_cache() {
         let (kc_host, vc_host) = (read(&kc), read(&vc));
         let k_rot = rope::rope_cpu(&k, shape, &inv);
         // Store tolerance: one f16 rounding (2^-11 relative) when the cache is f16, else the rope bound.
-        let tol = |x: f32| if gpu.caps.f16 { x.abs() as f64 * 2f64.powi(-10) + 1e-7 } else { 32.0 * U32 };
+        let tol = |x: f32| {
+            if gpu.caps.f16 {
+                x.abs() as f64 * 2f64.powi(-10) + 1e-7
+            } else {
+                32.0 * U32
+            }
+        };
         for h in 0..n_kv {
             for pos in 0..ctx {
                 let at = (h * ctx + pos) * head_dim;
                 let written = pos >= pos0 as usize && pos < (pos0 + n_tokens) as usize;
                 for e in 0..head_dim {
                     if !written {
-                        assert!(kc_host[at + e].is_nan() && vc_host[at + e].is_nan(), "{name}: cache position {pos} head {h} was overwritten");
+                        assert!(
+                            kc_host[at + e].is_nan() && vc_host[at + e].is_nan(),
+                            "{name}: cache position {pos} head {h} was overwritten"
+                        );
                         continue;
                     }
                     let src = ((pos - pos0 as usize) * n_kv + h) * head_dim + e;
                     let (gk, gv) = (kc_host[at + e], vc_host[at + e]);
-                    assert!((gk - k_rot[src]).abs() as f64 <= tol(k_rot[src]), "{name}: k cache h={h} pos={pos} e={e}: {gk} vs {}", k_rot[src]);
-                    assert!((gv - v[src]).abs() as f64 <= tol(v[src]), "{name}: v cache h={h} pos={pos} e={e}: {gv} vs {}", v[src]);
+                    assert!(
+                        (gk - k_rot[src]).abs() as f64 <= tol(k_rot[src]),
+                        "{name}: k cache h={h} pos={pos} e={e}: {gk} vs {}",
+                        k_rot[src]
+                    );
+                    assert!(
+                        (gv - v[src]).abs() as f64 <= tol(v[src]),
+                        "{name}: v cache h={h} pos={pos} e={e}: {gv} vs {}",
+                        v[src]
+                    );
                 }
             }
         }
@@ -376,7 +676,12 @@ struct AttnCase {
 
 fn check_attention(gpu: &Gpu, name: &str, c: &AttnCase, rng: &mut rand::rngs::StdRng) -> u32 {
     let ctx = c.pos0 + c.n_tokens + 29;
-    let shape = attention::AttentionShape { n_heads: c.n_heads, n_kv_heads: c.n_kv_heads, head_dim: c.head_dim, ctx };
+    let shape = attention::AttentionShape {
+        n_heads: c.n_heads,
+        n_kv_heads: c.n_kv_heads,
+        head_dim: c.head_dim,
+        ctx,
+    };
     let (d, kv_len) = (c.head_dim as usize, (c.pos0 + c.n_tokens) as usize);
     let cache_len = (c.n_kv_heads * ctx) as usize * d;
     // Filled positions random; positions past the causal range NaN, so reading them would show.
@@ -390,8 +695,18 @@ fn check_attention(gpu: &Gpu, name: &str, c: &AttnCase, rng: &mut rand::rngs::St
             }
         }
     }
-    let (k, v) = if gpu.caps.f16 { (round_f16(&k), round_f16(&v)) } else { (k, v) };
-    let upload = |label: &str, x: &[f32]| if gpu.caps.f16 { gpu.upload(label, &f16_bytes(x)).unwrap() } else { upload_f32(gpu, label, x) };
+    let (k, v) = if gpu.caps.f16 {
+        (round_f16(&k), round_f16(&v))
+    } else {
+        (k, v)
+    };
+    let upload = |label: &str, x: &[f32]| {
+        if gpu.caps.f16 {
+            gpu.upload(label, &f16_bytes(x)).unwrap()
+        } else {
+            upload_f32(gpu, label, x)
+        }
+    };
     let (kc, vc) = (upload("k cache", &k), upload("v cache", &v));
     let nq = (c.n_tokens * c.n_heads) as usize * d;
     let q = uniform(rng, nq, -1.0, 1.0);
@@ -402,20 +717,49 @@ fn check_attention(gpu: &Gpu, name: &str, c: &AttnCase, rng: &mut rand::rngs::St
     // are then off by ≤ 2× that relatively, and the output (a convex mix of |v| ≤ 1) by as much,
     // plus kv_len·u from summing the mix.
     let smax = (1.0 / (d as f64).sqrt()) * d as f64;
-    let tol = (2.0 * (d as f64 * U32 * smax + (3.0 + 4.0 * smax) * U32) + 2.0 * kv_len as f64 * U32) * 2.0;
+    let tol = (2.0 * (d as f64 * U32 * smax + (3.0 + 4.0 * smax) * U32)
+        + 2.0 * kv_len as f64 * U32)
+        * 2.0;
     let why = "score error D·u·|s|max plus exp error (3+2|s|) ulp, doubled for the normalisation, plus kv_len·u summation";
-    let what = format!("{name} Hq={} Hkv={} D={} T={} pos0={}", c.n_heads, c.n_kv_heads, c.head_dim, c.n_tokens, c.pos0);
+    let what = format!(
+        "{name} Hq={} Hkv={} D={} T={} pos0={}",
+        c.n_heads, c.n_kv_heads, c.head_dim, c.n_tokens, c.pos0
+    );
 
     let out = poisoned(gpu, "out", nq);
-    gpu.run("attention prefill", &[&attention::prefill(gpu, &shape, &qb, &kc, &vc, &out, c.n_tokens, c.pos0).unwrap()]).unwrap();
-    assert_close(&format!("attention prefill {what}"), &gpu.read_f32(&out, nq).unwrap(), &want, tol, why);
+    gpu.run(
+        "attention prefill",
+        &[&attention::prefill(gpu, &shape, &qb, &kc, &vc, &out, c.n_tokens, c.pos0).unwrap()],
+    )
+    .unwrap();
+    assert_close(
+        &format!("attention prefill {what}"),
+        &gpu.read_f32(&out, nq).unwrap(),
+        &want,
+        tol,
+        why,
+    );
 
     let splits = shape.splits(kv_len as u32, 64);
     let partials = attention::Partials::new(gpu, &shape, c.n_tokens, splits.0).unwrap();
-    let out = poisoned(gpu, "out", nq);
-    let [split, reduce] = attention::decode(gpu, &shape, &qb, &kc, &vc, &out, &partials, c.n_tokens, c.pos0, splits).unwrap();
-    gpu.run("attention decode", &[&split, &reduce]).unwrap();
-    assert_close(&format!("attention split-KV {what} splits={splits:?}"), &gpu.read_f32(&out, nq).unwrap(), &want, tol, why);
+    for kernel in [
+        attention::SplitKernel::Workgroup,
+        attention::SplitKernel::Lanes,
+    ] {
+        let out = poisoned(gpu, "out", nq);
+        let [split, reduce] = attention::decode_with(
+            gpu, kernel, &shape, &qb, &kc, &vc, &out, &partials, c.n_tokens, c.pos0, splits,
+        )
+        .unwrap();
+        gpu.run("attention decode", &[&split, &reduce]).unwrap();
+        assert_close(
+            &format!("attention split-KV {kernel:?} {what} splits={splits:?}"),
+            &gpu.read_f32(&out, nq).unwrap(),
+            &want,
+            tol,
+            why,
+        );
+    }
     splits.0
 }
 
@@ -425,13 +769,49 @@ fn attention_matches_reference_for_mha_gqa_mqa_and_every_head_dim() {
     for (name, gpu) in devices() {
         let cases = [
             // head_dim 64, 80, 96, 128 with GQA groups of 3, 7 (MQA-like), 4.
-            AttnCase { n_heads: 9, n_kv_heads: 3, head_dim: 64, n_tokens: 37, pos0: 0 },
-            AttnCase { n_heads: 7, n_kv_heads: 1, head_dim: 80, n_tokens: 5, pos0: 70 },
-            AttnCase { n_heads: 8, n_kv_heads: 2, head_dim: 96, n_tokens: 1, pos0: 300 },
-            AttnCase { n_heads: 4, n_kv_heads: 1, head_dim: 128, n_tokens: 67, pos0: 3 },
+            AttnCase {
+                n_heads: 9,
+                n_kv_heads: 3,
+                head_dim: 64,
+                n_tokens: 37,
+                pos0: 0,
+            },
+            AttnCase {
+                n_heads: 7,
+                n_kv_heads: 1,
+                head_dim: 80,
+                n_tokens: 5,
+                pos0: 70,
+            },
+            AttnCase {
+                n_heads: 8,
+                n_kv_heads: 2,
+                head_dim: 96,
+                n_tokens: 1,
+                pos0: 300,
+            },
+            AttnCase {
+                n_heads: 4,
+                n_kv_heads: 1,
+                head_dim: 128,
+                n_tokens: 67,
+                pos0: 3,
+            },
             // MHA, and a group larger than one workgroup's 8 heads (MQA with 18 heads).
-            AttnCase { n_heads: 3, n_kv_heads: 3, head_dim: 64, n_tokens: 2, pos0: 130 },
-            AttnCase { n_heads: 18, n_kv_heads: 1, head_dim: 64, n_tokens: 3, pos0: 200 },
+            AttnCase {
+                n_heads: 3,
+                n_kv_heads: 3,
+                head_dim: 64,
+                n_tokens: 2,
+                pos0: 130,
+            },
+            AttnCase {
+                n_heads: 18,
+                n_kv_heads: 1,
+                head_dim: 64,
+                n_tokens: 3,
+                pos0: 200,
+            },
         ];
         let mut max_splits = 0;
         for c in &cases {
@@ -444,12 +824,76 @@ fn attention_matches_reference_for_mha_gqa_mqa_and_every_head_dim() {
 #[test]
 fn attention_rejects_impossible_shapes() {
     let (_, gpu) = devices().remove(0);
-    let shape = attention::AttentionShape { n_heads: 6, n_kv_heads: 4, head_dim: 64, ctx: 16 };
+    let shape = attention::AttentionShape {
+        n_heads: 6,
+        n_kv_heads: 4,
+        head_dim: 64,
+        ctx: 16,
+    };
     assert!(shape.validate().is_err(), "6 heads cannot share 4 KV heads");
-    let shape = attention::AttentionShape { n_heads: 4, n_kv_heads: 2, head_dim: 256, ctx: 16 };
-    assert!(shape.validate().is_err(), "head_dim 256 is over the kernel's 128");
-    let ok = attention::AttentionShape { n_heads: 4, n_kv_heads: 2, head_dim: 64, ctx: 16 };
+    let shape = attention::AttentionShape {
+        n_heads: 4,
+        n_kv_heads: 2,
+        head_dim: 256,
+        ctx: 16,
+    };
+    assert!(
+        shape.validate().is_err(),
+        "head_dim 256 is over the kernel's 128"
+    );
+    let ok = attention::AttentionShape {
+        n_heads: 4,
+        n_kv_heads: 2,
+        head_dim: 64,
+        ctx: 16,
+    };
     let b = gpu.buffer("b", 4 * 64 * 4 * 20).unwrap();
-    let err = attention::prefill(&gpu, &ok, &b, &b, &b, &b, 10, 10).err().expect("positions past the cache must fail");
+    let err = attention::prefill(&gpu, &ok, &b, &b, &b, &b, 10, 10)
+        .err()
+        .expect("positions past the cache must fail");
     assert!(err.to_string().contains("exceed"), "{err}");
+}
+
+#[test]
+fn gemv_can_start_at_a_later_row_of_x() {
+    // The lm-head of a prefill reads only the last token's row of the normed activations.
+    let mut rng = rng("gemv x_row");
+    for (name, gpu) in devices() {
+        for kind in [gemv::GemvKernel::Reduce, gemv::GemvKernel::RowPerInvocation] {
+            for k in [64usize, 67] {
+                let (rows_x, n) = (5usize, 23usize);
+                let x = uniform(&mut rng, rows_x * k, -1.0, 1.0);
+                let (w, exact) = weight(
+                    &gpu,
+                    "w",
+                    n,
+                    k,
+                    DType::F16,
+                    &uniform(&mut rng, n * k, -1.0, 1.0),
+                );
+                let y = poisoned(&gpu, "y", n);
+                let ds =
+                    gemv::gemv_with(&gpu, kind, &upload_f32(&gpu, "x", &x), &w, None, &y, 1, 4)
+                        .unwrap();
+                gpu.run("gemv x_row", &ds.iter().collect::<Vec<_>>())
+                    .unwrap();
+                let want = matmul::matmul_cpu(&x[4 * k..], &exact, None, 1, n, k);
+                let abs_sum = matmul::matmul_cpu(
+                    &x[4 * k..].iter().map(|v| v.abs()).collect::<Vec<_>>(),
+                    &exact.iter().map(|v| v.abs()).collect::<Vec<_>>(),
+                    None,
+                    1,
+                    n,
+                    k,
+                );
+                assert_close_each(
+                    &format!("gemv x_row {name} {kind:?} k={k}"),
+                    &gpu.read_f32(&y, n).unwrap(),
+                    &want,
+                    |i| dot_bound(abs_sum[i], k, want[i]),
+                    "f32 accumulation of k products",
+                );
+            }
+        }
+    }
 }

@@ -11,8 +11,10 @@ pub struct Dispatch {
     pub label: String,
     pub pipeline: Arc<wgpu::ComputePipeline>,
     pub bind_group: wgpu::BindGroup,
-    /// The op's uniform params buffer (binding 0), if it has one.
-    pub params: Option<wgpu::Buffer>,
+    /// The op's uniform params buffer (binding 0).
+    pub params: wgpu::Buffer,
+    /// A host copy of the params, for plans that patch a field (the position) between steps.
+    pub host_params: Vec<u8>,
     pub workgroups: [u32; 3],
 }
 
@@ -27,9 +29,11 @@ impl Dispatch {
     }
 
     /// Overwrite the params uniform (takes effect at the next submit).
-    pub fn set_params<T: bytemuck::Pod>(&self, gpu: &Gpu, params: &T) {
-        if let Some(b) = &self.params {
-            gpu.queue.write_buffer(b, 0, bytemuck::bytes_of(params));
+    pub fn set_params<T: bytemuck::Pod>(&mut self, gpu: &Gpu, params: &T) {
+        let bytes = bytemuck::bytes_of(params);
+        if bytes != self.host_params.as_slice() {
+            gpu.queue.write_buffer(&self.params, 0, bytes);
+            self.host_params = bytes.to_vec();
         }
     }
 }
@@ -44,7 +48,11 @@ impl Gpu {
         buffers: &[&wgpu::Buffer],
         workgroups: [u32; 3],
     ) -> Result<Dispatch> {
-        let at: Vec<(u32, &wgpu::Buffer)> = buffers.iter().enumerate().map(|(i, b)| (i as u32 + 1, *b)).collect();
+        let at: Vec<(u32, &wgpu::Buffer)> = buffers
+            .iter()
+            .enumerate()
+            .map(|(i, b)| (i as u32 + 1, *b))
+            .collect();
         self.dispatch_at(label, pipeline, params, &at, workgroups)
     }
 
@@ -60,9 +68,15 @@ impl Gpu {
     ) -> Result<Dispatch> {
         let label = label.into();
         let params_buffer = self.uniform(&label, params);
-        let mut entries = vec![wgpu::BindGroupEntry { binding: 0, resource: params_buffer.as_entire_binding() }];
+        let mut entries = vec![wgpu::BindGroupEntry {
+            binding: 0,
+            resource: params_buffer.as_entire_binding(),
+        }];
         for (binding, b) in buffers {
-            entries.push(wgpu::BindGroupEntry { binding: *binding, resource: b.as_entire_binding() });
+            entries.push(wgpu::BindGroupEntry {
+                binding: *binding,
+                resource: b.as_entire_binding(),
+            });
         }
         let scope = super::ErrorScope::push(self);
         let bind_group = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
@@ -71,6 +85,13 @@ impl Gpu {
             entries: &entries,
         });
         scope.pop(&label)?;
-        Ok(Dispatch { label, pipeline, bind_group, params: Some(params_buffer), workgroups })
+        Ok(Dispatch {
+            label,
+            pipeline,
+            bind_group,
+            params: params_buffer,
+            host_params: bytemuck::bytes_of(params).to_vec(),
+            workgroups,
+        })
     }
 }

@@ -82,8 +82,14 @@ impl Gpu {
         let index = self.queue.submit([encoder.finish()]);
         scope.pop(kernel)?;
         self.device
-            .poll(wgpu::PollType::Wait { submission_index: Some(index), timeout: None })
-            .map_err(|e| KilnError::Validation { kernel: kernel.into(), message: e.to_string() })?;
+            .poll(wgpu::PollType::Wait {
+                submission_index: Some(index),
+                timeout: None,
+            })
+            .map_err(|e| KilnError::Validation {
+                kernel: kernel.into(),
+                message: e.to_string(),
+            })?;
         Ok(())
     }
 
@@ -103,7 +109,8 @@ impl Gpu {
     }
 
     pub fn encoder(&self, label: &str) -> wgpu::CommandEncoder {
-        self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some(label) })
+        self.device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some(label) })
     }
 }
 
@@ -125,10 +132,16 @@ impl ErrorScope {
         let validation = pollster::block_on(self.validation.pop());
         let oom = pollster::block_on(self.oom.pop());
         if let Some(e) = oom {
-            return Err(KilnError::OutOfMemory { kernel: kernel.into(), message: e.to_string() });
+            return Err(KilnError::OutOfMemory {
+                kernel: kernel.into(),
+                message: e.to_string(),
+            });
         }
         if let Some(e) = validation {
-            return Err(KilnError::Validation { kernel: kernel.into(), message: e.to_string() });
+            return Err(KilnError::Validation {
+                kernel: kernel.into(),
+                message: e.to_string(),
+            });
         }
         Ok(())
     }

@@ -39,7 +39,10 @@ impl AttentionShape {
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(KilnError::shape("attention", m));
         if self.n_kv_heads == 0 || self.n_heads % self.n_kv_heads != 0 {
-            return bad(format!("{} query heads do not divide into {} KV heads", self.n_heads, self.n_kv_heads));
+            return bad(format!(
+                "{} query heads do not divide into {} KV heads",
+                self.n_heads, self.n_kv_heads
+            ));
         }
         if self.head_dim == 0 || self.head_dim > DMAX {
             return bad(format!("head_dim {} not in 1..={DMAX}", self.head_dim));
@@ -62,7 +65,14 @@ impl AttentionShape {
             return Err(KilnError::shape("attention", "no queries"));
         }
         if pos0 + n_tokens > self.ctx {
-            return Err(KilnError::shape("attention", format!("positions up to {} exceed the cache's {}", pos0 + n_tokens, self.ctx)));
+            return Err(KilnError::shape(
+                "attention",
+                format!(
+                    "positions up to {} exceed the cache's {}",
+                    pos0 + n_tokens,
+                    self.ctx
+                ),
+            ));
         }
         Ok(Params {
             n_tokens,
@@ -81,7 +91,8 @@ impl AttentionShape {
     }
 
     /// How to split `kv_len` keys so a decode step fills about `target_groups` workgroups:
-    /// (n_splits, split_len), split_len a multiple of the 64-key tile.
+    /// (n_splits, split_len), split_len a multiple of the 64-key tile. Never more than
+    /// ceil(target_groups / n_kv_heads) splits.
     pub fn splits(&self, kv_len: u32, target_groups: u32) -> (u32, u32) {
         let per_split = self.n_kv_heads * self.head_blocks();
         let want = target_groups.div_ceil(per_split).max(1);
@@ -106,7 +117,13 @@ pub fn prefill(
     super::check_groups(gpu, "attention", "queries", n_tokens)?;
     let pipeline = gpu.pipeline(&shaders::ATTENTION, "prefill", &[])?;
     let grid = [shape.n_kv_heads * shape.head_blocks(), n_tokens, 1];
-    gpu.dispatch_at("attention prefill", pipeline, &params, &[(1, q), (2, k_cache), (3, v_cache), (4, out)], grid)
+    gpu.dispatch_at(
+        "attention prefill",
+        pipeline,
+        &params,
+        &[(1, q), (2, k_cache), (3, v_cache), (4, out)],
+        grid,
+    )
 }
 
 /// Scratch for split-KV decoding: room for `n_splits` partial results of `n_tokens` queries.
@@ -122,18 +139,80 @@ impl Partials {
         let slots = n_tokens as u64 * shape.n_heads as u64 * n_splits as u64;
         Ok(Partials {
             ml: gpu.buffer("attention partial max/sum", slots * 8)?,
-            acc: gpu.buffer("attention partial output", slots * shape.head_dim as u64 * 4)?,
+            acc: gpu.buffer(
+                "attention partial output",
+                slots * shape.head_dim as u64 * 4,
+            )?,
             n_tokens,
             n_splits,
         })
     }
 }
 
+/// The two formulations of the split step.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SplitKernel {
+    /// A workgroup per (query, KV head, head block, split): 64 keys at a time through shared memory.
+    Workgroup,
+    /// An invocation per (query, head, split), streaming its keys in registers: for CPU adapters.
+    Lanes,
+}
+
+impl SplitKernel {
+    pub fn for_device(gpu: &Gpu) -> Self {
+        if gpu.info.device_type == wgpu::DeviceType::Cpu {
+            SplitKernel::Lanes
+        } else {
+            SplitKernel::Workgroup
+        }
+    }
+
+    /// The split dispatch's grid for `n_tokens` queries and `n_splits` ranges.
+    pub fn grid(self, shape: &AttentionShape, n_tokens: u32, n_splits: u32) -> [u32; 3] {
+        match self {
+            SplitKernel::Workgroup => [shape.n_kv_heads * shape.head_blocks(), n_tokens, n_splits],
+            SplitKernel::Lanes => [(shape.n_heads * n_splits).div_ceil(LANES_WG), n_tokens, 1],
+        }
+    }
+}
+
+/// Invocations per workgroup of `decode_lanes` (`LANES_WG`).
+const LANES_WG: u32 = 8;
+
 /// The same result as `prefill`, computed as `n_splits` ranges of `split_len` keys in
-/// parallel and then merged: two dispatches (split, reduce).
+/// parallel and then merged: two dispatches (split, reduce), with the device's split kernel.
 #[allow(clippy::too_many_arguments)]
 pub fn decode(
     gpu: &Gpu,
+    shape: &AttentionShape,
+    q: &wgpu::Buffer,
+    k_cache: &wgpu::Buffer,
+    v_cache: &wgpu::Buffer,
+    out: &wgpu::Buffer,
+    partials: &Partials,
+    n_tokens: u32,
+    pos0: u32,
+    splits: (u32, u32),
+) -> Result<[Dispatch; 2]> {
+    decode_with(
+        gpu,
+        SplitKernel::for_device(gpu),
+        shape,
+        q,
+        k_cache,
+        v_cache,
+        out,
+        partials,
+        n_tokens,
+        pos0,
+        splits,
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn decode_with(
+    gpu: &Gpu,
+    kernel: SplitKernel,
     shape: &AttentionShape,
     q: &wgpu::Buffer,
     k_cache: &wgpu::Buffer,
@@ -147,23 +226,54 @@ pub fn decode(
     if n_tokens > partials.n_tokens || n_splits > partials.n_splits {
         return Err(KilnError::shape(
             "attention",
-            format!("{n_tokens} queries × {n_splits} splits exceed the scratch for {} × {}", partials.n_tokens, partials.n_splits),
+            format!(
+                "{n_tokens} queries × {n_splits} splits exceed the scratch for {} × {}",
+                partials.n_tokens, partials.n_splits
+            ),
         ));
     }
-    if split_len == 0 || split_len % BK != 0 || (n_splits as u64) * (split_len as u64) < (pos0 + n_tokens) as u64 {
-        return Err(KilnError::shape("attention", format!("{n_splits} splits of {split_len} keys do not cover {} keys", pos0 + n_tokens)));
+    if split_len == 0
+        || split_len % BK != 0
+        || (n_splits as u64) * (split_len as u64) < (pos0 + n_tokens) as u64
+    {
+        return Err(KilnError::shape(
+            "attention",
+            format!(
+                "{n_splits} splits of {split_len} keys do not cover {} keys",
+                pos0 + n_tokens
+            ),
+        ));
     }
     let params = shape.params(n_tokens, pos0, n_splits, split_len)?;
     super::check_groups(gpu, "attention", "queries", n_tokens)?;
-    let split = gpu.pipeline(&shaders::ATTENTION, "decode_split", &[])?;
+    if kernel == SplitKernel::Lanes && shape.head_dim % 4 != 0 {
+        return Err(KilnError::shape(
+            "attention",
+            format!(
+                "decode_lanes needs head_dim % 4 == 0, got {}",
+                shape.head_dim
+            ),
+        ));
+    }
+    let entry = match kernel {
+        SplitKernel::Workgroup => "decode_split",
+        SplitKernel::Lanes => "decode_lanes",
+    };
+    let split = gpu.pipeline(&shaders::ATTENTION, entry, &[])?;
     let reduce = gpu.pipeline(&shaders::ATTENTION, "decode_reduce", &[])?;
-    let grid = [shape.n_kv_heads * shape.head_blocks(), n_tokens, n_splits];
+    let grid = kernel.grid(shape, n_tokens, n_splits);
     Ok([
         gpu.dispatch_at(
             "attention split",
             split,
             &params,
-            &[(1, q), (2, k_cache), (3, v_cache), (5, &partials.ml), (6, &partials.acc)],
+            &[
+                (1, q),
+                (2, k_cache),
+                (3, v_cache),
+                (5, &partials.ml),
+                (6, &partials.acc),
+            ],
             grid,
         )?,
         gpu.dispatch_at(
@@ -177,8 +287,19 @@ pub fn decode(
 }
 
 /// Reference causal attention in f64. q (n_tokens, n_heads, d); k, v caches (n_kv_heads, ctx, d).
-pub fn attention_cpu(shape: &AttentionShape, q: &[f32], k: &[f32], v: &[f32], n_tokens: usize, pos0: usize) -> Vec<f32> {
-    let (h_n, d, ctx) = (shape.n_heads as usize, shape.head_dim as usize, shape.ctx as usize);
+pub fn attention_cpu(
+    shape: &AttentionShape,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    n_tokens: usize,
+    pos0: usize,
+) -> Vec<f32> {
+    let (h_n, d, ctx) = (
+        shape.n_heads as usize,
+        shape.head_dim as usize,
+        shape.ctx as usize,
+    );
     let group = (shape.n_heads / shape.n_kv_heads) as usize;
     let scale = 1.0 / (d as f64).sqrt();
     let mut out = vec![0f32; n_tokens * h_n * d];
@@ -190,14 +311,20 @@ pub fn attention_cpu(shape: &AttentionShape, q: &[f32], k: &[f32], v: &[f32], n_
             let scores: Vec<f64> = (0..kv_len)
                 .map(|j| {
                     let kr = &k[(kvh * ctx + j) * d..][..d];
-                    qv.iter().zip(kr).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>() * scale
+                    qv.iter()
+                        .zip(kr)
+                        .map(|(a, b)| *a as f64 * *b as f64)
+                        .sum::<f64>()
+                        * scale
                 })
                 .collect();
             let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
             let w: Vec<f64> = scores.iter().map(|s| (s - m).exp()).collect();
             let sum: f64 = w.iter().sum();
             for e in 0..d {
-                let o: f64 = (0..kv_len).map(|j| w[j] * v[(kvh * ctx + j) * d + e] as f64).sum();
+                let o: f64 = (0..kv_len)
+                    .map(|j| w[j] * v[(kvh * ctx + j) * d + e] as f64)
+                    .sum();
                 out[(t * h_n + h) * d + e] = (o / sum) as f32;
             }
         }

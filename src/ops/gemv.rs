@@ -11,7 +11,8 @@ pub struct Params {
     pub first_row: u32,
     pub n: u32,
     pub has_bias: u32,
-    pub _pad: [u32; 3],
+    pub x_row: u32,
+    pub _pad: [u32; 2],
 }
 
 /// The two formulations in `gemv.wgsl`.
@@ -41,12 +42,21 @@ impl GemvKernel {
     }
 }
 
-/// x (m, K), W (N, K), bias (N) → y (m, N) with the device's preferred kernel. One dispatch
+/// x (m, K), W (N, K), bias (N) → y (m, N) with the device's preferred kernel.
+/// `gemv_with` can also start at row `x_row` of a taller x (the last token of a prefill). One dispatch
 /// per chunk of W.
-pub fn gemv(gpu: &Gpu, x: &wgpu::Buffer, w: &Weight, bias: Option<&wgpu::Buffer>, y: &wgpu::Buffer, m: u32) -> Result<Vec<Dispatch>> {
-    gemv_with(gpu, GemvKernel::for_device(gpu), x, w, bias, y, m)
+pub fn gemv(
+    gpu: &Gpu,
+    x: &wgpu::Buffer,
+    w: &Weight,
+    bias: Option<&wgpu::Buffer>,
+    y: &wgpu::Buffer,
+    m: u32,
+) -> Result<Vec<Dispatch>> {
+    gemv_with(gpu, GemvKernel::for_device(gpu), x, w, bias, y, m, 0)
 }
 
+#[allow(clippy::too_many_arguments)]
 pub fn gemv_with(
     gpu: &Gpu,
     kernel: GemvKernel,
@@ -55,6 +65,7 @@ pub fn gemv_with(
     bias: Option<&wgpu::Buffer>,
     y: &wgpu::Buffer,
     m: u32,
+    x_row: u32,
 ) -> Result<Vec<Dispatch>> {
     if m == 0 {
         return Err(KilnError::shape("gemv", "no input rows"));
@@ -67,8 +78,22 @@ pub fn gemv_with(
         .map(|c| {
             let groups = c.rows.div_ceil(rows_per_group);
             super::check_groups(gpu, "gemv", "weight row groups", groups)?;
-            let params = Params { k: w.cols, rows: c.rows, first_row: c.first_row, n: w.rows, has_bias: bias.is_some() as u32, _pad: [0; 3] };
-            gpu.dispatch(format!("{entry} {}", w.name), pipeline.clone(), &params, &[&c.buffer, x, bias.unwrap_or(&gpu.empty), y], [groups, m, 1])
+            let params = Params {
+                k: w.cols,
+                rows: c.rows,
+                first_row: c.first_row,
+                n: w.rows,
+                has_bias: bias.is_some() as u32,
+                x_row,
+                _pad: [0; 2],
+            };
+            gpu.dispatch(
+                format!("{entry} {}", w.name),
+                pipeline.clone(),
+                &params,
+                &[&c.buffer, x, bias.unwrap_or(&gpu.empty), y],
+                [groups, m, 1],
+            )
         })
         .collect()
 }

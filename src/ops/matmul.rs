@@ -45,7 +45,14 @@ impl MatmulKernel {
 
 /// x (M, K), W (N, K), bias (N) → y (M, N) with the device's preferred kernel. One dispatch
 /// per chunk of W.
-pub fn matmul(gpu: &Gpu, x: &wgpu::Buffer, w: &Weight, bias: Option<&wgpu::Buffer>, y: &wgpu::Buffer, m: u32) -> Result<Vec<Dispatch>> {
+pub fn matmul(
+    gpu: &Gpu,
+    x: &wgpu::Buffer,
+    w: &Weight,
+    bias: Option<&wgpu::Buffer>,
+    y: &wgpu::Buffer,
+    m: u32,
+) -> Result<Vec<Dispatch>> {
     matmul_with(gpu, MatmulKernel::for_device(gpu), x, w, bias, y, m)
 }
 
@@ -67,16 +74,37 @@ pub fn matmul_with(
     w.chunks
         .iter()
         .map(|c| {
-            let params = Params { m, k: w.cols, rows: c.rows, first_row: c.first_row, n: w.rows, has_bias: bias.is_some() as u32, _pad: [0; 2] };
+            let params = Params {
+                m,
+                k: w.cols,
+                rows: c.rows,
+                first_row: c.first_row,
+                n: w.rows,
+                has_bias: bias.is_some() as u32,
+                _pad: [0; 2],
+            };
             let grid = [c.rows.div_ceil(tile), m.div_ceil(tile), 1];
             super::check_groups(gpu, "matmul", "column tiles", grid[0])?;
-            gpu.dispatch(format!("{entry} {}", w.name), pipeline.clone(), &params, &[&c.buffer, x, bias.unwrap_or(&gpu.empty), y], grid)
+            gpu.dispatch(
+                format!("{entry} {}", w.name),
+                pipeline.clone(),
+                &params,
+                &[&c.buffer, x, bias.unwrap_or(&gpu.empty), y],
+                grid,
+            )
         })
         .collect()
 }
 
 /// y = x·Wᵀ (+ bias) with f64 accumulation: the reference for both matmul and gemv.
-pub fn matmul_cpu(x: &[f32], w: &[f32], bias: Option<&[f32]>, m: usize, n: usize, k: usize) -> Vec<f32> {
+pub fn matmul_cpu(
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    m: usize,
+    n: usize,
+    k: usize,
+) -> Vec<f32> {
     let mut y = vec![0f32; m * n];
     for i in 0..m {
         let xr = &x[i * k..(i + 1) * k];

@@ -1,0 +1,219 @@
+//! Hugging Face safetensors checkpoints: `model.safetensors`, or shards listed in
+//! `model.safetensors.index.json`. Files are memory-mapped; every header is parsed and its
+//! offsets bounds-checked by the `safetensors` crate before any tensor is touched, so a
+//! truncated or crafted file is an error naming it, never a panic or an out-of-bounds read.
+
+use crate::{KilnError, Result};
+use memmap2::Mmap;
+use safetensors::{Dtype, SafeTensors};
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+/// What a tensor is, without its data.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TensorInfo {
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+    /// Index into `Checkpoint::files`.
+    file: usize,
+    /// Byte range of the data within that file (checked against the file size at open).
+    range: std::ops::Range<usize>,
+}
+
+struct Shard {
+    path: PathBuf,
+    mmap: Mmap,
+}
+
+/// All tensors of a checkpoint, by name.
+pub struct Checkpoint {
+    files: Vec<Shard>,
+    pub tensors: BTreeMap<String, TensorInfo>,
+}
+
+impl Checkpoint {
+    /// Open `dir/model.safetensors` or the shards of `dir/model.safetensors.index.json`.
+    pub fn open(dir: &Path) -> Result<Checkpoint> {
+        let single = dir.join("model.safetensors");
+        let index = dir.join("model.safetensors.index.json");
+        let paths: Vec<PathBuf> = if single.exists() {
+            vec![single]
+        } else if index.exists() {
+            let text = std::fs::read_to_string(&index).map_err(|e| KilnError::io(&index, e))?;
+            let json: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| KilnError::model(&index, format!("not valid JSON: {e}")))?;
+            let map = json
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| KilnError::model(&index, "no `weight_map` object"))?;
+            let mut files: Vec<String> = map
+                .values()
+                .filter_map(|v| v.as_str().map(String::from))
+                .collect();
+            files.sort();
+            files.dedup();
+            for f in &files {
+                if f.contains('/') || f.contains('\\') || f.contains("..") {
+                    return Err(KilnError::model(
+                        &index,
+                        format!("shard name `{f}` is not a plain file name"),
+                    ));
+                }
+            }
+            files.into_iter().map(|f| dir.join(f)).collect()
+        } else {
+            return Err(KilnError::model(
+                dir,
+                "no model.safetensors or model.safetensors.index.json",
+            ));
+        };
+
+        let mut files = Vec::new();
+        let mut tensors = BTreeMap::new();
+        for (i, path) in paths.into_iter().enumerate() {
+            let file = std::fs::File::open(&path).map_err(|e| KilnError::io(&path, e))?;
+            // SAFETY: the map is read-only; a file changed under us by another process could
+            // change tensor values but not break memory safety of the header checks below,
+            // which copy what they need.
+            let mmap = unsafe { Mmap::map(&file) }.map_err(|e| KilnError::io(&path, e))?;
+            let st = SafeTensors::deserialize(&mmap)
+                .map_err(|e| KilnError::model(&path, format!("malformed safetensors file: {e}")))?;
+            for (name, view) in st.tensors() {
+                let start = view.data().as_ptr() as usize - mmap.as_ptr() as usize;
+                let range = start..start + view.data().len();
+                let info = TensorInfo {
+                    dtype: view.dtype(),
+                    shape: view.shape().to_vec(),
+                    file: i,
+                    range,
+                };
+                if tensors.insert(name.clone(), info).is_some() {
+                    return Err(KilnError::model(
+                        &path,
+                        format!("tensor `{name}` appears in more than one shard"),
+                    ));
+                }
+            }
+            files.push(Shard { path, mmap });
+        }
+        Ok(Checkpoint { files, tensors })
+    }
+
+    /// Path of the file holding `name`.
+    pub fn path_of(&self, name: &str) -> Option<&Path> {
+        self.tensors
+            .get(name)
+            .map(|t| self.files[t.file].path.as_path())
+    }
+
+    /// The raw little-endian bytes of `name`, straight from the map.
+    pub fn bytes(&self, name: &str) -> Result<&[u8]> {
+        let info = self
+            .tensors
+            .get(name)
+            .ok_or_else(|| KilnError::model("checkpoint", format!("no tensor `{name}`")))?;
+        Ok(&self.files[info.file].mmap[info.range.clone()])
+    }
+
+    /// Tell the OS it may drop the pages of `name` (already uploaded), so resident memory
+    /// stays near one tensor however large the checkpoint is.
+    pub fn release(&self, name: &str) {
+        let Some(info) = self.tensors.get(name) else {
+            return;
+        };
+        #[cfg(unix)]
+        // SAFETY: the mapping is a read-only, file-backed map: dropping its pages only makes
+        // later reads fault them in again from the file; the data is unchanged.
+        unsafe {
+            let shard = &self.files[info.file];
+            let _ = shard.mmap.unchecked_advise_range(
+                memmap2::UncheckedAdvice::DontNeed,
+                info.range.start,
+                info.range.len(),
+            );
+        }
+        #[cfg(not(unix))]
+        let _ = info;
+    }
+}
+
+/// Bytes per element of a supported dtype.
+pub fn element_bytes(dtype: Dtype) -> Option<usize> {
+    match dtype {
+        Dtype::F32 => Some(4),
+        Dtype::F16 | Dtype::BF16 => Some(2),
+        _ => None,
+    }
+}
+
+/// Convert a tensor of f32/f16/bf16 bytes to f32 (for norms and biases, kept in f32).
+pub fn to_f32(dtype: Dtype, bytes: &[u8]) -> Vec<f32> {
+    match dtype {
+        Dtype::F32 => bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        Dtype::F16 => bytes
+            .chunks_exact(2)
+            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        Dtype::BF16 => bytes
+            .chunks_exact(2)
+            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// Tensors expected by a config, with their shapes; used to reject missing, extra and
+/// mis-shaped tensors before anything is uploaded.
+pub fn check_tensors(
+    ckpt: &Checkpoint,
+    expected: &HashMap<String, Vec<usize>>,
+    dir: &Path,
+) -> Result<()> {
+    let mut missing: Vec<&String> = expected
+        .keys()
+        .filter(|n| !ckpt.tensors.contains_key(*n))
+        .collect();
+    missing.sort();
+    if let Some(name) = missing.first() {
+        return Err(KilnError::model(
+            dir,
+            format!("missing tensor `{name}` ({} missing in all)", missing.len()),
+        ));
+    }
+    for (name, info) in &ckpt.tensors {
+        let path = ckpt.path_of(name).unwrap_or(dir);
+        match expected.get(name) {
+            // Non-parameter buffers some exporters keep; they are recomputed here.
+            None if name.ends_with("rotary_emb.inv_freq") => {}
+            None => {
+                return Err(KilnError::model(
+                    path,
+                    format!("unexpected tensor `{name}` for this config"),
+                ))
+            }
+            Some(shape) if *shape != info.shape => {
+                return Err(KilnError::model(
+                    path,
+                    format!(
+                        "tensor `{name}` has shape {:?}, config implies {shape:?}",
+                        info.shape
+                    ),
+                ))
+            }
+            Some(_) => {}
+        }
+        if element_bytes(info.dtype).is_none() {
+            return Err(KilnError::model(
+                path,
+                format!(
+                    "tensor `{name}` has dtype {:?}; kiln loads F32, F16 and BF16",
+                    info.dtype
+                ),
+            ));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,244 @@
+//! Model configuration in two stages (as candle does): `RawConfig` takes config.json as written,
+//! tolerating the key spellings of transformers 4 and 5; `ModelConfig` is the validated result
+//! with every derived size resolved in one place. Anything we cannot run is an error naming it.
+
+use crate::ops::rope::Llama3Scaling;
+use crate::{KilnError, Result};
+use serde::Deserialize;
+use serde_json::Value;
+use std::path::Path;
+
+/// The model families kiln runs. Relatives that need no new op load as one of these
+/// (MistralForCausalLM without a sliding window, SmolLM as Llama).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Architecture {
+    Llama,
+    Qwen2,
+}
+
+#[derive(Debug, Deserialize)]
+struct RawConfig {
+    architectures: Option<Vec<String>>,
+    model_type: Option<String>,
+    hidden_size: Option<usize>,
+    intermediate_size: Option<usize>,
+    num_hidden_layers: Option<usize>,
+    num_attention_heads: Option<usize>,
+    num_key_value_heads: Option<usize>,
+    head_dim: Option<usize>,
+    vocab_size: Option<usize>,
+    rms_norm_eps: Option<f64>,
+    rope_theta: Option<f64>,
+    rope_scaling: Option<Value>,
+    /// transformers 5 writes `rope_parameters: {rope_type, rope_theta, ...}` instead.
+    rope_parameters: Option<Value>,
+    max_position_embeddings: Option<usize>,
+    tie_word_embeddings: Option<bool>,
+    attention_bias: Option<bool>,
+    mlp_bias: Option<bool>,
+    hidden_act: Option<String>,
+    use_sliding_window: Option<bool>,
+    sliding_window: Option<Value>,
+    bos_token_id: Option<Value>,
+    eos_token_id: Option<Value>,
+}
+
+/// A validated model configuration.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ModelConfig {
+    pub architecture: Architecture,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub n_layers: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    pub vocab_size: usize,
+    pub rms_norm_eps: f32,
+    pub rope_theta: f64,
+    pub rope_scaling: Option<Llama3Scaling>,
+    pub max_position_embeddings: usize,
+    pub tie_word_embeddings: bool,
+    /// q/k/v projections carry biases (Qwen2; Llama with `attention_bias`).
+    pub qkv_bias: bool,
+    /// o_proj carries a bias (Llama with `attention_bias`).
+    pub o_bias: bool,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_ids: Vec<u32>,
+}
+
+/// Token ids given as an int or a list of ints.
+pub(crate) fn ids(v: &Option<Value>) -> Vec<u32> {
+    match v {
+        Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
+        Some(Value::Array(a)) => a
+            .iter()
+            .filter_map(|x| x.as_u64())
+            .map(|x| x as u32)
+            .collect(),
+        _ => vec![],
+    }
+}
+
+impl ModelConfig {
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| KilnError::io(path, e))?;
+        Self::from_json(&text, path)
+    }
+
+    pub fn from_json(text: &str, path: &Path) -> Result<Self> {
+        let raw: RawConfig = serde_json::from_str(text)
+            .map_err(|e| KilnError::model(path, format!("not a valid config.json: {e}")))?;
+        let err = |m: String| KilnError::model(path, m);
+        let need = |v: Option<usize>, key: &str| {
+            v.filter(|&x| x > 0)
+                .ok_or_else(|| err(format!("missing or zero `{key}`")))
+        };
+
+        let names = raw.architectures.clone().unwrap_or_default();
+        let architecture = match (names.first().map(String::as_str), raw.model_type.as_deref()) {
+            (Some("LlamaForCausalLM"), _) | (None, Some("llama")) => Architecture::Llama,
+            (Some("MistralForCausalLM"), _) | (None, Some("mistral")) => {
+                if raw.sliding_window.as_ref().is_some_and(|v| !v.is_null()) {
+                    return Err(err("Mistral with a sliding window is not supported (needs windowed attention)".into()));
+                }
+                Architecture::Llama
+            }
+            (Some("Qwen2ForCausalLM"), _) | (None, Some("qwen2")) => Architecture::Qwen2,
+            (Some(other), _) => {
+                return Err(err(format!(
+                    "unknown architecture `{other}`: kiln runs LlamaForCausalLM, Qwen2ForCausalLM and MistralForCausalLM"
+                )))
+            }
+            (None, other) => return Err(err(format!("no `architectures` and unknown model_type {other:?}"))),
+        };
+        if architecture == Architecture::Qwen2 && raw.use_sliding_window == Some(true) {
+            return Err(err(
+                "Qwen2 with use_sliding_window = true is not supported".into()
+            ));
+        }
+        if let Some(act) = raw.hidden_act.as_deref() {
+            if act != "silu" {
+                return Err(err(format!(
+                    "hidden_act `{act}` is not supported (SwiGLU with silu only)"
+                )));
+            }
+        }
+        if raw.mlp_bias == Some(true) {
+            return Err(err("mlp_bias = true is not supported".into()));
+        }
+
+        let hidden_size = need(raw.hidden_size, "hidden_size")?;
+        let n_heads = need(raw.num_attention_heads, "num_attention_heads")?;
+        let n_kv_heads = raw.num_key_value_heads.unwrap_or(n_heads);
+        if n_kv_heads == 0 || n_heads % n_kv_heads != 0 {
+            return Err(err(format!(
+                "{n_heads} attention heads do not divide into {n_kv_heads} key/value heads"
+            )));
+        }
+        let head_dim = match raw.head_dim {
+            Some(d) => d,
+            None if hidden_size % n_heads == 0 => hidden_size / n_heads,
+            None => return Err(err(format!("hidden_size {hidden_size} is not a multiple of {n_heads} heads and head_dim is absent"))),
+        };
+        if head_dim == 0 || head_dim % 2 != 0 || head_dim > 128 {
+            return Err(err(format!(
+                "head_dim {head_dim} is not supported (even, at most 128)"
+            )));
+        }
+
+        // rope_theta and rope scaling: top level (transformers 4) or rope_parameters (5).
+        let params = raw.rope_parameters.as_ref();
+        let rope_theta = raw
+            .rope_theta
+            .or_else(|| {
+                params
+                    .and_then(|p| p.get("rope_theta"))
+                    .and_then(Value::as_f64)
+            })
+            .unwrap_or(10000.0);
+        let scaling = match (&raw.rope_scaling, params) {
+            (Some(v), _) if !v.is_null() => Some(v),
+            (_, Some(p)) => Some(p),
+            _ => None,
+        };
+        let rope_scaling = match scaling {
+            None => None,
+            Some(s) => {
+                let kind = s
+                    .get("rope_type")
+                    .or_else(|| s.get("type"))
+                    .and_then(Value::as_str)
+                    .unwrap_or("default");
+                let f = |k: &str| {
+                    s.get(k)
+                        .and_then(Value::as_f64)
+                        .ok_or_else(|| err(format!("rope_scaling `llama3` lacks `{k}`")))
+                };
+                match kind {
+                    "default" => None,
+                    "llama3" => Some(Llama3Scaling {
+                        factor: f("factor")?,
+                        low_freq_factor: f("low_freq_factor")?,
+                        high_freq_factor: f("high_freq_factor")?,
+                        original_max_position_embeddings: f("original_max_position_embeddings")?,
+                    }),
+                    other => return Err(err(format!(
+                        "unknown rope_scaling type `{other}` (kiln knows `default` and `llama3`)"
+                    ))),
+                }
+            }
+        };
+
+        let attention_bias = raw.attention_bias.unwrap_or(false);
+        let qwen = architecture == Architecture::Qwen2;
+        Ok(ModelConfig {
+            architecture,
+            hidden_size,
+            intermediate_size: need(raw.intermediate_size, "intermediate_size")?,
+            n_layers: need(raw.num_hidden_layers, "num_hidden_layers")?,
+            n_heads,
+            n_kv_heads,
+            head_dim,
+            vocab_size: need(raw.vocab_size, "vocab_size")?,
+            rms_norm_eps: raw.rms_norm_eps.unwrap_or(1e-6) as f32,
+            rope_theta,
+            rope_scaling,
+            max_position_embeddings: raw.max_position_embeddings.unwrap_or(4096),
+            tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
+            qkv_bias: qwen || attention_bias,
+            o_bias: !qwen && attention_bias,
+            bos_token_id: ids(&raw.bos_token_id).first().copied(),
+            eos_token_ids: ids(&raw.eos_token_id),
+        })
+    }
+
+    pub fn q_dim(&self) -> usize {
+        self.n_heads * self.head_dim
+    }
+
+    pub fn kv_dim(&self) -> usize {
+        self.n_kv_heads * self.head_dim
+    }
+
+    /// Bytes of KV cache one token takes: layers × kv_heads × head_dim × (K and V) × element size.
+    pub fn kv_bytes_per_token(&self, element_bytes: usize) -> usize {
+        self.n_layers * self.kv_dim() * 2 * element_bytes
+    }
+
+    /// Parameter count implied by the shapes.
+    pub fn parameter_count(&self) -> usize {
+        let (h, f) = (self.hidden_size, self.intermediate_size);
+        let attn = h * self.q_dim() * 2
+            + h * self.kv_dim() * 2
+            + if self.qkv_bias {
+                self.q_dim() + 2 * self.kv_dim()
+            } else {
+                0
+            }
+            + if self.o_bias { h } else { 0 };
+        let layer = attn + 3 * h * f + 2 * h;
+        let embed = self.vocab_size * h;
+        embed + self.n_layers * layer + h + if self.tie_word_embeddings { 0 } else { embed }
+    }
+}

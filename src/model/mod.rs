@@ -1,0 +1,216 @@
+//! Models: configuration, checkpoint loading, weights on the GPU and the forward pass.
+//!
+//! `Model::load` reads a Hugging Face model directory (config.json, safetensors, tokenizer
+//! files, generation_config.json), checks every tensor against the config, and streams the
+//! weights to the GPU tensor by tensor. A `Session` (see [`crate::session`]) then holds one
+//! conversation's KV cache.
+
+pub mod checkpoint;
+pub mod config;
+pub mod forward;
+pub mod weights;
+
+pub use config::{Architecture, ModelConfig};
+
+use crate::gpu::{DType, Gpu};
+use crate::tokenizer::Tokenizer;
+use crate::{KilnError, Result};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Sampling defaults and stop tokens from generation_config.json.
+#[derive(Clone, Debug, Default)]
+pub struct GenerationDefaults {
+    pub eos_token_ids: Vec<u32>,
+    pub do_sample: bool,
+    pub temperature: Option<f32>,
+    pub top_k: Option<usize>,
+    pub top_p: Option<f32>,
+    pub min_p: Option<f32>,
+    pub repetition_penalty: Option<f32>,
+}
+
+impl GenerationDefaults {
+    fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| KilnError::io(path, e))?;
+        let v: Value = serde_json::from_str(&text)
+            .map_err(|e| KilnError::model(path, format!("not valid JSON: {e}")))?;
+        let f = |k: &str| v.get(k).and_then(Value::as_f64).map(|x| x as f32);
+        Ok(GenerationDefaults {
+            eos_token_ids: config::ids(&v.get("eos_token_id").cloned()),
+            do_sample: v.get("do_sample").and_then(Value::as_bool).unwrap_or(false),
+            temperature: f("temperature"),
+            top_k: v.get("top_k").and_then(Value::as_u64).map(|x| x as usize),
+            top_p: f("top_p"),
+            min_p: f("min_p"),
+            repetition_penalty: f("repetition_penalty"),
+        })
+    }
+}
+
+/// What loading measured.
+#[derive(Clone, Debug)]
+pub struct LoadStats {
+    pub weight_bytes: u64,
+    pub seconds: f64,
+    /// Peak resident memory of the process after loading (VmHWM), where the OS reports it.
+    pub peak_rss_bytes: Option<u64>,
+    pub largest_tensor_bytes: u64,
+}
+
+/// A loaded model: weights resident on the GPU, tokenizer, defaults.
+pub struct Model {
+    pub gpu: Arc<Gpu>,
+    pub dir: PathBuf,
+    pub config: ModelConfig,
+    pub weights: weights::Weights,
+    pub tokenizer: Tokenizer,
+    pub generation: GenerationDefaults,
+    pub load_stats: LoadStats,
+}
+
+/// Peak resident set size of this process (Linux), in bytes.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+impl Model {
+    /// Load a Hugging Face model directory. `progress(done, total)` is called with weight bytes.
+    pub fn load(dir: &Path, gpu: Arc<Gpu>, progress: &mut dyn FnMut(u64, u64)) -> Result<Model> {
+        let start = Instant::now();
+        if !dir.is_dir() {
+            return Err(KilnError::model(dir, "not a model directory"));
+        }
+        let config = ModelConfig::from_file(&dir.join("config.json"))?;
+        let tokenizer = Tokenizer::from_dir(dir)?;
+        let gen_path = dir.join("generation_config.json");
+        let mut generation = if gen_path.exists() {
+            GenerationDefaults::from_file(&gen_path)?
+        } else {
+            GenerationDefaults::default()
+        };
+        if generation.eos_token_ids.is_empty() {
+            generation.eos_token_ids = config.eos_token_ids.clone();
+        }
+        if generation.eos_token_ids.is_empty() {
+            generation.eos_token_ids.extend(tokenizer.eos_id());
+        }
+
+        let ckpt = checkpoint::Checkpoint::open(dir)?;
+        checkpoint::check_tensors(&ckpt, &weights::expected_tensors(&config), dir)?;
+        let total: u64 = ckpt
+            .tensors
+            .keys()
+            .filter_map(|n| ckpt.bytes(n).ok())
+            .map(|b| b.len() as u64)
+            .sum();
+        let largest = ckpt
+            .tensors
+            .keys()
+            .filter_map(|n| ckpt.bytes(n).ok())
+            .map(|b| b.len() as u64)
+            .max()
+            .unwrap_or(0);
+        let mut done = 0u64;
+        let mut on_bytes = |b: u64| {
+            done += b;
+            progress(done, total);
+        };
+        let weights = weights::Uploader {
+            gpu: &gpu,
+            ckpt: &ckpt,
+            on_bytes: &mut on_bytes,
+        }
+        .weights(&config)?;
+        // Finish the uploads before reporting the load as done.
+        gpu.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| KilnError::Validation {
+                kernel: "weight upload".into(),
+                message: e.to_string(),
+            })?;
+        Ok(Model {
+            gpu,
+            dir: dir.to_path_buf(),
+            config,
+            weights,
+            tokenizer,
+            generation,
+            load_stats: LoadStats {
+                weight_bytes: total,
+                seconds: start.elapsed().as_secs_f64(),
+                peak_rss_bytes: peak_rss_bytes(),
+                largest_tensor_bytes: largest,
+            },
+        })
+    }
+
+    /// The default context: the model's own, at most 4096.
+    pub fn default_context(&self) -> usize {
+        self.config.max_position_embeddings.min(4096)
+    }
+
+    /// KV cache element size on this device.
+    pub fn kv_element_bytes(&self) -> usize {
+        if self.gpu.caps.f16 {
+            2
+        } else {
+            4
+        }
+    }
+
+    /// Human-readable summary for `kiln info`.
+    pub fn info(&self) -> String {
+        let c = &self.config;
+        let mut s = String::new();
+        let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+        s += &format!("model:          {}\n", self.dir.display());
+        s += &format!("architecture:   {:?}\n", c.architecture);
+        s += &format!(
+            "parameters:     {} ({:.1} M)\n",
+            c.parameter_count(),
+            c.parameter_count() as f64 / 1e6
+        );
+        s += &format!(
+            "shape:          {} layers, hidden {}, mlp {}, {} heads / {} kv heads (head_dim {}), vocab {}\n",
+            c.n_layers, c.hidden_size, c.intermediate_size, c.n_heads, c.n_kv_heads, c.head_dim, c.vocab_size
+        );
+        s += &format!(
+            "rope:           theta {}{}, tied embeddings: {}, qkv bias: {}\n",
+            c.rope_theta,
+            if c.rope_scaling.is_some() {
+                ", llama3 scaling"
+            } else {
+                ""
+            },
+            c.tie_word_embeddings,
+            c.qkv_bias
+        );
+        for (dtype, bytes) in self.weights.bytes_by_dtype() {
+            let name = match dtype {
+                DType::F32 => "f32",
+                DType::F16 => "f16",
+                DType::BF16 => "bf16",
+            };
+            s += &format!("weights {name:5}   {bytes} bytes ({:.3} GiB)\n", gib(bytes));
+        }
+        let e = self.kv_element_bytes();
+        let per_token = c.kv_bytes_per_token(e) as u64;
+        let ctx = self.default_context() as u64;
+        s += &format!(
+            "kv cache:       {per_token} bytes/token ({}), {} bytes at context {ctx} ({:.3} GiB); model max {}\n",
+            if e == 2 { "f16" } else { "f32" },
+            per_token * ctx,
+            gib(per_token * ctx),
+            c.max_position_embeddings
+        );
+        s += &format!("eos ids:        {:?}\n", self.generation.eos_token_ids);
+        s += &format!("adapter:        {}\n", self.gpu.describe());
+        s
+    }
+}

@@ -1,0 +1,185 @@
+//! The model's parameters on the GPU, under their Hugging Face names, and the list of tensors
+//! a config implies (so a checkpoint is checked whole before anything is uploaded).
+
+use super::checkpoint::{self, Checkpoint};
+use super::config::ModelConfig;
+use crate::gpu::{DType, Gpu, Weight};
+use crate::{KilnError, Result};
+use safetensors::Dtype;
+use std::collections::HashMap;
+
+/// `model.layers.{i}`: one decoder block.
+pub struct LayerWeights {
+    pub input_layernorm: wgpu::Buffer,          // (hidden) f32
+    pub q_proj: Weight,                         // (n_heads·head_dim, hidden)
+    pub k_proj: Weight,                         // (n_kv_heads·head_dim, hidden)
+    pub v_proj: Weight,                         // (n_kv_heads·head_dim, hidden)
+    pub o_proj: Weight,                         // (hidden, n_heads·head_dim)
+    pub q_bias: Option<wgpu::Buffer>,           // (n_heads·head_dim) f32, Qwen2
+    pub k_bias: Option<wgpu::Buffer>,           // (n_kv_heads·head_dim)
+    pub v_bias: Option<wgpu::Buffer>,           // (n_kv_heads·head_dim)
+    pub o_bias: Option<wgpu::Buffer>,           // (hidden), Llama attention_bias
+    pub post_attention_layernorm: wgpu::Buffer, // (hidden) f32
+    pub gate_proj: Weight,                      // (intermediate, hidden)
+    pub up_proj: Weight,                        // (intermediate, hidden)
+    pub down_proj: Weight,                      // (hidden, intermediate)
+}
+
+pub struct Weights {
+    pub embed_tokens: Weight, // (vocab, hidden)
+    pub layers: Vec<LayerWeights>,
+    pub norm: wgpu::Buffer, // (hidden) f32
+    /// (vocab, hidden); None when tied to `embed_tokens`.
+    pub lm_head: Option<Weight>,
+}
+
+impl Weights {
+    /// The lm-head matrix: its own, or the embedding when tied.
+    pub fn lm_head(&self) -> &Weight {
+        self.lm_head.as_ref().unwrap_or(&self.embed_tokens)
+    }
+
+    /// Bytes of weight data resident on the GPU, by dtype.
+    pub fn bytes_by_dtype(&self) -> Vec<(DType, u64)> {
+        let mut all: Vec<&Weight> = vec![&self.embed_tokens];
+        all.extend(self.lm_head.iter());
+        for l in &self.layers {
+            all.extend([
+                &l.q_proj,
+                &l.k_proj,
+                &l.v_proj,
+                &l.o_proj,
+                &l.gate_proj,
+                &l.up_proj,
+                &l.down_proj,
+            ]);
+        }
+        let mut by: Vec<(DType, u64)> = Vec::new();
+        for w in all {
+            match by.iter_mut().find(|(d, _)| *d == w.dtype) {
+                Some(e) => e.1 += w.bytes(),
+                None => by.push((w.dtype, w.bytes())),
+            }
+        }
+        by
+    }
+}
+
+/// Every tensor name the config implies, with its shape.
+pub fn expected_tensors(c: &ModelConfig) -> HashMap<String, Vec<usize>> {
+    let (h, f, q, kv) = (c.hidden_size, c.intermediate_size, c.q_dim(), c.kv_dim());
+    let mut t: HashMap<String, Vec<usize>> = HashMap::new();
+    t.insert("model.embed_tokens.weight".into(), vec![c.vocab_size, h]);
+    t.insert("model.norm.weight".into(), vec![h]);
+    if !c.tie_word_embeddings {
+        t.insert("lm_head.weight".into(), vec![c.vocab_size, h]);
+    }
+    for i in 0..c.n_layers {
+        let p = format!("model.layers.{i}");
+        t.insert(format!("{p}.input_layernorm.weight"), vec![h]);
+        t.insert(format!("{p}.post_attention_layernorm.weight"), vec![h]);
+        t.insert(format!("{p}.self_attn.q_proj.weight"), vec![q, h]);
+        t.insert(format!("{p}.self_attn.k_proj.weight"), vec![kv, h]);
+        t.insert(format!("{p}.self_attn.v_proj.weight"), vec![kv, h]);
+        t.insert(format!("{p}.self_attn.o_proj.weight"), vec![h, q]);
+        if c.qkv_bias {
+            t.insert(format!("{p}.self_attn.q_proj.bias"), vec![q]);
+            t.insert(format!("{p}.self_attn.k_proj.bias"), vec![kv]);
+            t.insert(format!("{p}.self_attn.v_proj.bias"), vec![kv]);
+        }
+        if c.o_bias {
+            t.insert(format!("{p}.self_attn.o_proj.bias"), vec![h]);
+        }
+        t.insert(format!("{p}.mlp.gate_proj.weight"), vec![f, h]);
+        t.insert(format!("{p}.mlp.up_proj.weight"), vec![f, h]);
+        t.insert(format!("{p}.mlp.down_proj.weight"), vec![h, f]);
+    }
+    t
+}
+
+/// Uploads tensors one at a time, releasing each one's pages after, and reports progress.
+pub struct Uploader<'a> {
+    pub gpu: &'a Gpu,
+    pub ckpt: &'a Checkpoint,
+    pub on_bytes: &'a mut dyn FnMut(u64),
+}
+
+impl Uploader<'_> {
+    /// A matrix, kept in its checkpoint dtype (f32, f16 or bf16).
+    pub fn matrix(&mut self, name: &str) -> Result<Weight> {
+        let info = &self.ckpt.tensors[name];
+        let dtype = match info.dtype {
+            Dtype::F32 => DType::F32,
+            Dtype::F16 => DType::F16,
+            Dtype::BF16 => DType::BF16,
+            other => {
+                return Err(KilnError::model(
+                    name,
+                    format!("unsupported dtype {other:?}"),
+                ))
+            }
+        };
+        let (rows, cols) = (info.shape[0] as u32, info.shape[1] as u32);
+        let bytes = self.ckpt.bytes(name)?;
+        let w = Weight::upload(self.gpu, name, rows, cols, dtype, bytes)?;
+        (self.on_bytes)(bytes.len() as u64);
+        self.ckpt.release(name);
+        Ok(w)
+    }
+
+    /// A vector (norm weight, bias), converted to f32.
+    pub fn vector(&mut self, name: &str) -> Result<wgpu::Buffer> {
+        let info = &self.ckpt.tensors[name];
+        let bytes = self.ckpt.bytes(name)?;
+        let buf = self.gpu.upload(
+            name,
+            bytemuck::cast_slice(&checkpoint::to_f32(info.dtype, bytes)),
+        )?;
+        (self.on_bytes)(bytes.len() as u64);
+        self.ckpt.release(name);
+        Ok(buf)
+    }
+
+    pub fn weights(&mut self, c: &ModelConfig) -> Result<Weights> {
+        let mut layers = Vec::with_capacity(c.n_layers);
+        let embed_tokens = self.matrix("model.embed_tokens.weight")?;
+        for i in 0..c.n_layers {
+            let p = format!("model.layers.{i}");
+            let opt = |this: &mut Self, on: bool, name: String| {
+                if on {
+                    this.vector(&name).map(Some)
+                } else {
+                    Ok(None)
+                }
+            };
+            layers.push(LayerWeights {
+                input_layernorm: self.vector(&format!("{p}.input_layernorm.weight"))?,
+                q_proj: self.matrix(&format!("{p}.self_attn.q_proj.weight"))?,
+                k_proj: self.matrix(&format!("{p}.self_attn.k_proj.weight"))?,
+                v_proj: self.matrix(&format!("{p}.self_attn.v_proj.weight"))?,
+                o_proj: self.matrix(&format!("{p}.self_attn.o_proj.weight"))?,
+                q_bias: opt(self, c.qkv_bias, format!("{p}.self_attn.q_proj.bias"))?,
+                k_bias: opt(self, c.qkv_bias, format!("{p}.self_attn.k_proj.bias"))?,
+                v_bias: opt(self, c.qkv_bias, format!("{p}.self_attn.v_proj.bias"))?,
+                o_bias: opt(self, c.o_bias, format!("{p}.self_attn.o_proj.bias"))?,
+                post_attention_layernorm: self
+                    .vector(&format!("{p}.post_attention_layernorm.weight"))?,
+                gate_proj: self.matrix(&format!("{p}.mlp.gate_proj.weight"))?,
+                up_proj: self.matrix(&format!("{p}.mlp.up_proj.weight"))?,
+                down_proj: self.matrix(&format!("{p}.mlp.down_proj.weight"))?,
+            });
+        }
+        let norm = self.vector("model.norm.weight")?;
+        let lm_head = if c.tie_word_embeddings {
+            None
+        } else {
+            Some(self.matrix("lm_head.weight")?)
+        };
+        Ok(Weights {
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+        })
+    }
+}

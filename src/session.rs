@@ -1,0 +1,333 @@
+//! A session: one sequence's KV cache and position over a loaded [`Model`], fed tokens and
+//! asked for logits or new tokens. Chat keeps one session across turns, so each turn
+//! prefills only its own new tokens.
+//!
+//! ```no_run
+//! use kiln::{Gpu, Model, Session, GenerateParams};
+//! # fn main() -> kiln::Result<()> {
+//! let gpu = Gpu::new()?;
+//! let model = Model::load("models/SmolLM2-135M-Instruct".as_ref(), gpu, &mut |_, _| {})?;
+//! let mut session = Session::new(&model, None)?;
+//! let prompt = model.tokenizer.encode("The capital of France is", true)?;
+//! let out = session.generate(&prompt, &GenerateParams::default(), |text| print!("{text}"))?;
+//! eprintln!("\n{} tokens, {:.1} tok/s", out.tokens.len(), out.decode_tokens_per_second());
+//! # Ok(()) }
+//! ```
+
+use crate::model::forward::{self, Activations, KvCache, Logits, StepPlan};
+use crate::model::Model;
+use crate::ops::rope;
+use crate::sampling::{Sampler, SamplingParams};
+use crate::tokenizer::StreamDecoder;
+use crate::{KilnError, Result};
+use std::collections::HashMap;
+use std::time::Instant;
+
+/// Most tokens one step processes by default; longer prompts are fed in chunks of this many.
+pub const MAX_STEP_TOKENS: usize = 256;
+
+pub struct Session<'m> {
+    model: &'m Model,
+    cache: KvCache,
+    act: Activations,
+    rope_table: wgpu::Buffer,
+    /// Recorded plans by (tokens per step, logits wanted). Decode plans live for the session.
+    plans: HashMap<(u32, Logits), StepPlan>,
+    /// Every token in the cache, in order.
+    tokens: Vec<u32>,
+}
+
+/// Why generation stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StopReason {
+    /// The model produced one of its end-of-sequence ids (not included in the output).
+    Eos,
+    /// `max_tokens` were generated.
+    MaxTokens,
+}
+
+#[derive(Clone, Debug)]
+pub struct GenerateParams {
+    pub max_tokens: usize,
+    pub sampling: SamplingParams,
+    /// Stop at the model's end-of-sequence ids.
+    pub stop_at_eos: bool,
+}
+
+impl Default for GenerateParams {
+    fn default() -> Self {
+        GenerateParams {
+            max_tokens: 128,
+            sampling: SamplingParams::default(),
+            stop_at_eos: true,
+        }
+    }
+}
+
+/// The result of `generate`, with its timings.
+#[derive(Clone, Debug)]
+pub struct Generation {
+    pub tokens: Vec<u32>,
+    pub text: String,
+    pub stop: StopReason,
+    pub prompt_tokens: usize,
+    pub prefill_seconds: f64,
+    pub decode_seconds: f64,
+}
+
+impl Generation {
+    pub fn prefill_tokens_per_second(&self) -> f64 {
+        self.prompt_tokens as f64 / self.prefill_seconds.max(1e-9)
+    }
+
+    /// Tokens after the first, over the time spent producing them.
+    pub fn decode_tokens_per_second(&self) -> f64 {
+        self.tokens.len().saturating_sub(1) as f64 / self.decode_seconds.max(1e-9)
+    }
+}
+
+impl<'m> Session<'m> {
+    /// A session with a KV cache of `ctx` positions (default: the model's context, at most 4096).
+    pub fn new(model: &'m Model, ctx: Option<usize>) -> Result<Self> {
+        Self::with_step_tokens(model, ctx, MAX_STEP_TOKENS)
+    }
+
+    /// As `new`, feeding prompts in steps of at most `max_step_tokens` (activation memory grows
+    /// with it).
+    pub fn with_step_tokens(
+        model: &'m Model,
+        ctx: Option<usize>,
+        max_step_tokens: usize,
+    ) -> Result<Self> {
+        let ctx = ctx.unwrap_or_else(|| model.default_context());
+        if ctx == 0 || ctx > model.config.max_position_embeddings {
+            return Err(KilnError::Request(format!(
+                "context {ctx} is outside 1..={} (the model's max_position_embeddings)",
+                model.config.max_position_embeddings
+            )));
+        }
+        let c = &model.config;
+        let gpu = &model.gpu;
+        let cache = KvCache::new(gpu, c, ctx as u32)?;
+        let act = Activations::new(gpu, c, max_step_tokens.clamp(1, ctx) as u32, ctx as u32)?;
+        let inv = rope::inv_freq(c.head_dim, c.rope_theta, c.rope_scaling.as_ref());
+        let rope_table = rope::upload_table(gpu, &rope::cos_sin_table(&inv, ctx))?;
+        Ok(Session {
+            model,
+            cache,
+            act,
+            rope_table,
+            plans: HashMap::new(),
+            tokens: Vec::new(),
+        })
+    }
+
+    pub fn model(&self) -> &'m Model {
+        self.model
+    }
+
+    /// Positions this session can hold.
+    pub fn context(&self) -> usize {
+        self.cache.ctx as usize
+    }
+
+    /// The tokens in the cache.
+    pub fn tokens(&self) -> &[u32] {
+        &self.tokens
+    }
+
+    /// Forget everything after the first `len` tokens (speculative decoding, edited chats).
+    pub fn rollback(&mut self, len: usize) {
+        self.tokens.truncate(len);
+    }
+
+    pub fn kv_cache_bytes(&self) -> u64 {
+        self.cache.bytes()
+    }
+
+    fn check_room(&self, n: usize) -> Result<()> {
+        if n == 0 {
+            return Err(KilnError::Request(
+                "nothing to process: the prompt is empty".into(),
+            ));
+        }
+        if self.tokens.len() + n > self.context() {
+            return Err(KilnError::Request(format!(
+                "{} tokens after the {} already in the session exceed the context of {} tokens (raise --ctx, up to {})",
+                n,
+                self.tokens.len(),
+                self.context(),
+                self.model.config.max_position_embeddings
+            )));
+        }
+        Ok(())
+    }
+
+    /// Run one step of `ids` (≤ MAX_STEP_TOKENS) and append them.
+    fn step(&mut self, ids: &[u32], logits: Logits) -> Result<()> {
+        let vocab = self.model.config.vocab_size as u32;
+        if let Some(t) = ids.iter().find(|&&t| t >= vocab) {
+            return Err(KilnError::Request(format!(
+                "token id {t} is outside the vocabulary of {vocab}"
+            )));
+        }
+        let gpu = &self.model.gpu;
+        let n = ids.len() as u32;
+        let key = (n, logits);
+        if !self.plans.contains_key(&key) {
+            // Keep the decode plans; prompt-sized plans are rebuilt as needed.
+            if self.plans.len() > 8 {
+                self.plans.retain(|(n, _), _| *n == 1);
+            }
+            let plan = forward::plan(
+                gpu,
+                &self.model.config,
+                &self.model.weights,
+                &self.cache,
+                &self.act,
+                &self.rope_table,
+                n,
+                logits,
+            )?;
+            self.plans.insert(key, plan);
+        }
+        gpu.queue
+            .write_buffer(&self.act.ids, 0, bytemuck::cast_slice(ids));
+        let pos0 = self.tokens.len() as u32;
+        let plan = self.plans.get_mut(&key).expect("inserted above");
+        let mut encoder = gpu.encoder("forward");
+        {
+            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some("forward"),
+                timestamp_writes: None,
+            });
+            plan.record(gpu, &self.act, pos0, &mut pass);
+        }
+        gpu.submit_and_wait("forward", encoder)?;
+        self.tokens.extend_from_slice(ids);
+        Ok(())
+    }
+
+    /// Feed `ids` and return the logits after the last one (vocab floats).
+    pub fn feed(&mut self, ids: &[u32]) -> Result<Vec<f32>> {
+        self.feed_with(ids, Logits::Last)?;
+        self.model
+            .gpu
+            .read_f32(&self.act.logits, self.model.config.vocab_size)
+    }
+
+    /// Feed `ids` and return the greedy next token, chosen on the GPU (4 bytes read back).
+    pub fn feed_greedy(&mut self, ids: &[u32]) -> Result<u32> {
+        self.feed_with(ids, Logits::LastArgmax)?;
+        Ok(self.model.gpu.read_u32(&self.act.token, 1)?[0])
+    }
+
+    fn feed_with(&mut self, ids: &[u32], last: Logits) -> Result<()> {
+        self.check_room(ids.len())?;
+        let chunks: Vec<&[u32]> = ids.chunks(self.act.max_tokens as usize).collect();
+        for (i, chunk) in chunks.iter().enumerate() {
+            self.step(
+                chunk,
+                if i + 1 == chunks.len() {
+                    last
+                } else {
+                    Logits::None
+                },
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Feed `ids` and return the logits after every one of them, (ids.len(), vocab) row-major.
+    pub fn feed_all(&mut self, ids: &[u32]) -> Result<Vec<f32>> {
+        self.check_room(ids.len())?;
+        let vocab = self.model.config.vocab_size;
+        let rows = self.act.logit_rows.min(self.act.max_tokens) as usize;
+        let mut out = Vec::with_capacity(ids.len() * vocab);
+        for chunk in ids.chunks(rows) {
+            self.step(chunk, Logits::All)?;
+            out.extend(
+                self.model
+                    .gpu
+                    .read_f32(&self.act.logits, chunk.len() * vocab)?,
+            );
+        }
+        Ok(out)
+    }
+
+    /// Feed `prompt` and generate up to `params.max_tokens` tokens, calling `on_text` with each
+    /// piece of decoded text as soon as it is complete UTF-8.
+    pub fn generate(
+        &mut self,
+        prompt: &[u32],
+        params: &GenerateParams,
+        mut on_text: impl FnMut(&str),
+    ) -> Result<Generation> {
+        params.sampling.validate()?;
+        if prompt.is_empty() {
+            return Err(KilnError::Request("the prompt is empty".into()));
+        }
+        let needed = self.tokens.len() + prompt.len() + params.max_tokens;
+        if needed > self.context() {
+            return Err(KilnError::Request(format!(
+                "{} prompt tokens + {} new tokens{} exceed the context of {} tokens",
+                prompt.len(),
+                params.max_tokens,
+                if self.tokens.is_empty() {
+                    String::new()
+                } else {
+                    format!(" + {} earlier tokens", self.tokens.len())
+                },
+                self.context()
+            )));
+        }
+        let model = self.model;
+        let eos = &model.generation.eos_token_ids;
+        let mut sampler = Sampler::new(params.sampling.clone());
+        let gpu_greedy = params.sampling.is_greedy() && params.sampling.repeat_penalty == 1.0;
+        let mut decoder = StreamDecoder::new(&model.tokenizer, true);
+        let mut text = String::new();
+        let mut tokens = Vec::new();
+
+        let start = Instant::now();
+        let mut next = self.next_token(prompt, gpu_greedy, &mut sampler)?;
+        let prefill_seconds = start.elapsed().as_secs_f64();
+        let decode_start = Instant::now();
+        let stop = loop {
+            if params.stop_at_eos && eos.contains(&next) {
+                break StopReason::Eos;
+            }
+            tokens.push(next);
+            if let Some(piece) = decoder.push(next)? {
+                on_text(&piece);
+                text += &piece;
+            }
+            if tokens.len() >= params.max_tokens {
+                // The last token is not fed: nothing would read its logits. Keep the cache
+                // consistent with `tokens()` by feeding it only when generation continues.
+                break StopReason::MaxTokens;
+            }
+            next = self.next_token(&[next], gpu_greedy, &mut sampler)?;
+        };
+        if let Some(piece) = decoder.finish()? {
+            on_text(&piece);
+            text += &piece;
+        }
+        Ok(Generation {
+            tokens,
+            text,
+            stop,
+            prompt_tokens: prompt.len(),
+            prefill_seconds,
+            decode_seconds: decode_start.elapsed().as_secs_f64(),
+        })
+    }
+
+    fn next_token(&mut self, ids: &[u32], gpu_greedy: bool, sampler: &mut Sampler) -> Result<u32> {
+        if gpu_greedy {
+            return self.feed_greedy(ids);
+        }
+        let mut logits = self.feed(ids)?;
+        Ok(sampler.sample(&mut logits, &self.tokens))
+    }
+}

@@ -1,0 +1,261 @@
+//! Bad input gets a clear error and a non-zero exit, never a panic or a wrong answer; and the
+//! user's files are never modified (every case works on a copy).
+
+mod common;
+
+use kiln::{Model, Session};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+/// A scratch copy of a fixture model directory.
+fn copy_model(name: &str, tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("kiln-bad-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    for entry in std::fs::read_dir(fixture(name)).unwrap() {
+        let e = entry.unwrap();
+        std::fs::copy(e.path(), dir.join(e.file_name())).unwrap();
+    }
+    dir
+}
+
+fn load_err(dir: &Path) -> String {
+    let (_, gpu) = common::devices().remove(0);
+    match Model::load(dir, gpu, &mut |_, _| {}) {
+        Ok(_) => panic!("{} should not load", dir.display()),
+        Err(e) => e.to_string(),
+    }
+}
+
+/// Run the CLI; return (exit code, stderr).
+fn kiln(args: &[&str]) -> (i32, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(args)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        !stderr.contains("panicked"),
+        "kiln {args:?} panicked:\n{stderr}"
+    );
+    (out.status.code().unwrap_or(-1), stderr)
+}
+
+/// Replace the header JSON of a safetensors file, keeping its data.
+fn rewrite_header(path: &Path, edit: impl Fn(&mut serde_json::Value)) {
+    let bytes = std::fs::read(path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let mut header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    edit(&mut header);
+    let mut text = serde_json::to_vec(&header).unwrap();
+    while text.len() % 8 != 0 {
+        text.push(b' ');
+    }
+    let mut out = (text.len() as u64).to_le_bytes().to_vec();
+    out.extend(text);
+    out.extend(&bytes[8 + n..]);
+    std::fs::write(path, out).unwrap();
+}
+
+#[test]
+fn truncated_safetensors() {
+    let dir = copy_model("llama3-tiny", "truncated");
+    let path = dir.join("model.safetensors");
+    let len = std::fs::metadata(&path).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+    let err = load_err(&dir);
+    assert!(
+        err.contains("model.safetensors") && err.contains("malformed"),
+        "{err}"
+    );
+    // A file cut inside its header, too.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(20)
+        .unwrap();
+    let err = load_err(&dir);
+    assert!(err.contains("malformed"), "{err}");
+}
+
+#[test]
+fn header_offsets_out_of_range() {
+    let dir = copy_model("llama3-tiny", "offsets");
+    rewrite_header(&dir.join("model.safetensors"), |h| {
+        h["model.norm.weight"]["data_offsets"] = serde_json::json!([0, 1u64 << 40]);
+    });
+    let err = load_err(&dir);
+    assert!(err.contains("malformed"), "{err}");
+}
+
+#[test]
+fn wrong_dtype() {
+    let dir = copy_model("llama3-tiny", "dtype");
+    rewrite_header(&dir.join("model.safetensors"), |h| {
+        // Same byte size, integer type.
+        h["model.norm.weight"]["dtype"] = serde_json::json!("I32");
+    });
+    let err = load_err(&dir);
+    assert!(
+        err.contains("model.norm.weight") && err.contains("dtype"),
+        "{err}"
+    );
+}
+
+#[test]
+fn wrong_shape_missing_and_extra_tensors() {
+    let dir = copy_model("llama3-tiny", "shape");
+    let cfg = dir.join("config.json");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("\"intermediate_size\": 344", "\"intermediate_size\": 345");
+    std::fs::write(&cfg, text).unwrap();
+    let err = load_err(&dir);
+    assert!(err.contains("shape") && err.contains("mlp"), "{err}");
+
+    let dir = copy_model("llama3-tiny", "missing");
+    let cfg = dir.join("config.json");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("\"num_hidden_layers\": 2", "\"num_hidden_layers\": 3");
+    std::fs::write(&cfg, text).unwrap();
+    let err = load_err(&dir);
+    assert!(err.contains("missing tensor `model.layers.2."), "{err}");
+
+    let dir = copy_model("llama3-tiny", "extra");
+    let cfg = dir.join("config.json");
+    let text = std::fs::read_to_string(&cfg).unwrap().replace(
+        "\"tie_word_embeddings\": false",
+        "\"tie_word_embeddings\": true",
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let err = load_err(&dir);
+    assert!(err.contains("unexpected tensor `lm_head.weight`"), "{err}");
+}
+
+#[test]
+fn unknown_architecture_and_rope_scaling() {
+    let dir = copy_model("llama3-tiny", "arch");
+    let cfg = dir.join("config.json");
+    let orig = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(&cfg, orig.replace("LlamaForCausalLM", "GPTNeoXForCausalLM")).unwrap();
+    let err = load_err(&dir);
+    assert!(
+        err.contains("unknown architecture `GPTNeoXForCausalLM`"),
+        "{err}"
+    );
+    std::fs::write(
+        &cfg,
+        orig.replace(
+            "\"rope_scaling\": null",
+            "\"rope_scaling\": {\"rope_type\": \"yarn\", \"factor\": 4.0}",
+        ),
+    )
+    .unwrap();
+    let err = load_err(&dir);
+    assert!(err.contains("unknown rope_scaling type `yarn`"), "{err}");
+    std::fs::write(&cfg, "{ not json").unwrap();
+    let err = load_err(&dir);
+    assert!(err.contains("config.json"), "{err}");
+}
+
+#[test]
+fn missing_tokenizer() {
+    let dir = copy_model("qwen2-tiny", "tokenizer");
+    std::fs::remove_file(dir.join("tokenizer.json")).unwrap();
+    let err = load_err(&dir);
+    assert!(err.contains("tokenizer.json"), "{err}");
+}
+
+#[test]
+fn cli_reports_errors_with_a_nonzero_exit() {
+    let model = fixture("llama3-tiny");
+    let model = model.to_str().unwrap();
+    let (code, err) = kiln(&["generate", "--model", model, "--prompt", ""]);
+    assert_ne!(code, 0);
+    assert!(err.contains("empty"), "{err}");
+
+    let (code, err) = kiln(&[
+        "generate",
+        "--model",
+        "/nonexistent/model",
+        "--prompt",
+        "hi",
+    ]);
+    assert_ne!(code, 0);
+    assert!(err.contains("/nonexistent/model"), "{err}");
+
+    let (code, err) = kiln(&[
+        "generate",
+        "--model",
+        model,
+        "--prompt",
+        "The license grants you",
+        "--max-tokens",
+        "300",
+    ]);
+    assert_ne!(
+        code, 0,
+        "256 positions cannot hold the prompt and 300 new tokens"
+    );
+    assert!(err.contains("exceed the context"), "{err}");
+
+    let (code, err) = kiln(&[
+        "generate", "--model", model, "--prompt", "hi", "--top-p", "0",
+    ]);
+    assert_ne!(code, 0);
+    assert!(
+        err.to_lowercase().contains("top_p") || err.to_lowercase().contains("top-p"),
+        "{err}"
+    );
+}
+
+#[test]
+fn cli_generates_on_the_fixture() {
+    let (code, err) = kiln(&[
+        "generate",
+        "--model",
+        fixture("llama3-tiny").to_str().unwrap(),
+        "--prompt",
+        "The license grants you the freedom to",
+        "--max-tokens",
+        "8",
+        "--temperature",
+        "0",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains("prompt tokens: 9") && err.contains("decode:"),
+        "{err}"
+    );
+}
+
+#[test]
+fn sessions_leave_model_files_untouched() {
+    let dir = copy_model("qwen2-tiny", "untouched");
+    let before: Vec<(PathBuf, Vec<u8>)> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .map(|p| (p.clone(), std::fs::read(&p).unwrap()))
+        .collect();
+    let (_, gpu) = common::devices().remove(0);
+    let model = Model::load(&dir, gpu, &mut |_, _| {}).unwrap();
+    let mut s = Session::new(&model, None).unwrap();
+    s.feed(&[1, 2, 3]).unwrap();
+    drop(model);
+    for (p, bytes) in before {
+        assert_eq!(std::fs::read(&p).unwrap(), bytes, "{} changed", p.display());
+    }
+}

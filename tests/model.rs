@@ -1,0 +1,303 @@
+//! Whole models against Hugging Face transformers: the tiny Llama 3 (GQA, f32) and Qwen2 (MQA,
+//! q/k/v biases, tied embeddings, bf16) fixtures and their golden.json (tests/fixtures/README.md).
+//! Both device paths: "fast" keeps the KV cache in f16, "fallback" in f32.
+
+mod common;
+
+use common::*;
+use kiln::gpu::Gpu;
+use kiln::sampling::SamplingParams;
+use kiln::{GenerateParams, Model, Session, StopReason};
+use serde_json::Value;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+const MODELS: [&str; 2] = ["llama3-tiny", "qwen2-tiny"];
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+fn golden(name: &str) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(fixture(name).join("golden.json")).unwrap())
+        .unwrap()
+}
+
+fn load(name: &str, gpu: Arc<Gpu>) -> Model {
+    Model::load(&fixture(name), gpu, &mut |_, _| {})
+        .unwrap_or_else(|e| panic!("loading {name}: {e}"))
+}
+
+fn u32s(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+fn f32s(v: &Value) -> Vec<f32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect()
+}
+
+/// Logit tolerance per path. f32 KV: 1e-3, the fixtures' own advice: observed float32 noise is
+/// ≤ 5e-5 and every bug they list moves logits by ≥ 2.7e-3. f16 KV: K and V rounded to f16
+/// (relative 2^-11) move logits by up to ~1e-2 on these random-weight models (measured max
+/// below 4e-3); 2e-2 still catches every listed bug but the eps one.
+fn logit_tol(gpu: &Gpu) -> f64 {
+    if gpu.caps.f16 {
+        2e-2
+    } else {
+        1e-3
+    }
+}
+
+#[test]
+fn logits_match_transformers() {
+    for (path, gpu) in devices() {
+        for name in MODELS {
+            let g = golden(name);
+            let model = load(name, gpu.clone());
+            let vocab = model.config.vocab_size;
+            let tol = logit_tol(&gpu);
+            for case in g["logits"].as_array().unwrap() {
+                let ids = u32s(&case["input_ids"]);
+                let what = format!("{name} {path} {}", case["name"].as_str().unwrap());
+                let mut session = Session::new(&model, None).unwrap();
+                let all = session.feed_all(&ids).unwrap();
+                assert_eq!(all.len(), ids.len() * vocab);
+                let last = &all[(ids.len() - 1) * vocab..];
+                assert_close(
+                    &format!("{what} last_logits"),
+                    last,
+                    &f32s(&case["last_logits"]),
+                    tol,
+                    "see logit_tol",
+                );
+                if let Some(rows) = case["all_logits"].as_array() {
+                    let want: Vec<f32> = rows.iter().flat_map(f32s).collect();
+                    assert_close(
+                        &format!("{what} all_logits"),
+                        &all,
+                        &want,
+                        tol,
+                        "see logit_tol",
+                    );
+                }
+                // Every position's argmax where transformers' top two are further apart than
+                // our error could bridge.
+                let margins = f32s(&case["top1_top2_margin_per_position"]);
+                for (t, want) in u32s(&case["argmax_per_position"]).iter().enumerate() {
+                    if margins[t] as f64 > 2.0 * tol {
+                        let row = &all[t * vocab..(t + 1) * vocab];
+                        let got = kiln::ops::argmax::argmax_cpu(row, vocab)[0];
+                        assert_eq!(got, *want, "{what}: argmax at position {t}");
+                    }
+                }
+                // And the last logits alone, through the lm-head-on-last-row path.
+                let mut session = Session::new(&model, None).unwrap();
+                let last_only = session.feed(&ids).unwrap();
+                assert_close(
+                    &format!("{what} feed()"),
+                    &last_only,
+                    &f32s(&case["last_logits"]),
+                    tol,
+                    "see logit_tol",
+                );
+            }
+        }
+    }
+}
+
+fn greedy(tokens: usize) -> GenerateParams {
+    GenerateParams {
+        max_tokens: tokens,
+        sampling: SamplingParams::default(),
+        stop_at_eos: false,
+    }
+}
+
+#[test]
+fn greedy_generation_is_token_identical() {
+    for (path, gpu) in devices() {
+        for name in MODELS {
+            let g = golden(name);
+            let model = load(name, gpu.clone());
+            for run in g["greedy"].as_array().unwrap() {
+                let prompt = u32s(&run["prompt_ids"]);
+                let want = u32s(&run["generated_ids"]);
+                let mut session = Session::new(&model, None).unwrap();
+                let out = session
+                    .generate(&prompt, &greedy(want.len()), |_| {})
+                    .unwrap();
+                assert_eq!(out.tokens, want, "{name} {path} {}", run["name"]);
+                assert_eq!(out.stop, StopReason::MaxTokens);
+                assert_eq!(
+                    out.text,
+                    model.tokenizer.decode(&want, true).unwrap(),
+                    "streamed text equals a full decode"
+                );
+            }
+            let rp = &g["greedy_repetition_penalty"];
+            let mut params = greedy(u32s(&rp["generated_ids"]).len());
+            params.sampling.repeat_penalty = rp["repetition_penalty"].as_f64().unwrap() as f32;
+            let mut session = Session::new(&model, None).unwrap();
+            let out = session
+                .generate(&u32s(&rp["prompt_ids"]), &params, |_| {})
+                .unwrap();
+            assert_eq!(
+                out.tokens,
+                u32s(&rp["generated_ids"]),
+                "{name} {path} repetition penalty"
+            );
+        }
+    }
+}
+
+#[test]
+fn incremental_decoding_equals_a_full_forward() {
+    for (path, gpu) in devices() {
+        for name in MODELS {
+            let g = golden(name);
+            let inc = &g["incremental"];
+            let model = load(name, gpu.clone());
+            let tol = logit_tol(&gpu);
+            let (prompt, extra) = (u32s(&inc["prompt_ids"]), u32s(&inc["extra_ids"]));
+            let mut session = Session::new(&model, None).unwrap();
+            let prefill = session.feed(&prompt).unwrap();
+            assert_close(
+                &format!("{name} {path} prefill"),
+                &prefill,
+                &f32s(&inc["prefill_last_logits"]),
+                tol,
+                "see logit_tol",
+            );
+            let mut last = Vec::new();
+            for (i, &t) in extra.iter().enumerate() {
+                last = session.feed(&[t]).unwrap();
+                let want = u32s(&inc["incremental_argmax_per_step"])[i];
+                assert_eq!(
+                    kiln::ops::argmax::argmax_cpu(&last, last.len())[0],
+                    want,
+                    "{name} {path} step {i}"
+                );
+            }
+            assert_close(
+                &format!("{name} {path} incremental"),
+                &last,
+                &f32s(&inc["incremental_last_logits"]),
+                tol,
+                "see logit_tol",
+            );
+            let full: Vec<u32> = prompt.iter().chain(&extra).copied().collect();
+            let mut fresh = Session::new(&model, None).unwrap();
+            let full_logits = fresh.feed(&full).unwrap();
+            assert_close(
+                &format!("{name} {path} full"),
+                &full_logits,
+                &f32s(&inc["full_sequence_last_logits"]),
+                tol,
+                "see logit_tol",
+            );
+            // Our own two paths agree more tightly than either agrees with transformers.
+            assert_close(
+                &format!("{name} {path} incremental vs full"),
+                &last,
+                &full_logits,
+                tol,
+                "same weights, same cache contents",
+            );
+
+            // Rolling back and re-feeding reproduces the same logits.
+            session.rollback(prompt.len());
+            let again = session.feed(&extra).unwrap();
+            assert_close(
+                &format!("{name} {path} after rollback"),
+                &again,
+                &full_logits,
+                tol,
+                "rollback then re-feed",
+            );
+        }
+    }
+}
+
+#[test]
+fn long_prompts_are_fed_in_chunks_and_give_the_same_logits() {
+    // 250 tokens in steps of at most 100: three prefill chunks, at positions 0, 100, 200.
+    let (_, gpu) = devices().remove(1);
+    let model = load("llama3-tiny", gpu);
+    let text = std::fs::read_to_string(fixture("README.md")).unwrap();
+    let ids: Vec<u32> = model
+        .tokenizer
+        .encode(&text, true)
+        .unwrap()
+        .into_iter()
+        .take(250)
+        .collect();
+    assert_eq!(ids.len(), 250);
+    let mut a = Session::with_step_tokens(&model, None, 100).unwrap();
+    let chunked = a.feed(&ids).unwrap();
+    let all = a.feed_all(&[]).err().expect("feeding nothing is an error");
+    assert!(all.to_string().contains("empty"));
+    let mut b = Session::new(&model, None).unwrap();
+    b.feed(&ids[..249]).unwrap();
+    let stepped = b.feed(&ids[249..]).unwrap();
+    assert_close(
+        "chunked prefill vs prefill + decode",
+        &chunked,
+        &stepped,
+        1e-3,
+        "same computation split differently (f32 KV)",
+    );
+}
+
+#[test]
+fn chat_template_ids_match_transformers() {
+    for name in MODELS {
+        let g = golden(name);
+        let (_, gpu) = devices().remove(0);
+        let model = load(name, gpu);
+        for chat in g["tokenization"]["chat"].as_array().unwrap() {
+            let messages: Vec<kiln::tokenizer::ChatMessage> =
+                serde_json::from_value(chat["messages"].clone()).unwrap();
+            let ids = model
+                .tokenizer
+                .encode_chat(&messages, chat["add_generation_prompt"].as_bool().unwrap())
+                .unwrap();
+            assert_eq!(ids, u32s(&chat["ids"]), "{name}");
+        }
+    }
+}
+
+#[test]
+fn context_overflow_and_empty_prompts_are_clear_errors() {
+    let (_, gpu) = devices().remove(0);
+    let model = load("llama3-tiny", gpu);
+    let mut session = Session::new(&model, Some(16)).unwrap();
+    let err = session
+        .generate(&[988, 5, 6, 7, 8, 9, 10, 11], &greedy(9), |_| {})
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("exceed the context of 16"),
+        "{err}"
+    );
+    let err = session.feed(&[1; 17]).unwrap_err();
+    assert!(err.to_string().contains("context"), "{err}");
+    let err = session.generate(&[], &greedy(1), |_| {}).unwrap_err();
+    assert!(err.to_string().contains("empty"), "{err}");
+    let err = session.feed(&[5000]).unwrap_err();
+    assert!(err.to_string().contains("outside the vocabulary"), "{err}");
+    assert!(
+        Session::new(&model, Some(100_000)).is_err(),
+        "context past max_position_embeddings"
+    );
+    // Nothing was consumed by the failed calls.
+    assert!(session.tokens().is_empty());
+}
