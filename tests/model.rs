@@ -46,13 +46,14 @@ fn f32s(v: &Value) -> Vec<f32> {
         .collect()
 }
 
-/// Logit tolerance per path. f32 KV: 1e-3, the fixtures' own advice: observed float32 noise is
-/// ≤ 5e-5 and every bug they list moves logits by ≥ 2.7e-3. f16 KV: K and V rounded to f16
-/// (relative 2^-11) move logits by up to ~1e-2 on these random-weight models (measured max
-/// below 4e-3); 2e-2 still catches every listed bug but the eps one.
+/// Logit tolerance per path. f32 KV: 1e-3, the fixtures' own advice: transformers' float32
+/// noise is ≤ 5e-5 (we measure ≤ 3.6e-5) and every bug they list moves logits by ≥ 2.7e-3.
+/// f16 KV: K and V rounded to f16 (relative 2^-11) move these random-weight models' logits by
+/// up to 1.5e-2 (measured: qwen2-tiny len60); 3e-2 still catches every listed bug but the eps
+/// one, which the f32 path catches.
 fn logit_tol(gpu: &Gpu) -> f64 {
     if gpu.caps.f16 {
-        2e-2
+        3e-2
     } else {
         1e-3
     }

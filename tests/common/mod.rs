@@ -99,6 +99,7 @@ pub fn assert_close_each(
             worst = (err, i);
         }
     }
+    eprintln!("{what}: max |Δ| {:.3e} at [{}]", worst.0, worst.1);
     if !bad.is_empty() {
         let shown: Vec<String> = bad
             .iter()
