@@ -259,3 +259,53 @@ fn sessions_leave_model_files_untouched() {
         assert_eq!(std::fs::read(&p).unwrap(), bytes, "{} changed", p.display());
     }
 }
+
+#[test]
+fn cli_info_perplexity_and_chat_run_on_the_fixtures() {
+    let qwen = fixture("qwen2-tiny");
+    let qwen = qwen.to_str().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_kiln")).args(["info", "--model", qwen]).output().unwrap();
+    let info = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(info.contains("Qwen2") && info.contains("407168") && info.contains("bf16") && info.contains("bytes/token"), "{info}");
+
+    let text = fixture("README.md");
+    let out = Command::new(env!("CARGO_BIN_EXE_kiln")).args(["perplexity", "--model", qwen, "--file", text.to_str().unwrap(), "--ctx", "128"]).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let ppl: f64 = stdout.lines().find_map(|l| l.strip_prefix("perplexity: ")).expect("a perplexity line").parse().unwrap();
+    // A random-weight model over a 997-token vocabulary: finite, above 1, and not better than chance by much.
+    assert!(ppl.is_finite() && ppl > 1.0, "{stdout}");
+
+    // Two chat turns from stdin: the second turn reuses the cache (its prompt tokens < the whole conversation's).
+    use std::io::Write;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["chat", "--model", qwen, "--max-tokens", "5", "--temperature", "0", "--system", "Be brief."])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(b"Hello there!\nAnd again?\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let prompts: Vec<usize> = stderr
+        .lines()
+        .filter_map(|l| l.strip_prefix("prompt tokens: "))
+        .map(|l| l.split(',').next().unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(prompts.len(), 2, "{stderr}");
+    let first_turn = kiln::tokenizer::Tokenizer::from_dir(&fixture("qwen2-tiny")).unwrap();
+    let whole = first_turn
+        .encode_chat(
+            &[
+                kiln::tokenizer::ChatMessage::new("system", "Be brief."),
+                kiln::tokenizer::ChatMessage::new("user", "Hello there!"),
+            ],
+            true,
+        )
+        .unwrap();
+    assert_eq!(prompts[0], whole.len(), "the first turn feeds the whole rendered prompt");
+    assert!(prompts[1] < prompts[0] + 5 + 10, "the second turn feeds only its new tokens: {prompts:?}");
+}
