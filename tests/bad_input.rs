@@ -54,7 +54,7 @@ fn rewrite_header(path: &Path, edit: impl Fn(&mut serde_json::Value)) {
     let mut header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
     edit(&mut header);
     let mut text = serde_json::to_vec(&header).unwrap();
-    while text.len() % 8 != 0 {
+    while !text.len().is_multiple_of(8) {
         text.push(b' ');
     }
     let mut out = (text.len() as u64).to_le_bytes().to_vec();
@@ -264,29 +264,77 @@ fn sessions_leave_model_files_untouched() {
 fn cli_info_perplexity_and_chat_run_on_the_fixtures() {
     let qwen = fixture("qwen2-tiny");
     let qwen = qwen.to_str().unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_kiln")).args(["info", "--model", qwen]).output().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["info", "--model", qwen])
+        .output()
+        .unwrap();
     let info = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(info.contains("Qwen2") && info.contains("407168") && info.contains("bf16") && info.contains("bytes/token"), "{info}");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        info.contains("Qwen2")
+            && info.contains("407168")
+            && info.contains("bf16")
+            && info.contains("bytes/token"),
+        "{info}"
+    );
 
     let text = fixture("README.md");
-    let out = Command::new(env!("CARGO_BIN_EXE_kiln")).args(["perplexity", "--model", qwen, "--file", text.to_str().unwrap(), "--ctx", "128"]).output().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args([
+            "perplexity",
+            "--model",
+            qwen,
+            "--file",
+            text.to_str().unwrap(),
+            "--ctx",
+            "128",
+        ])
+        .output()
+        .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let ppl: f64 = stdout.lines().find_map(|l| l.strip_prefix("perplexity: ")).expect("a perplexity line").parse().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ppl: f64 = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("perplexity: "))
+        .expect("a perplexity line")
+        .parse()
+        .unwrap();
     // A random-weight model over a 997-token vocabulary: finite, above 1, and not better than chance by much.
     assert!(ppl.is_finite() && ppl > 1.0, "{stdout}");
 
     // Two chat turns from stdin: the second turn reuses the cache (its prompt tokens < the whole conversation's).
     use std::io::Write;
     let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args(["chat", "--model", qwen, "--max-tokens", "5", "--temperature", "0", "--system", "Be brief."])
+        .args([
+            "chat",
+            "--model",
+            qwen,
+            "--max-tokens",
+            "5",
+            "--temperature",
+            "0",
+            "--system",
+            "Be brief.",
+        ])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    child.stdin.take().unwrap().write_all(b"Hello there!\nAnd again?\n").unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"Hello there!\nAnd again?\n")
+        .unwrap();
     let out = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
@@ -306,6 +354,13 @@ fn cli_info_perplexity_and_chat_run_on_the_fixtures() {
             true,
         )
         .unwrap();
-    assert_eq!(prompts[0], whole.len(), "the first turn feeds the whole rendered prompt");
-    assert!(prompts[1] < prompts[0] + 5 + 10, "the second turn feeds only its new tokens: {prompts:?}");
+    assert_eq!(
+        prompts[0],
+        whole.len(),
+        "the first turn feeds the whole rendered prompt"
+    );
+    assert!(
+        prompts[1] < prompts[0] + 5 + 10,
+        "the second turn feeds only its new tokens: {prompts:?}"
+    );
 }

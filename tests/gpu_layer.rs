@@ -62,7 +62,7 @@ fn best_adapter_is_chosen_with_its_features() {
 fn backend_variable_is_checked() {
     // Set for this process only; other tests read options explicitly, not from the environment.
     std::env::set_var("KILN_BACKEND", "glide");
-    let err = GpuOptions::from_env().err().expect("glide is no backend");
+    let err = GpuOptions::from_env().expect_err("glide is no backend");
     std::env::remove_var("KILN_BACKEND");
     assert!(err.to_string().contains("vulkan, metal, dx12, gl"), "{err}");
 }
@@ -106,8 +106,7 @@ fn oversized_allocation_is_a_typed_out_of_memory_error() {
     let (_, gpu) = common::devices().remove(0);
     let err = gpu
         .buffer("kv cache", gpu.limits.max_buffer_size + 1)
-        .err()
-        .expect("past max_buffer_size");
+        .expect_err("past max_buffer_size");
     assert!(
         matches!(err, KilnError::OutOfMemory { ref kernel, .. } if kernel == "kv cache"),
         "{err:?}"
@@ -126,8 +125,7 @@ fn broken_wgsl_is_a_shader_error_naming_the_kernel() {
     let (_, gpu) = common::devices().remove(0);
     let err = gpu
         .pipeline(&BROKEN, "main", &[])
-        .err()
-        .expect("does not parse");
+        .expect_err("does not parse");
     assert!(
         matches!(err, KilnError::Shader { ref kernel, .. } if kernel.contains("broken.wgsl")),
         "{err:?}"

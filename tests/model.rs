@@ -245,7 +245,7 @@ fn long_prompts_are_fed_in_chunks_and_give_the_same_logits() {
     assert_eq!(ids.len(), 250);
     let mut a = Session::with_step_tokens(&model, None, 100).unwrap();
     let chunked = a.feed(&ids).unwrap();
-    let all = a.feed_all(&[]).err().expect("feeding nothing is an error");
+    let all = a.feed_all(&[]).expect_err("feeding nothing is an error");
     assert!(all.to_string().contains("empty"));
     let mut b = Session::new(&model, None).unwrap();
     b.feed(&ids[..249]).unwrap();

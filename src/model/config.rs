@@ -183,9 +183,11 @@ impl ModelConfig {
                         high_freq_factor: f("high_freq_factor")?,
                         original_max_position_embeddings: f("original_max_position_embeddings")?,
                     }),
-                    other => return Err(err(format!(
+                    other => {
+                        return Err(err(format!(
                         "unknown rope_scaling type `{other}` (kiln knows `default` and `llama3`)"
-                    ))),
+                    )))
+                    }
                 }
             }
         };

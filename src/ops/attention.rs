@@ -38,7 +38,7 @@ pub struct AttentionShape {
 impl AttentionShape {
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(KilnError::shape("attention", m));
-        if self.n_kv_heads == 0 || self.n_heads % self.n_kv_heads != 0 {
+        if self.n_kv_heads == 0 || !self.n_heads.is_multiple_of(self.n_kv_heads) {
             return bad(format!(
                 "{} query heads do not divide into {} KV heads",
                 self.n_heads, self.n_kv_heads
@@ -246,7 +246,7 @@ pub fn decode_with(
     }
     let params = shape.params(n_tokens, pos0, n_splits, split_len)?;
     super::check_groups(gpu, "attention", "queries", n_tokens)?;
-    if kernel == SplitKernel::Lanes && shape.head_dim % 4 != 0 {
+    if kernel == SplitKernel::Lanes && !shape.head_dim.is_multiple_of(4) {
         return Err(KilnError::shape(
             "attention",
             format!(

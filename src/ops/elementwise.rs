@@ -73,7 +73,7 @@ pub fn add_assign(gpu: &Gpu, y: &wgpu::Buffer, a: &wgpu::Buffer, n: u32) -> Resu
 /// y = a over `bytes` bytes (a multiple of 16): a plain device copy, also the yardstick the
 /// benchmarks divide kernel bandwidth by.
 pub fn copy(gpu: &Gpu, a: &wgpu::Buffer, y: &wgpu::Buffer, bytes: u64) -> Result<Dispatch> {
-    if bytes % 16 != 0 {
+    if !bytes.is_multiple_of(16) {
         return Err(crate::KilnError::shape(
             "copy",
             format!("{bytes} bytes is not a multiple of 16"),

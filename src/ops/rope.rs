@@ -95,7 +95,7 @@ const WG: u32 = 64;
 
 impl RopeShape {
     fn params(&self, gpu: &Gpu, ctx: u32) -> Result<(Params, [u32; 3])> {
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             return Err(KilnError::shape(
                 "rope",
                 format!("head_dim {} is odd", self.head_dim),
@@ -170,8 +170,8 @@ pub fn rope_cpu(x: &[f32], shape: RopeShape, inv_freq: &[f32]) -> Vec<f32> {
     for (row, chunk) in y.chunks_mut(d).enumerate() {
         let t = row / shape.n_heads as usize;
         let pos = shape.pos0 as usize + t;
-        for j in 0..half {
-            let angle = (pos as f32 * inv_freq[j]) as f64;
+        for (j, &freq) in inv_freq.iter().enumerate().take(half) {
+            let angle = (pos as f32 * freq) as f64;
             let (a, b) = match shape.layout {
                 RopeLayout::HalfSplit => (j, j + half),
                 RopeLayout::Interleaved => (2 * j, 2 * j + 1),

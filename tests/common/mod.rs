@@ -92,7 +92,7 @@ pub fn assert_close_each(
     let mut worst = (0.0f64, 0usize);
     for (i, (&a, &e)) in actual.iter().zip(expected).enumerate() {
         let err = (a as f64 - e as f64).abs();
-        if !a.is_finite() || !(err <= tol(i)) {
+        if !a.is_finite() || err.is_nan() || err > tol(i) {
             bad.push(i);
         }
         if err > worst.0 {
