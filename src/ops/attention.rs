@@ -259,7 +259,10 @@ pub fn decode_with(
         SplitKernel::Workgroup => "decode_split",
         SplitKernel::Lanes => "decode_lanes",
     };
-    let split = gpu.pipeline(&shaders::ATTENTION, entry, &[])?;
+    let split = match kernel {
+        SplitKernel::Workgroup => gpu.pipeline(&shaders::ATTENTION, entry, &[])?,
+        SplitKernel::Lanes => gpu.pipeline(&shaders::ATTENTION, entry, &[("HEAD_DIM", shape.head_dim)])?,
+    };
     let reduce = gpu.pipeline(&shaders::ATTENTION, "decode_reduce", &[])?;
     let grid = kernel.grid(shape, n_tokens, n_splits);
     Ok([
