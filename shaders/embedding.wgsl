@@ -1,4 +1,4 @@
-// Embedding lookup: x[t] = table[ids[t]], converting the table's rows (f32, f16 or bf16) to f32.
+// Embedding lookup: x[t] = table[ids[t]], converting the table's rows (any weights.wgsl type) to f32.
 // A table larger than one storage binding is split in row chunks; each chunk's dispatch
 // writes only the tokens whose id falls in its rows.
 
@@ -13,12 +13,9 @@ const WG: u32 = 64u;
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> ids: array<u32>;         // (n_tokens)
-@group(0) @binding(2) var<storage, read> table: array<u32>;       // (rows, dim) as weights.wgsl stores them
+@group(0) @binding(2) var<storage, read> w: array<vec4<u32>>;    // (rows, dim) table, as weights.wgsl stores them
 @group(0) @binding(3) var<storage, read_write> x: array<f32>;     // (n_tokens, dim)
 
-fn table_at(i: u32) -> f32 {
-    return decode_at(table[i / per_word()], i);
-}
 
 @compute @workgroup_size(WG)
 fn embedding(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
@@ -29,6 +26,6 @@ fn embedding(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_in
     }
     let src = (id - p.first_row) * p.dim;
     for (var i = lid; i < p.dim; i += WG) {
-        x[t * p.dim + i] = table_at(src + i);
+        x[t * p.dim + i] = weight_at(src + i);
     }
 }

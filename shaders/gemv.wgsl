@@ -1,6 +1,6 @@
 // Matrix-vector product for decode: y[m] = W · x[m] (+ bias), i.e. y = x·Wᵀ for a few rows m
 // of x (one per token in the step). W is (rows × K) row-major as checkpoints store linear
-// weights, f32, f16 or bf16 (weights.wgsl). Memory-bound: each workgroup streams 4
+// weights, f32, f16, bf16 or a GGUF block format (weights.wgsl). Memory-bound: each workgroup streams 4
 // weight rows with 16-byte loads, one partial dot product per row in each invocation, then one
 // vec4 workgroup reduction for all 4 rows.
 
@@ -24,13 +24,9 @@ const ROWS: u32 = 4u;   // weight rows per workgroup (one vec4 lane each)
 @group(0) @binding(3) var<storage, read> bias: array<f32>;       // (n), read when has_bias
 @group(0) @binding(4) var<storage, read_write> y: array<f32>;    // (m, n)
 
-fn w_word(i: u32) -> u32 {
-    return w[i >> 2u][i & 3u];
-}
-
 // Element `i` of the flattened chunk, for shapes the vector path cannot take.
 fn w_at(i: u32) -> f32 {
-    return decode_at(w_word(i / per_word()), i);
+    return weight_at(i);
 }
 
 fn x_at(i: u32) -> f32 {
@@ -39,11 +35,8 @@ fn x_at(i: u32) -> f32 {
 
 // Dot product of 8 weights starting at element 8·j of the chunk with xa, xb.
 fn dot8(j: u32, xa: vec4<f32>, xb: vec4<f32>) -> f32 {
-    if W_DTYPE != DT_F32 {
-        let v = decode8(w[j]);
-        return dot(v[0], xa) + dot(v[1], xb);
-    }
-    return dot(bitcast<vec4<f32>>(w[2u * j]), xa) + dot(bitcast<vec4<f32>>(w[2u * j + 1u]), xb);
+    let v = weight8(j);
+    return dot(v[0], xa) + dot(v[1], xb);
 }
 
 @compute @workgroup_size(WG)

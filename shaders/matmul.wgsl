@@ -1,5 +1,5 @@
 // Matrix product for prefill: y = x·Wᵀ (+ bias), x (M × K) activations, W (N × K) row-major
-// as checkpoints store linear weights (f32, f16 or bf16: weights.wgsl), f32 accumulation.
+// as checkpoints store linear weights (f32, f16, bf16 or a GGUF block format: weights.wgsl), f32 accumulation.
 // Tiled: a workgroup of 16 × 16 invocations computes a 64 × 64 tile of y, each invocation a
 // 4 × 4 block held in registers, stepping through K in slices of 16 staged in shared memory.
 // Any M, N, K: partial tiles are zero-filled on load and masked on store.
@@ -20,7 +20,7 @@ const BK: u32 = 16u;
 const WG: u32 = 256u;            // 16 × 16 invocations
 
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> w: array<u32>;          // (rows, k) as weights.wgsl stores them
+@group(0) @binding(1) var<storage, read> w: array<vec4<u32>>;    // (rows, k) as weights.wgsl stores them
 @group(0) @binding(2) var<storage, read> x: array<f32>;          // (m, k)
 @group(0) @binding(3) var<storage, read> bias: array<f32>;       // (n), read when has_bias
 @group(0) @binding(4) var<storage, read_write> y: array<f32>;    // (m, n)
@@ -29,7 +29,7 @@ var<workgroup> xs: array<f32, 1024>;   // (BK, TILE): x tile, k-major
 var<workgroup> ws: array<f32, 1024>;   // (BK, TILE): W tile, k-major
 
 fn w_at(i: u32) -> f32 {
-    return decode_at(w[i / per_word()], i);
+    return weight_at(i);
 }
 
 @compute @workgroup_size(16, 16)
@@ -93,30 +93,15 @@ fn matmul(@builtin(workgroup_id) wid: vec3<u32>,
 // (x rows and W rows are both K-contiguous); a workgroup of 8 × 8 covers a 32 × 32 tile. On
 // CPU adapters (lavapipe) barriers cost more than the re-reads they save, so this wins there.
 
-@group(0) @binding(1) var<storage, read> w4: array<vec4<u32>>;   // (rows, k) as 16-byte words
 @group(0) @binding(2) var<storage, read> x4: array<vec4<f32>>;   // (m, k) as vec4
 
 const RTILE: u32 = 32u;
 
-fn w4_word(i: u32) -> u32 {
-    return w4[i >> 2u][i & 3u];
-}
-
-fn w4_at(i: u32) -> f32 {
-    return decode_at(w4_word(i / per_word()), i);
-}
 
 fn x4_at(i: u32) -> f32 {
     return x4[i >> 2u][i & 3u];
 }
 
-// 8 weights of W row-chunk element 8·j .. 8·j + 7, as two vec4.
-fn w8(j: u32) -> array<vec4<f32>, 2> {
-    if W_DTYPE != DT_F32 {
-        return decode8(w4[j]);
-    }
-    return array<vec4<f32>, 2>(bitcast<vec4<f32>>(w4[2u * j]), bitcast<vec4<f32>>(w4[2u * j + 1u]));
-}
 
 @compute @workgroup_size(8, 8)
 fn matmul_regs(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) local: vec3<u32>) {
@@ -138,7 +123,7 @@ fn matmul_regs(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_
         for (var j = 0u; j < k8; j++) {
             var wv: array<array<vec4<f32>, 2>, 4>;
             for (var c = 0u; c < 4u; c++) {
-                wv[c] = w8(cols[c] * k8 + j);
+                wv[c] = weight8(cols[c] * k8 + j);
             }
             for (var i = 0u; i < 4u; i++) {
                 let xa = x4[2u * (rows[i] * k8 + j)];
@@ -151,8 +136,8 @@ fn matmul_regs(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_
         }
     } else {
         for (var k = 0u; k < p.k; k++) {
-            let wv = vec4<f32>(w4_at(cols[0] * p.k + k), w4_at(cols[1] * p.k + k),
-                               w4_at(cols[2] * p.k + k), w4_at(cols[3] * p.k + k));
+            let wv = vec4<f32>(weight_at(cols[0] * p.k + k), weight_at(cols[1] * p.k + k),
+                               weight_at(cols[2] * p.k + k), weight_at(cols[3] * p.k + k));
             for (var i = 0u; i < 4u; i++) {
                 acc[i] += x4_at(rows[i] * p.k + k) * wv;
             }

@@ -7,9 +7,11 @@
 //! - [`session`]: a conversation's KV cache; feed tokens, get logits or stream new text.
 
 pub mod error;
+pub mod gguf;
 pub mod gpu;
 pub mod model;
 pub mod ops;
+pub mod quant;
 pub mod sampling;
 pub mod session;
 pub mod tokenizer;

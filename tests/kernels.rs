@@ -50,6 +50,7 @@ fn weight(
                 b.iter().map(|v| v.to_f32()).collect(),
             )
         }
+        other => panic!("{other:?}: block formats are made by `quantized`"),
     }
 }
 
@@ -894,6 +895,146 @@ fn gemv_can_start_at_a_later_row_of_x() {
                     "f32 accumulation of k products",
                 );
             }
+        }
+    }
+}
+
+// ---------------------------------------------------------------- GGUF block formats
+
+/// Random valid blocks of `dtype` for a (rows × cols) matrix: random quants, random signs and
+/// bits, scales set to moderate f16 values so nothing overflows; and their CPU dequantisation
+/// (kiln::quant, bit-exact with ggml) as the reference.
+fn quantized(
+    dtype: DType,
+    rows: usize,
+    cols: usize,
+    rng: &mut rand::rngs::StdRng,
+) -> (Vec<u8>, Vec<f32>) {
+    use kiln::gguf::GgmlType;
+    let (ty, scale_offsets): (GgmlType, &[usize]) = match dtype {
+        DType::Q8_0 => (GgmlType::Q8_0, &[0]),
+        DType::Q4_0 => (GgmlType::Q4_0, &[0]),
+        DType::Q4_1 => (GgmlType::Q4_1, &[0, 2]),
+        DType::Q5_0 => (GgmlType::Q5_0, &[0]),
+        DType::Q5_1 => (GgmlType::Q5_1, &[0, 2]),
+        DType::Q4K => (GgmlType::Q4_K, &[0, 2]),
+        DType::Q5K => (GgmlType::Q5_K, &[0, 2]),
+        DType::Q6K => (GgmlType::Q6_K, &[208]),
+        other => panic!("{other:?} is not a block format"),
+    };
+    let (block_elems, block_bytes) = dtype.block();
+    let blocks = rows * cols / block_elems as usize;
+    let mut bytes: Vec<u8> = (0..blocks * block_bytes as usize)
+        .map(|_| rng.random())
+        .collect();
+    for b in 0..blocks {
+        for &o in scale_offsets {
+            let d = half::f16::from_f32(
+                rng.random_range(0.002f32..0.02) * if rng.random() { 1.0 } else { -1.0 },
+            );
+            bytes[b * block_bytes as usize + o..][..2].copy_from_slice(&d.to_le_bytes());
+        }
+    }
+    let values = kiln::quant::dequantize(ty, &bytes, rows * cols).unwrap();
+    (bytes, values)
+}
+
+const BLOCK_TYPES: [DType; 8] = [
+    DType::Q8_0,
+    DType::Q4_0,
+    DType::Q4_1,
+    DType::Q5_0,
+    DType::Q5_1,
+    DType::Q4K,
+    DType::Q5K,
+    DType::Q6K,
+];
+
+#[test]
+fn quantized_weights_decode_inside_gemv_matmul_and_embedding() {
+    let mut rng = rng("quantized");
+    let (_, gpu) = devices().remove(0);
+    let small = small_binding_device(1024);
+    for dtype in BLOCK_TYPES {
+        // Odd block counts per row (3 × 32, 1 × 256 + ...) make rows start at unaligned bytes.
+        let cols = if dtype.block().0 == 32 { 96 } else { 512 };
+        for (gname, g) in [("whole", &gpu), ("chunked", &small)] {
+            let (m, n) = (3usize, 37usize);
+            let (bytes, exact) = quantized(dtype, n, cols, &mut rng);
+            let w = Weight::upload(g, "wq", n as u32, cols as u32, dtype, &bytes).unwrap();
+            if gname == "chunked" {
+                assert!(w.chunks.len() > 1, "{dtype:?}: {} chunk", w.chunks.len());
+            }
+            let x = uniform(&mut rng, m * cols, -1.0, 1.0);
+            let xb = upload_f32(g, "x", &x);
+            let want = matmul::matmul_cpu(&x, &exact, None, m, n, cols);
+            let abs_sum = matmul::matmul_cpu(
+                &x.iter().map(|v| v.abs()).collect::<Vec<_>>(),
+                &exact.iter().map(|v| v.abs()).collect::<Vec<_>>(),
+                None,
+                m,
+                n,
+                cols,
+            );
+            for kind in [
+                "gemv Reduce",
+                "gemv RowPerInvocation",
+                "matmul Tiled",
+                "matmul Registers",
+            ] {
+                let y = poisoned(g, "y", m * n);
+                let ds = match kind {
+                    "gemv Reduce" => {
+                        gemv::gemv_with(g, gemv::GemvKernel::Reduce, &xb, &w, None, &y, m as u32, 0)
+                    }
+                    "gemv RowPerInvocation" => gemv::gemv_with(
+                        g,
+                        gemv::GemvKernel::RowPerInvocation,
+                        &xb,
+                        &w,
+                        None,
+                        &y,
+                        m as u32,
+                        0,
+                    ),
+                    "matmul Tiled" => matmul::matmul_with(
+                        g,
+                        matmul::MatmulKernel::Tiled,
+                        &xb,
+                        &w,
+                        None,
+                        &y,
+                        m as u32,
+                    ),
+                    _ => matmul::matmul_with(
+                        g,
+                        matmul::MatmulKernel::Registers,
+                        &xb,
+                        &w,
+                        None,
+                        &y,
+                        m as u32,
+                    ),
+                }
+                .unwrap();
+                g.run(kind, &ds.iter().collect::<Vec<_>>()).unwrap();
+                assert_close_each(&format!("{kind} {dtype:?} {gname}"), &g.read_f32(&y, m * n).unwrap(), &want, |i| dot_bound(abs_sum[i], cols + 6, want[i]),
+                    "per-element decode within 4u (scale products may fuse differently), then f32 accumulation of k products");
+            }
+            let ids = [0u32, 17, n as u32 - 1];
+            let xe = poisoned(g, "x", ids.len() * cols);
+            let ds = embedding::embedding(
+                g,
+                &g.upload("ids", bytemuck::cast_slice(&ids)).unwrap(),
+                &w,
+                &xe,
+                ids.len() as u32,
+            )
+            .unwrap();
+            g.run("embedding", &ds.iter().collect::<Vec<_>>()).unwrap();
+            let want_rows = embedding::embedding_cpu(&ids, &exact, cols);
+            assert_close_each(&format!("embedding {dtype:?} {gname}"), &g.read_f32(&xe, ids.len() * cols).unwrap(), &want_rows, |i| want_rows[i].abs() as f64 * 4.0 * U32 + 1e-30,
+                "decode of one element: a product (and a sum) of exact f16 scales and small integers, ≤ 4u");
         }
     }
 }

@@ -310,7 +310,12 @@ fn sharded_checkpoints_load_like_single_files() {
     let dir = std::env::temp_dir().join(format!("kiln-sharded-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    for f in ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"] {
+    for f in [
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
         std::fs::copy(src.join(f), dir.join(f)).unwrap();
     }
     let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
@@ -321,14 +326,21 @@ fn sharded_checkpoints_load_like_single_files() {
     let mut weight_map = serde_json::Map::new();
     for (i, part) in [first, second].iter().enumerate() {
         let file = format!("model-{:05}-of-00002.safetensors", i + 1);
-        let views: Vec<(String, safetensors::tensor::TensorView)> = part.iter().map(|n| (n.clone(), st.tensor(n).unwrap())).collect();
+        let views: Vec<(String, safetensors::tensor::TensorView)> = part
+            .iter()
+            .map(|n| (n.clone(), st.tensor(n).unwrap()))
+            .collect();
         safetensors::serialize_to_file(views, None, &dir.join(&file)).unwrap();
         for n in part.iter() {
             weight_map.insert(n.clone(), Value::String(file.clone()));
         }
     }
     let index = serde_json::json!({ "metadata": {}, "weight_map": weight_map });
-    std::fs::write(dir.join("model.safetensors.index.json"), serde_json::to_vec(&index).unwrap()).unwrap();
+    std::fs::write(
+        dir.join("model.safetensors.index.json"),
+        serde_json::to_vec(&index).unwrap(),
+    )
+    .unwrap();
 
     let (_, gpu) = devices().remove(0);
     let ids = u32s(&golden("qwen2-tiny")["logits"][1]["input_ids"]);
@@ -336,7 +348,13 @@ fn sharded_checkpoints_load_like_single_files() {
     let sharded = Model::load(&dir, gpu, &mut |_, _| {}).unwrap();
     let a = Session::new(&single, None).unwrap().feed(&ids).unwrap();
     let b = Session::new(&sharded, None).unwrap().feed(&ids).unwrap();
-    assert_close("sharded vs single file", &b, &a, 0.0, "the same weights give the same bits");
+    assert_close(
+        "sharded vs single file",
+        &b,
+        &a,
+        0.0,
+        "the same weights give the same bits",
+    );
 }
 
 #[test]
@@ -349,9 +367,16 @@ fn generation_stops_at_any_eos_id() {
     model.generation.eos_token_ids = vec![999_999, want[3]];
     let mut params = greedy(32);
     params.stop_at_eos = true;
-    let out = Session::new(&model, None).unwrap().generate(&prompt, &params, |_| {}).unwrap();
+    let out = Session::new(&model, None)
+        .unwrap()
+        .generate(&prompt, &params, |_| {})
+        .unwrap();
     assert_eq!(out.stop, StopReason::Eos);
-    assert_eq!(out.tokens, want[..3], "stops before the eos token, which is not returned");
+    assert_eq!(
+        out.tokens,
+        want[..3],
+        "stops before the eos token, which is not returned"
+    );
 }
 
 #[test]
@@ -361,10 +386,27 @@ fn sampling_is_reproducible_by_seed() {
     let prompt = u32s(&golden("qwen2-tiny")["greedy"][0]["prompt_ids"]);
     let params = |seed| GenerateParams {
         max_tokens: 16,
-        sampling: SamplingParams { temperature: 1.0, top_k: 50, top_p: 0.95, min_p: 0.01, repeat_penalty: 1.1, seed },
+        sampling: SamplingParams {
+            temperature: 1.0,
+            top_k: 50,
+            top_p: 0.95,
+            min_p: 0.01,
+            repeat_penalty: 1.1,
+            seed,
+        },
         stop_at_eos: false,
     };
-    let run = |seed| Session::new(&model, None).unwrap().generate(&prompt, &params(seed), |_| {}).unwrap().tokens;
+    let run = |seed| {
+        Session::new(&model, None)
+            .unwrap()
+            .generate(&prompt, &params(seed), |_| {})
+            .unwrap()
+            .tokens
+    };
     assert_eq!(run(7), run(7), "same seed, same tokens");
-    assert_ne!(run(7), run(8), "another seed, other tokens (16 draws at temperature 1)");
+    assert_ne!(
+        run(7),
+        run(8),
+        "another seed, other tokens (16 draws at temperature 1)"
+    );
 }

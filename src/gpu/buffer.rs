@@ -5,7 +5,8 @@ use super::{ErrorScope, Gpu};
 use crate::error::{KilnError, Result};
 use wgpu::util::DeviceExt;
 
-/// Element type of a weight matrix as stored on the GPU.
+/// Element type of a weight matrix as stored on the GPU: the checkpoint's own encoding, never
+/// expanded (`shaders/weights.wgsl` decodes it inside the kernels).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum DType {
     F32,
@@ -13,14 +14,38 @@ pub enum DType {
     F16,
     /// bfloat16 (the top half of an f32), two per u32 word: kept as stored in checkpoints.
     BF16,
+    /// GGUF block formats (ggml-quants.c), blocks kept byte for byte.
+    Q8_0,
+    Q4_0,
+    Q4_1,
+    Q5_0,
+    Q5_1,
+    Q4K,
+    Q5K,
+    Q6K,
 }
 
 impl DType {
-    pub fn bytes_for(self, elements: u64) -> u64 {
+    /// (elements, bytes) of one block: a single element for the float types.
+    pub fn block(self) -> (u64, u64) {
         match self {
-            DType::F32 => elements * 4,
-            DType::F16 | DType::BF16 => elements * 2,
+            DType::F32 => (1, 4),
+            DType::F16 | DType::BF16 => (1, 2),
+            DType::Q8_0 => (32, 34),
+            DType::Q4_0 => (32, 18),
+            DType::Q4_1 => (32, 20),
+            DType::Q5_0 => (32, 22),
+            DType::Q5_1 => (32, 24),
+            DType::Q4K => (256, 144),
+            DType::Q5K => (256, 176),
+            DType::Q6K => (256, 210),
         }
+    }
+
+    /// Bytes of `elements` elements (a whole number of blocks).
+    pub fn bytes_for(self, elements: u64) -> u64 {
+        let (n, b) = self.block();
+        elements / n * b
     }
 
     /// Value of the kernels' `W_DTYPE` override constant (weights.wgsl).
@@ -29,6 +54,14 @@ impl DType {
             DType::F32 => 0,
             DType::F16 => 1,
             DType::BF16 => 2,
+            DType::Q8_0 => 3,
+            DType::Q4_0 => 4,
+            DType::Q4_1 => 5,
+            DType::Q5_0 => 6,
+            DType::Q5_1 => 7,
+            DType::Q4K => 8,
+            DType::Q5K => 9,
+            DType::Q6K => 10,
         }
     }
 }
@@ -63,6 +96,15 @@ impl Weight {
         dtype: DType,
         bytes: &[u8],
     ) -> Result<Weight> {
+        let block = dtype.block().0;
+        if !(cols as u64).is_multiple_of(block) {
+            return Err(KilnError::shape(
+                "weight upload",
+                format!(
+                    "{name}: {cols} columns are not a whole number of {dtype:?} blocks of {block}"
+                ),
+            ));
+        }
         let expected = dtype.bytes_for(rows as u64 * cols as u64);
         if bytes.len() as u64 != expected {
             return Err(KilnError::shape(

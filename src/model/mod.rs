@@ -12,7 +12,7 @@ pub mod weights;
 
 pub use config::{Architecture, ModelConfig};
 
-use crate::gpu::{DType, Gpu};
+use crate::gpu::Gpu;
 use crate::tokenizer::Tokenizer;
 use crate::{KilnError, Result};
 use serde_json::Value;
@@ -192,11 +192,7 @@ impl Model {
             c.qkv_bias
         );
         for (dtype, bytes) in self.weights.bytes_by_dtype() {
-            let name = match dtype {
-                DType::F32 => "f32",
-                DType::F16 => "f16",
-                DType::BF16 => "bf16",
-            };
+            let name = format!("{dtype:?}").to_lowercase();
             s += &format!("weights {name:5}   {bytes} bytes ({:.3} GiB)\n", gib(bytes));
         }
         let e = self.kv_element_bytes();

@@ -261,7 +261,9 @@ pub fn decode_with(
     };
     let split = match kernel {
         SplitKernel::Workgroup => gpu.pipeline(&shaders::ATTENTION, entry, &[])?,
-        SplitKernel::Lanes => gpu.pipeline(&shaders::ATTENTION, entry, &[("HEAD_DIM", shape.head_dim)])?,
+        SplitKernel::Lanes => {
+            gpu.pipeline(&shaders::ATTENTION, entry, &[("HEAD_DIM", shape.head_dim)])?
+        }
     };
     let reduce = gpu.pipeline(&shaders::ATTENTION, "decode_reduce", &[])?;
     let grid = kernel.grid(shape, n_tokens, n_splits);
