@@ -3,6 +3,7 @@
 //! offsets bounds-checked by the `safetensors` crate before any tensor is touched, so a
 //! truncated or crafted file is an error naming it, never a panic or an out-of-bounds read.
 
+use crate::gpu::DType;
 use crate::{KilnError, Result};
 use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensors};
@@ -137,82 +138,79 @@ impl Checkpoint {
     }
 }
 
-/// Bytes per element of a supported dtype.
-pub fn element_bytes(dtype: Dtype) -> Option<usize> {
-    match dtype {
-        Dtype::F32 => Some(4),
-        Dtype::F16 | Dtype::BF16 => Some(2),
-        _ => None,
+/// Tensor data by Hugging Face name, from a safetensors checkpoint or a GGUF file.
+pub trait TensorSource {
+    /// Every tensor name the file holds, as a Hugging Face name where it maps to one.
+    fn names(&self) -> Vec<String>;
+    /// Storage type, shape (rows, cols) or (n), and the raw bytes of `name`.
+    fn tensor(&self, name: &str) -> Result<(DType, Vec<usize>, &[u8])>;
+    /// The file that holds `name`, for messages.
+    fn path_of(&self, name: &str) -> PathBuf;
+    /// The data of `name` has been uploaded: its pages may go.
+    fn release(&self, name: &str);
+}
+
+impl TensorSource for Checkpoint {
+    fn names(&self) -> Vec<String> {
+        self.tensors.keys().cloned().collect()
+    }
+
+    fn tensor(&self, name: &str) -> Result<(DType, Vec<usize>, &[u8])> {
+        let info = self.tensors.get(name).ok_or_else(|| KilnError::model("checkpoint", format!("no tensor `{name}`")))?;
+        let dtype = match info.dtype {
+            Dtype::F32 => DType::F32,
+            Dtype::F16 => DType::F16,
+            Dtype::BF16 => DType::BF16,
+            other => {
+                return Err(KilnError::model(
+                    &self.files[info.file].path,
+                    format!("tensor `{name}` has dtype {other:?}; kiln loads F32, F16 and BF16"),
+                ))
+            }
+        };
+        Ok((dtype, info.shape.clone(), self.bytes(name)?))
+    }
+
+    fn path_of(&self, name: &str) -> PathBuf {
+        Checkpoint::path_of(self, name).map(Path::to_path_buf).unwrap_or_default()
+    }
+
+    fn release(&self, name: &str) {
+        Checkpoint::release(self, name)
     }
 }
 
-/// Convert a tensor of f32/f16/bf16 bytes to f32 (for norms and biases, kept in f32).
-pub fn to_f32(dtype: Dtype, bytes: &[u8]) -> Vec<f32> {
-    match dtype {
-        Dtype::F32 => bytes
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect(),
-        Dtype::F16 => bytes
-            .chunks_exact(2)
-            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-        Dtype::BF16 => bytes
-            .chunks_exact(2)
-            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-        _ => Vec::new(),
-    }
+/// Convert a float vector (norm weight, bias) to f32; block formats are not used for vectors.
+pub fn to_f32(dtype: DType, bytes: &[u8]) -> Option<Vec<f32>> {
+    Some(match dtype {
+        DType::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+        DType::F16 => bytes.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+        DType::BF16 => bytes.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+        _ => return None,
+    })
 }
 
-/// Tensors expected by a config, with their shapes; used to reject missing, extra and
-/// mis-shaped tensors before anything is uploaded.
-pub fn check_tensors(
-    ckpt: &Checkpoint,
-    expected: &HashMap<String, Vec<usize>>,
-    dir: &Path,
-) -> Result<()> {
-    let mut missing: Vec<&String> = expected
-        .keys()
-        .filter(|n| !ckpt.tensors.contains_key(*n))
-        .collect();
+/// Check a source against the tensors a config implies: a missing, extra or mis-shaped tensor,
+/// or one of a type kiln cannot read, is an error naming it, before anything is uploaded.
+pub fn check_tensors(src: &dyn TensorSource, expected: &HashMap<String, Vec<usize>>, origin: &Path) -> Result<()> {
+    let names = src.names();
+    let mut missing: Vec<&String> = expected.keys().filter(|n| !names.contains(n)).collect();
     missing.sort();
     if let Some(name) = missing.first() {
-        return Err(KilnError::model(
-            dir,
-            format!("missing tensor `{name}` ({} missing in all)", missing.len()),
-        ));
+        return Err(KilnError::model(origin, format!("missing tensor `{name}` ({} missing in all)", missing.len())));
     }
-    for (name, info) in &ckpt.tensors {
-        let path = ckpt.path_of(name).unwrap_or(dir);
+    for name in &names {
+        let path = src.path_of(name);
         match expected.get(name) {
             // Non-parameter buffers some exporters keep; they are recomputed here.
             None if name.ends_with("rotary_emb.inv_freq") => {}
-            None => {
-                return Err(KilnError::model(
-                    path,
-                    format!("unexpected tensor `{name}` for this config"),
-                ))
+            None => return Err(KilnError::model(path, format!("unexpected tensor `{name}` for this config"))),
+            Some(shape) => {
+                let (_, actual, _) = src.tensor(name)?;
+                if *shape != actual {
+                    return Err(KilnError::model(path, format!("tensor `{name}` has shape {actual:?}, config implies {shape:?}")));
+                }
             }
-            Some(shape) if *shape != info.shape => {
-                return Err(KilnError::model(
-                    path,
-                    format!(
-                        "tensor `{name}` has shape {:?}, config implies {shape:?}",
-                        info.shape
-                    ),
-                ))
-            }
-            Some(_) => {}
-        }
-        if element_bytes(info.dtype).is_none() {
-            return Err(KilnError::model(
-                path,
-                format!(
-                    "tensor `{name}` has dtype {:?}; kiln loads F32, F16 and BF16",
-                    info.dtype
-                ),
-            ));
         }
     }
     Ok(())

@@ -71,6 +71,26 @@ pub struct Model {
     pub load_stats: LoadStats,
 }
 
+/// Check `src` against `config` and upload it: (weights, bytes, largest tensor's bytes).
+fn upload(
+    gpu: &Gpu,
+    src: &dyn checkpoint::TensorSource,
+    config: &ModelConfig,
+    origin: &Path,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<(weights::Weights, u64, u64)> {
+    checkpoint::check_tensors(src, &weights::expected_tensors(config), origin)?;
+    let sizes: Vec<u64> = src.names().iter().filter_map(|n| src.tensor(n).ok()).map(|(_, _, b)| b.len() as u64).collect();
+    let (total, largest) = (sizes.iter().sum(), sizes.iter().copied().max().unwrap_or(0));
+    let mut done = 0u64;
+    let mut on_bytes = |b: u64| {
+        done += b;
+        progress(done, total);
+    };
+    let weights = weights::Uploader { gpu, src, on_bytes: &mut on_bytes }.weights(config)?;
+    Ok((weights, total, largest))
+}
+
 /// Peak resident set size of this process (Linux), in bytes.
 pub fn peak_rss_bytes() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
@@ -102,31 +122,7 @@ impl Model {
         }
 
         let ckpt = checkpoint::Checkpoint::open(dir)?;
-        checkpoint::check_tensors(&ckpt, &weights::expected_tensors(&config), dir)?;
-        let total: u64 = ckpt
-            .tensors
-            .keys()
-            .filter_map(|n| ckpt.bytes(n).ok())
-            .map(|b| b.len() as u64)
-            .sum();
-        let largest = ckpt
-            .tensors
-            .keys()
-            .filter_map(|n| ckpt.bytes(n).ok())
-            .map(|b| b.len() as u64)
-            .max()
-            .unwrap_or(0);
-        let mut done = 0u64;
-        let mut on_bytes = |b: u64| {
-            done += b;
-            progress(done, total);
-        };
-        let weights = weights::Uploader {
-            gpu: &gpu,
-            ckpt: &ckpt,
-            on_bytes: &mut on_bytes,
-        }
-        .weights(&config)?;
+        let (weights, total, largest) = upload(&gpu, &ckpt, &config, dir, progress)?;
         // Finish the uploads before reporting the load as done.
         gpu.device
             .poll(wgpu::PollType::wait_indefinitely())

@@ -1,11 +1,10 @@
 //! The model's parameters on the GPU, under their Hugging Face names, and the list of tensors
 //! a config implies (so a checkpoint is checked whole before anything is uploaded).
 
-use super::checkpoint::{self, Checkpoint};
+use super::checkpoint::{self, TensorSource};
 use super::config::ModelConfig;
 use crate::gpu::{DType, Gpu, Weight};
 use crate::{KilnError, Result};
-use safetensors::Dtype;
 use std::collections::HashMap;
 
 /// `model.layers.{i}`: one decoder block.
@@ -100,43 +99,28 @@ pub fn expected_tensors(c: &ModelConfig) -> HashMap<String, Vec<usize>> {
 /// Uploads tensors one at a time, releasing each one's pages after, and reports progress.
 pub struct Uploader<'a> {
     pub gpu: &'a Gpu,
-    pub ckpt: &'a Checkpoint,
+    pub src: &'a dyn TensorSource,
     pub on_bytes: &'a mut dyn FnMut(u64),
 }
 
 impl Uploader<'_> {
-    /// A matrix, kept in its checkpoint dtype (f32, f16 or bf16).
+    /// A matrix, kept in its stored encoding (f32, f16, bf16 or a GGUF block format).
     pub fn matrix(&mut self, name: &str) -> Result<Weight> {
-        let info = &self.ckpt.tensors[name];
-        let dtype = match info.dtype {
-            Dtype::F32 => DType::F32,
-            Dtype::F16 => DType::F16,
-            Dtype::BF16 => DType::BF16,
-            other => {
-                return Err(KilnError::model(
-                    name,
-                    format!("unsupported dtype {other:?}"),
-                ))
-            }
-        };
-        let (rows, cols) = (info.shape[0] as u32, info.shape[1] as u32);
-        let bytes = self.ckpt.bytes(name)?;
-        let w = Weight::upload(self.gpu, name, rows, cols, dtype, bytes)?;
+        let (dtype, shape, bytes) = self.src.tensor(name)?;
+        let w = Weight::upload(self.gpu, name, shape[0] as u32, shape[1] as u32, dtype, bytes)?;
         (self.on_bytes)(bytes.len() as u64);
-        self.ckpt.release(name);
+        self.src.release(name);
         Ok(w)
     }
 
     /// A vector (norm weight, bias), converted to f32.
     pub fn vector(&mut self, name: &str) -> Result<wgpu::Buffer> {
-        let info = &self.ckpt.tensors[name];
-        let bytes = self.ckpt.bytes(name)?;
-        let buf = self.gpu.upload(
-            name,
-            bytemuck::cast_slice(&checkpoint::to_f32(info.dtype, bytes)),
-        )?;
+        let (dtype, _, bytes) = self.src.tensor(name)?;
+        let values = checkpoint::to_f32(dtype, bytes)
+            .ok_or_else(|| KilnError::model(self.src.path_of(name), format!("vector `{name}` is stored as {dtype:?}; kiln reads F32, F16, BF16 vectors")))?;
+        let buf = self.gpu.upload(name, bytemuck::cast_slice(&values))?;
         (self.on_bytes)(bytes.len() as u64);
-        self.ckpt.release(name);
+        self.src.release(name);
         Ok(buf)
     }
 
