@@ -8,6 +8,7 @@
 
 pub mod error;
 pub mod gguf;
+pub mod gguf_tokenizer;
 pub mod gpu;
 pub mod model;
 pub mod ops;

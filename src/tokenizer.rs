@@ -78,13 +78,35 @@ impl Tokenizer {
     /// Load from explicit files. Without a config there is no chat template and no bos/eos id.
     pub fn from_files(tokenizer_json: &Path, tokenizer_config: Option<&Path>) -> Result<Tokenizer> {
         let bytes = std::fs::read(tokenizer_json).map_err(|e| KilnError::io(tokenizer_json, e))?;
-        let inner = tokenizers::Tokenizer::from_bytes(&bytes).map_err(|e| {
-            KilnError::model(tokenizer_json, format!("not a valid tokenizer.json: {e}"))
-        })?;
         let config = match tokenizer_config {
             Some(path) => TokenizerConfig::load(path)?,
             None => TokenizerConfig::default(),
         };
+        Self::from_parts(&bytes, config, tokenizer_json, tokenizer_config)
+    }
+
+    /// From the JSON of a tokenizer.json and a tokenizer_config.json made elsewhere (a GGUF
+    /// file's metadata); `origin` names their source in errors.
+    pub fn from_json_values(
+        tokenizer: &serde_json::Value,
+        config: &serde_json::Value,
+        origin: &Path,
+    ) -> Result<Tokenizer> {
+        let bytes = serde_json::to_vec(tokenizer)
+            .map_err(|e| KilnError::model(origin, format!("tokenizer: {e}")))?;
+        let config = TokenizerConfig::from_json(origin, config)?;
+        Self::from_parts(&bytes, config, origin, None)
+    }
+
+    fn from_parts(
+        bytes: &[u8],
+        config: TokenizerConfig,
+        tokenizer_json: &Path,
+        tokenizer_config: Option<&Path>,
+    ) -> Result<Tokenizer> {
+        let inner = tokenizers::Tokenizer::from_bytes(bytes).map_err(|e| {
+            KilnError::model(tokenizer_json, format!("not a valid tokenizer.json: {e}"))
+        })?;
 
         // A bos/eos the vocabulary lacks would silently never match (generation would not stop),
         // so it is an error here rather than a `None`.
@@ -243,6 +265,10 @@ impl TokenizerConfig {
         // (model_max_length, for one, can be 1e30, which no integer type holds).
         let json: serde_json::Value = serde_json::from_str(&text)
             .map_err(|e| KilnError::model(path, format!("not valid JSON: {e}")))?;
+        Self::from_json(path, &json)
+    }
+
+    fn from_json(path: &Path, json: &serde_json::Value) -> Result<TokenizerConfig> {
         let Some(obj) = json.as_object() else {
             return Err(KilnError::model(path, "expected a JSON object"));
         };

@@ -156,7 +156,10 @@ impl TensorSource for Checkpoint {
     }
 
     fn tensor(&self, name: &str) -> Result<(DType, Vec<usize>, &[u8])> {
-        let info = self.tensors.get(name).ok_or_else(|| KilnError::model("checkpoint", format!("no tensor `{name}`")))?;
+        let info = self
+            .tensors
+            .get(name)
+            .ok_or_else(|| KilnError::model("checkpoint", format!("no tensor `{name}`")))?;
         let dtype = match info.dtype {
             Dtype::F32 => DType::F32,
             Dtype::F16 => DType::F16,
@@ -172,7 +175,9 @@ impl TensorSource for Checkpoint {
     }
 
     fn path_of(&self, name: &str) -> PathBuf {
-        Checkpoint::path_of(self, name).map(Path::to_path_buf).unwrap_or_default()
+        Checkpoint::path_of(self, name)
+            .map(Path::to_path_buf)
+            .unwrap_or_default()
     }
 
     fn release(&self, name: &str) {
@@ -183,32 +188,56 @@ impl TensorSource for Checkpoint {
 /// Convert a float vector (norm weight, bias) to f32; block formats are not used for vectors.
 pub fn to_f32(dtype: DType, bytes: &[u8]) -> Option<Vec<f32>> {
     Some(match dtype {
-        DType::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
-        DType::F16 => bytes.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-        DType::BF16 => bytes.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+        DType::F32 => bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        DType::F16 => bytes
+            .chunks_exact(2)
+            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        DType::BF16 => bytes
+            .chunks_exact(2)
+            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
         _ => return None,
     })
 }
 
 /// Check a source against the tensors a config implies: a missing, extra or mis-shaped tensor,
 /// or one of a type kiln cannot read, is an error naming it, before anything is uploaded.
-pub fn check_tensors(src: &dyn TensorSource, expected: &HashMap<String, Vec<usize>>, origin: &Path) -> Result<()> {
+pub fn check_tensors(
+    src: &dyn TensorSource,
+    expected: &HashMap<String, Vec<usize>>,
+    origin: &Path,
+) -> Result<()> {
     let names = src.names();
     let mut missing: Vec<&String> = expected.keys().filter(|n| !names.contains(n)).collect();
     missing.sort();
     if let Some(name) = missing.first() {
-        return Err(KilnError::model(origin, format!("missing tensor `{name}` ({} missing in all)", missing.len())));
+        return Err(KilnError::model(
+            origin,
+            format!("missing tensor `{name}` ({} missing in all)", missing.len()),
+        ));
     }
     for name in &names {
         let path = src.path_of(name);
         match expected.get(name) {
             // Non-parameter buffers some exporters keep; they are recomputed here.
             None if name.ends_with("rotary_emb.inv_freq") => {}
-            None => return Err(KilnError::model(path, format!("unexpected tensor `{name}` for this config"))),
+            None => {
+                return Err(KilnError::model(
+                    path,
+                    format!("unexpected tensor `{name}` for this config"),
+                ))
+            }
             Some(shape) => {
                 let (_, actual, _) = src.tensor(name)?;
                 if *shape != actual {
-                    return Err(KilnError::model(path, format!("tensor `{name}` has shape {actual:?}, config implies {shape:?}")));
+                    return Err(KilnError::model(
+                        path,
+                        format!("tensor `{name}` has shape {actual:?}, config implies {shape:?}"),
+                    ));
                 }
             }
         }

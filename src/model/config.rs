@@ -57,6 +57,9 @@ pub struct ModelConfig {
     pub rms_norm_eps: f32,
     pub rope_theta: f64,
     pub rope_scaling: Option<Llama3Scaling>,
+    /// Rotate pairs (2i, 2i+1) instead of HF's (i, i + d/2): GGUF llama files, whose q/k rows
+    /// llama.cpp's converter permuted.
+    pub rope_interleaved: bool,
     pub max_position_embeddings: usize,
     pub tie_word_embeddings: bool,
     /// q/k/v projections carry biases (Qwen2; Llama with `attention_bias`).
@@ -206,6 +209,7 @@ impl ModelConfig {
             rms_norm_eps: raw.rms_norm_eps.unwrap_or(1e-6) as f32,
             rope_theta,
             rope_scaling,
+            rope_interleaved: false,
             max_position_embeddings: raw.max_position_embeddings.unwrap_or(4096),
             tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
             qkv_bias: qwen || attention_bias,

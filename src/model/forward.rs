@@ -197,7 +197,11 @@ pub fn plan(
         n_heads: c.n_heads as u32,
         head_dim: c.head_dim as u32,
         pos0: 0,
-        layout: rope::RopeLayout::HalfSplit,
+        layout: if c.rope_interleaved {
+            rope::RopeLayout::Interleaved
+        } else {
+            rope::RopeLayout::HalfSplit
+        },
     };
     let rope_k = rope::RopeShape {
         n_heads: c.n_kv_heads as u32,

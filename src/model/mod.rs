@@ -8,6 +8,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod forward;
+pub mod gguf_source;
 pub mod weights;
 
 pub use config::{Architecture, ModelConfig};
@@ -71,6 +72,47 @@ pub struct Model {
     pub load_stats: LoadStats,
 }
 
+/// The snapshot directory of a hub repo id (`org/name[@revision]`) in the standard Hugging Face
+/// cache (`$HF_HUB_CACHE`, `$HF_HOME/hub`, or `~/.cache/huggingface/hub`):
+/// `models--org--name/snapshots/<commit>`, the commit read from `refs/<revision>` (default `main`).
+pub fn resolve_repo_id(id: &Path) -> Result<PathBuf> {
+    let text = id.to_string_lossy();
+    let (repo, revision) = text.split_once('@').unwrap_or((&text, "main"));
+    let parts: Vec<&str> = repo.split('/').collect();
+    if parts.len() != 2
+        || parts
+            .iter()
+            .any(|p| p.is_empty() || *p == "." || *p == "..")
+    {
+        return Err(KilnError::model(
+            id,
+            "no such file or directory, and not a hub repo id (org/name)",
+        ));
+    }
+    let hub = std::env::var_os("HF_HUB_CACHE")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HF_HOME").map(|h| PathBuf::from(h).join("hub")))
+        .or_else(|| {
+            std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/huggingface/hub"))
+        })
+        .ok_or_else(|| KilnError::model(id, "no Hugging Face cache directory (set HF_HOME)"))?;
+    let repo_dir = hub.join(format!("models--{}--{}", parts[0], parts[1]));
+    let refs = repo_dir.join("refs").join(revision);
+    let commit = match std::fs::read_to_string(&refs) {
+        Ok(c) => c.trim().to_string(),
+        // A revision can also be a commit hash directly.
+        Err(_) => revision.to_string(),
+    };
+    let snapshot = repo_dir.join("snapshots").join(&commit);
+    if !snapshot.is_dir() {
+        return Err(KilnError::model(
+            id,
+            format!("not in the Hugging Face cache ({} is missing); the hub is not reachable from kiln, download it first", snapshot.display()),
+        ));
+    }
+    Ok(snapshot)
+}
+
 /// Check `src` against `config` and upload it: (weights, bytes, largest tensor's bytes).
 fn upload(
     gpu: &Gpu,
@@ -80,14 +122,24 @@ fn upload(
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<(weights::Weights, u64, u64)> {
     checkpoint::check_tensors(src, &weights::expected_tensors(config), origin)?;
-    let sizes: Vec<u64> = src.names().iter().filter_map(|n| src.tensor(n).ok()).map(|(_, _, b)| b.len() as u64).collect();
+    let sizes: Vec<u64> = src
+        .names()
+        .iter()
+        .filter_map(|n| src.tensor(n).ok())
+        .map(|(_, _, b)| b.len() as u64)
+        .collect();
     let (total, largest) = (sizes.iter().sum(), sizes.iter().copied().max().unwrap_or(0));
     let mut done = 0u64;
     let mut on_bytes = |b: u64| {
         done += b;
         progress(done, total);
     };
-    let weights = weights::Uploader { gpu, src, on_bytes: &mut on_bytes }.weights(config)?;
+    let weights = weights::Uploader {
+        gpu,
+        src,
+        on_bytes: &mut on_bytes,
+    }
+    .weights(config)?;
     Ok((weights, total, largest))
 }
 
@@ -101,18 +153,39 @@ pub fn peak_rss_bytes() -> Option<u64> {
 
 impl Model {
     /// Load a Hugging Face model directory. `progress(done, total)` is called with weight bytes.
-    pub fn load(dir: &Path, gpu: Arc<Gpu>, progress: &mut dyn FnMut(u64, u64)) -> Result<Model> {
+    /// Load a model: a Hugging Face model directory, a `.gguf` file, or a hub repo id
+    /// (`org/name`) already in the Hugging Face cache. `progress(done, total)` gets weight bytes.
+    pub fn load(path: &Path, gpu: Arc<Gpu>, progress: &mut dyn FnMut(u64, u64)) -> Result<Model> {
         let start = Instant::now();
-        if !dir.is_dir() {
-            return Err(KilnError::model(dir, "not a model directory"));
-        }
-        let config = ModelConfig::from_file(&dir.join("config.json"))?;
-        let tokenizer = Tokenizer::from_dir(dir)?;
-        let gen_path = dir.join("generation_config.json");
-        let mut generation = if gen_path.exists() {
-            GenerationDefaults::from_file(&gen_path)?
+        let resolved;
+        let path = if path.exists() {
+            path
         } else {
-            GenerationDefaults::default()
+            resolved = resolve_repo_id(path)?;
+            resolved.as_path()
+        };
+        let (config, tokenizer, mut generation, (weights, total, largest)) = if path.is_file() {
+            let src = gguf_source::GgufSource::open(path)?;
+            let config = src.config()?;
+            let tokenizer = crate::gguf_tokenizer::from_gguf(&src.file, path)?;
+            let generation = GenerationDefaults {
+                eos_token_ids: config.eos_token_ids.clone(),
+                ..Default::default()
+            };
+            let uploaded = upload(&gpu, &src, &config, path, progress)?;
+            (config, tokenizer, generation, uploaded)
+        } else {
+            let config = ModelConfig::from_file(&path.join("config.json"))?;
+            let tokenizer = Tokenizer::from_dir(path)?;
+            let gen_path = path.join("generation_config.json");
+            let generation = if gen_path.exists() {
+                GenerationDefaults::from_file(&gen_path)?
+            } else {
+                GenerationDefaults::default()
+            };
+            let ckpt = checkpoint::Checkpoint::open(path)?;
+            let uploaded = upload(&gpu, &ckpt, &config, path, progress)?;
+            (config, tokenizer, generation, uploaded)
         };
         if generation.eos_token_ids.is_empty() {
             generation.eos_token_ids = config.eos_token_ids.clone();
@@ -120,9 +193,6 @@ impl Model {
         if generation.eos_token_ids.is_empty() {
             generation.eos_token_ids.extend(tokenizer.eos_id());
         }
-
-        let ckpt = checkpoint::Checkpoint::open(dir)?;
-        let (weights, total, largest) = upload(&gpu, &ckpt, &config, dir, progress)?;
         // Finish the uploads before reporting the load as done.
         gpu.device
             .poll(wgpu::PollType::wait_indefinitely())
@@ -132,7 +202,7 @@ impl Model {
             })?;
         Ok(Model {
             gpu,
-            dir: dir.to_path_buf(),
+            dir: path.to_path_buf(),
             config,
             weights,
             tokenizer,

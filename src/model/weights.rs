@@ -107,7 +107,14 @@ impl Uploader<'_> {
     /// A matrix, kept in its stored encoding (f32, f16, bf16 or a GGUF block format).
     pub fn matrix(&mut self, name: &str) -> Result<Weight> {
         let (dtype, shape, bytes) = self.src.tensor(name)?;
-        let w = Weight::upload(self.gpu, name, shape[0] as u32, shape[1] as u32, dtype, bytes)?;
+        let w = Weight::upload(
+            self.gpu,
+            name,
+            shape[0] as u32,
+            shape[1] as u32,
+            dtype,
+            bytes,
+        )?;
         (self.on_bytes)(bytes.len() as u64);
         self.src.release(name);
         Ok(w)
@@ -116,8 +123,14 @@ impl Uploader<'_> {
     /// A vector (norm weight, bias), converted to f32.
     pub fn vector(&mut self, name: &str) -> Result<wgpu::Buffer> {
         let (dtype, _, bytes) = self.src.tensor(name)?;
-        let values = checkpoint::to_f32(dtype, bytes)
-            .ok_or_else(|| KilnError::model(self.src.path_of(name), format!("vector `{name}` is stored as {dtype:?}; kiln reads F32, F16, BF16 vectors")))?;
+        let values = checkpoint::to_f32(dtype, bytes).ok_or_else(|| {
+            KilnError::model(
+                self.src.path_of(name),
+                format!(
+                    "vector `{name}` is stored as {dtype:?}; kiln reads F32, F16, BF16 vectors"
+                ),
+            )
+        })?;
         let buf = self.gpu.upload(name, bytemuck::cast_slice(&values))?;
         (self.on_bytes)(bytes.len() as u64);
         self.src.release(name);

@@ -1,0 +1,188 @@
+//! GGUF files as a model source: configuration from `{arch}.*` metadata, tensors renamed to
+//! their Hugging Face names (so one model definition serves both formats), dimensions turned
+//! from GGUF's innermost-first order into (rows, cols), and quantised blocks passed through.
+//!
+//! llama.cpp's converter permutes the rows of `attn_q` and `attn_k` for arch `llama` so that
+//! pairs (2i, 2i+1) rotate together; kiln then applies interleaved RoPE to those weights
+//! (`ModelConfig::rope_interleaved`) instead of un-permuting them. q·k is unchanged because
+//! q and k are permuted alike. Arch `qwen2` files are not permuted.
+
+use super::checkpoint::TensorSource;
+use super::config::{Architecture, ModelConfig};
+use crate::gguf::{GgmlType, GgufFile};
+use crate::gpu::DType;
+use crate::{KilnError, Result};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+/// The Hugging Face name of a GGUF tensor name, where there is one.
+fn hf_name(gguf: &str) -> Option<String> {
+    let fixed = match gguf {
+        "token_embd.weight" => Some("model.embed_tokens.weight"),
+        "output_norm.weight" => Some("model.norm.weight"),
+        "output.weight" => Some("lm_head.weight"),
+        _ => None,
+    };
+    if let Some(n) = fixed {
+        return Some(n.to_string());
+    }
+    let rest = gguf.strip_prefix("blk.")?;
+    let (layer, part) = rest.split_once('.')?;
+    layer.parse::<usize>().ok()?;
+    let (module, kind) = part.rsplit_once('.')?;
+    let hf = match module {
+        "attn_norm" => "input_layernorm",
+        "ffn_norm" => "post_attention_layernorm",
+        "attn_q" => "self_attn.q_proj",
+        "attn_k" => "self_attn.k_proj",
+        "attn_v" => "self_attn.v_proj",
+        "attn_output" => "self_attn.o_proj",
+        "ffn_gate" => "mlp.gate_proj",
+        "ffn_up" => "mlp.up_proj",
+        "ffn_down" => "mlp.down_proj",
+        _ => return None,
+    };
+    Some(format!("model.layers.{layer}.{hf}.{kind}"))
+}
+
+fn dtype(t: GgmlType) -> DType {
+    match t {
+        GgmlType::F32 => DType::F32,
+        GgmlType::F16 => DType::F16,
+        GgmlType::BF16 => DType::BF16,
+        GgmlType::Q8_0 => DType::Q8_0,
+        GgmlType::Q4_0 => DType::Q4_0,
+        GgmlType::Q4_1 => DType::Q4_1,
+        GgmlType::Q5_0 => DType::Q5_0,
+        GgmlType::Q5_1 => DType::Q5_1,
+        GgmlType::Q4_K => DType::Q4K,
+        GgmlType::Q5_K => DType::Q5K,
+        GgmlType::Q6_K => DType::Q6K,
+    }
+}
+
+pub struct GgufSource {
+    pub file: GgufFile,
+    path: PathBuf,
+    /// Hugging Face (or, without one, GGUF) name → index into `file.tensors`.
+    by_name: HashMap<String, usize>,
+}
+
+impl GgufSource {
+    pub fn open(path: &Path) -> Result<GgufSource> {
+        let file = GgufFile::open(path)?;
+        let by_name = file
+            .tensors
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (hf_name(&t.name).unwrap_or_else(|| t.name.clone()), i))
+            .collect();
+        Ok(GgufSource {
+            file,
+            path: path.to_path_buf(),
+            by_name,
+        })
+    }
+
+    /// The model configuration the metadata describes.
+    pub fn config(&self) -> Result<ModelConfig> {
+        let f = &self.file;
+        let err = |m: String| KilnError::model(&self.path, m);
+        let arch_name = f.architecture()?;
+        let architecture = match arch_name {
+            "llama" => Architecture::Llama,
+            "qwen2" => Architecture::Qwen2,
+            other => {
+                return Err(err(format!(
+                    "unknown GGUF architecture `{other}`: kiln runs llama and qwen2"
+                )))
+            }
+        };
+        let key = |k: &str| format!("{arch_name}.{k}");
+        let usize_of = |k: &str| f.get_u64(&key(k)).map(|v| v as usize);
+        let hidden_size = usize_of("embedding_length")?;
+        let n_heads = usize_of("attention.head_count")?;
+        let n_kv_heads = usize_of("attention.head_count_kv").unwrap_or(n_heads);
+        if n_heads == 0
+            || n_kv_heads == 0
+            || n_heads % n_kv_heads != 0
+            || hidden_size % n_heads != 0
+        {
+            return Err(err(format!("{n_heads} heads / {n_kv_heads} kv heads / hidden {hidden_size} do not fit together")));
+        }
+        let head_dim = usize_of("attention.key_length").unwrap_or(hidden_size / n_heads);
+        if head_dim % 2 != 0 || head_dim > 128 {
+            return Err(err(format!(
+                "head_dim {head_dim} is not supported (even, at most 128)"
+            )));
+        }
+        if let Ok(kind) = f.get_str(&key("rope.scaling.type")) {
+            if kind != "none" {
+                return Err(err(format!(
+                    "rope scaling `{kind}` in GGUF files is not supported yet"
+                )));
+            }
+        }
+        let vocab_size = usize_of("vocab_size")
+            .or_else(|_| f.get_str_array("tokenizer.ggml.tokens").map(|t| t.len()))?;
+        let eos: Vec<u32> = f
+            .get_u32("tokenizer.ggml.eos_token_id")
+            .ok()
+            .into_iter()
+            .collect();
+        Ok(ModelConfig {
+            architecture,
+            hidden_size,
+            intermediate_size: usize_of("feed_forward_length")?,
+            n_layers: usize_of("block_count")?,
+            n_heads,
+            n_kv_heads,
+            head_dim,
+            vocab_size,
+            rms_norm_eps: f
+                .get_f32(&key("attention.layer_norm_rms_epsilon"))
+                .unwrap_or(1e-6),
+            rope_theta: f
+                .get_f32(&key("rope.freq_base"))
+                .map(f64::from)
+                .unwrap_or(10000.0),
+            rope_scaling: None,
+            rope_interleaved: architecture == Architecture::Llama,
+            max_position_embeddings: usize_of("context_length").unwrap_or(4096),
+            tie_word_embeddings: !self.by_name.contains_key("lm_head.weight"),
+            qkv_bias: self
+                .by_name
+                .contains_key("model.layers.0.self_attn.q_proj.bias"),
+            o_bias: self
+                .by_name
+                .contains_key("model.layers.0.self_attn.o_proj.bias"),
+            bos_token_id: f.get_u32("tokenizer.ggml.bos_token_id").ok(),
+            eos_token_ids: eos,
+        })
+    }
+}
+
+impl TensorSource for GgufSource {
+    fn names(&self) -> Vec<String> {
+        self.by_name.keys().cloned().collect()
+    }
+
+    fn tensor(&self, name: &str) -> Result<(DType, Vec<usize>, &[u8])> {
+        let info = self
+            .by_name
+            .get(name)
+            .and_then(|&i| self.file.tensors.get(i))
+            .ok_or_else(|| KilnError::model(&self.path, format!("no tensor `{name}`")))?;
+        // GGUF lists dimensions innermost first: [cols, rows] is a (rows × cols) matrix.
+        let shape: Vec<usize> = info.dims.iter().rev().map(|&d| d as usize).collect();
+        Ok((dtype(info.ggml_type), shape, self.file.tensor_data(info)?))
+    }
+
+    fn path_of(&self, _name: &str) -> PathBuf {
+        self.path.clone()
+    }
+
+    fn release(&self, _name: &str) {
+        // PERF: GgufFile owns its map; dropping uploaded pages needs an advise hook there.
+    }
+}
