@@ -364,3 +364,40 @@ fn cli_info_perplexity_and_chat_run_on_the_fixtures() {
         "the second turn feeds only its new tokens: {prompts:?}"
     );
 }
+
+#[test]
+fn hub_repo_ids_resolve_through_the_hugging_face_cache() {
+    // The standard cache layout, offline: models--org--name/refs/main → snapshots/<commit>/.
+    let hub = std::env::temp_dir().join(format!("kiln-hub-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&hub);
+    let repo = hub.join("models--kiln-test--qwen2-tiny");
+    let snapshot = repo.join("snapshots/0123abcd");
+    std::fs::create_dir_all(&snapshot).unwrap();
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), "0123abcd\n").unwrap();
+    for e in std::fs::read_dir(fixture("qwen2-tiny")).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), snapshot.join(e.file_name())).unwrap();
+    }
+    let run = |id: &str| {
+        Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .args(["info", "--model", id])
+            .env("HF_HUB_CACHE", &hub)
+            .output()
+            .unwrap()
+    };
+    let out = run("kiln-test/qwen2-tiny");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("snapshots/0123abcd"));
+    let out = run("kiln-test/absent-model");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("not in the Hugging Face cache") && !err.contains("panicked"),
+        "{err}"
+    );
+}
