@@ -154,6 +154,17 @@ fn weight_at(i: u32) -> f32 {
     }
 }
 
+// The four signed bytes of a word, as f32.
+fn i8x4(u: u32) -> vec4<f32> {
+    return vec4<f32>(f32(i32(u << 24u) >> 24u), f32(i32(u << 16u) >> 24u), f32(i32(u << 8u) >> 24u), f32(i32(u) >> 24u));
+}
+
+// One nibble (bits shift .. shift + 3) of each byte of a word, as f32.
+fn nib4(u: u32, shift: u32) -> vec4<f32> {
+    let v = (u >> shift) & 0x0f0f0f0fu;
+    return vec4<f32>(f32(v & 0xffu), f32((v >> 8u) & 0xffu), f32((v >> 16u) & 0xffu), f32(v >> 24u));
+}
+
 // Elements 8j .. 8j + 7 of the flattened matrix, as two vec4.
 fn weight8(j: u32) -> array<vec4<f32>, 2> {
     switch W_DTYPE {
@@ -165,9 +176,29 @@ fn weight8(j: u32) -> array<vec4<f32>, 2> {
             return array<vec4<f32>, 2>(vec4<f32>(decode_pair(q.x), decode_pair(q.y)),
                                        vec4<f32>(decode_pair(q.z), decode_pair(q.w)));
         }
+        case 3u: {   // Q8_0: 8 consecutive i8 at an even offset
+            let base = (j / 4u) * 34u;
+            let q = base + 2u + 8u * (j % 4u);
+            let d = w_half(base);
+            return array<vec4<f32>, 2>(i8x4(w_u32_even(q)) * d, i8x4(w_u32_even(q + 4u)) * d);
+        }
+        case 4u, 5u: {   // Q4_0 / Q4_1: 8 low (elements 0..15) or high (16..31) nibbles
+            let sub = j % 4u;
+            let base = (j / 4u) * block_bytes();
+            let q = base + select(2u, 4u, W_DTYPE == DT_Q4_1) + 8u * (sub & 1u);
+            let shift = 4u * (sub >> 1u);
+            let d = w_half(base);
+            let a = nib4(w_u32_even(q), shift);
+            let b = nib4(w_u32_even(q + 4u), shift);
+            if W_DTYPE == DT_Q4_0 {
+                return array<vec4<f32>, 2>((a - 8.0) * d, (b - 8.0) * d);
+            }
+            let m = w_half(base + 2u);
+            return array<vec4<f32>, 2>(a * d + m, b * d + m);
+        }
         default: {
-            // PERF: decodes element by element; per-type vector paths come with the
-            // decode-speed work.
+            // PERF: decodes element by element; vector paths for the other block types come
+            // with the decode-speed work.
             let bs = block_elems();
             let i = 8u * j;
             let base = (i / bs) * block_bytes();
