@@ -94,6 +94,8 @@ pub struct Activations {
     pub logits: wgpu::Buffer, // (logit_rows, vocab)
     pub token: wgpu::Buffer,  // (1) u32: greedy pick
     partials: attention::Partials,
+    /// (max_tokens, heads, 1 split): prefill attention on CPU adapters.
+    prefill_partials: Option<attention::Partials>,
     max_splits: u32,
 }
 
@@ -126,6 +128,12 @@ impl Activations {
             logits: gpu.buffer("logits", logit_rows as u64 * vocab_row)?,
             token: gpu.buffer("token", 4)?,
             partials: attention::Partials::new(gpu, &shape, 1, max_splits)?,
+            prefill_partials: match attention::SplitKernel::for_device(gpu) {
+                attention::SplitKernel::Lanes => {
+                    Some(attention::Partials::new(gpu, &shape, max_tokens, 1)?)
+                }
+                attention::SplitKernel::Workgroup => None,
+            },
             max_splits,
         })
     }
@@ -285,6 +293,26 @@ pub fn plan(
                 d.len(),
                 Positional::AttentionSplit(attention_params(&split), d.len() + 1, kernel),
             ));
+            d.push(split);
+            d.push(reduce);
+        } else if let Some(partials) = &act.prefill_partials {
+            // CPU adapters: one invocation per (query, head) over its whole causal range, then
+            // the merge step; the shared-memory prefill kernel is slower there.
+            let whole = (1, cache.ctx.div_ceil(64) * 64);
+            let [split, reduce] = attention::decode_with(
+                gpu,
+                attention::SplitKernel::Lanes,
+                &shape,
+                &act.q,
+                &cache.k[l],
+                &cache.v[l],
+                &act.attn,
+                partials,
+                n,
+                0,
+                whole,
+            )?;
+            positional.push((d.len(), Positional::Attention(attention_params(&split))));
             d.push(split);
             d.push(reduce);
         } else {
