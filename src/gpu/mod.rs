@@ -108,6 +108,13 @@ impl Gpu {
         self.submit_and_wait(label, encoder)
     }
 
+    /// A software adapter (lavapipe, WARP, SwiftShader): workgroups run as SIMD loops on CPU
+    /// cores, where barriers and cross-lane shared memory cost more than re-reading memory, so
+    /// ops pick their barrier-free kernel variants (benches/RESULTS.md).
+    pub fn is_cpu_adapter(&self) -> bool {
+        self.info.device_type == wgpu::DeviceType::Cpu
+    }
+
     pub fn encoder(&self, label: &str) -> wgpu::CommandEncoder {
         self.device
             .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some(label) })

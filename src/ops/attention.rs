@@ -160,7 +160,7 @@ pub enum SplitKernel {
 
 impl SplitKernel {
     pub fn for_device(gpu: &Gpu) -> Self {
-        if gpu.info.device_type == wgpu::DeviceType::Cpu {
+        if gpu.is_cpu_adapter() {
             SplitKernel::Lanes
         } else {
             SplitKernel::Workgroup

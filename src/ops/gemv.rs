@@ -26,7 +26,7 @@ pub enum GemvKernel {
 
 impl GemvKernel {
     pub fn for_device(gpu: &Gpu) -> Self {
-        if gpu.info.device_type == wgpu::DeviceType::Cpu {
+        if gpu.is_cpu_adapter() {
             GemvKernel::RowPerInvocation
         } else {
             GemvKernel::Reduce

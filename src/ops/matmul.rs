@@ -28,7 +28,7 @@ impl MatmulKernel {
     /// Registers on CPU adapters (lavapipe), where a barrier costs more than the re-reads it
     /// saves (benches/RESULTS.md); shared-memory tiles elsewhere.
     pub fn for_device(gpu: &Gpu) -> Self {
-        if gpu.info.device_type == wgpu::DeviceType::Cpu {
+        if gpu.is_cpu_adapter() {
             MatmulKernel::Registers
         } else {
             MatmulKernel::Tiled
