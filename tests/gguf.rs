@@ -250,7 +250,7 @@ impl Out {
         self.string(key).u32(v.value_type().id()).payload(v)
     }
     fn pad_to(&mut self, alignment: u64) {
-        while self.0.len() as u64 % alignment != 0 {
+        while !(self.0.len() as u64).is_multiple_of(alignment) {
             self.0.push(0);
         }
     }
@@ -784,4 +784,40 @@ fn fuzz_seed_is_current() {
         "{} is stale: rerun with KILN_BLESS=1",
         path.display()
     );
+}
+
+/// Real llama.cpp files, when present: every `.gguf` under `$KILN_GGUF_DIR` parses, and every
+/// tensor of a supported type slices and dequantises. Prints one summary line per file.
+/// `KILN_GGUF_DIR=/path cargo test --test gguf -- --ignored --nocapture`
+#[test]
+#[ignore = "needs KILN_GGUF_DIR with real GGUF files"]
+fn parses_real_gguf_files() {
+    let Some(dir) = std::env::var_os("KILN_GGUF_DIR") else {
+        return;
+    };
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "gguf"))
+        .collect();
+    paths.sort();
+    assert!(!paths.is_empty(), "no .gguf files in KILN_GGUF_DIR");
+    for path in paths {
+        let f = GgufFile::open(&path).unwrap_or_else(|e| panic!("{e}"));
+        let mut n_values = 0usize;
+        for t in &f.tensors {
+            n_values += f.dequantize(t).unwrap_or_else(|e| panic!("{e}")).len();
+        }
+        let vocab = f
+            .get_str_array("tokenizer.ggml.tokens")
+            .map_or(0, |v| v.len());
+        println!(
+            "{}: v{} arch {:?}, {} keys, {} tensors ({n_values} values), vocab {vocab}",
+            path.display(),
+            f.version(),
+            f.architecture().unwrap_or("?"),
+            f.metadata.len(),
+            f.tensors.len(),
+        );
+    }
 }

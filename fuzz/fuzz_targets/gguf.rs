@@ -26,7 +26,9 @@ fuzz_target!(|data: &[u8]| {
         let values = kiln::quant::dequantize(
             tensor.ggml_type,
             bytes,
-            tensor.n_elements().expect("accepted tensor has an element count") as usize,
+            tensor
+                .n_elements()
+                .expect("accepted tensor has an element count") as usize,
         )
         .expect("accepted tensor dequantises");
         std::hint::black_box(values);
