@@ -78,11 +78,7 @@ fn gemv_kernels(gpu: &Gpu) -> Vec<GemvKernel> {
     let own = GemvKernel::for_device(gpu);
     let mut v = vec![own];
     if all_kernels() {
-        v.extend(
-            [GemvKernel::Reduce, GemvKernel::RowPerInvocation]
-                .into_iter()
-                .filter(|k| *k != own),
-        );
+        v.extend([GemvKernel::Reduce, GemvKernel::RowPerInvocation].into_iter().filter(|k| *k != own));
     }
     v
 }
@@ -91,11 +87,7 @@ fn matmul_kernels(gpu: &Gpu) -> Vec<MatmulKernel> {
     let own = MatmulKernel::for_device(gpu);
     let mut v = vec![own];
     if all_kernels() {
-        v.extend(
-            [MatmulKernel::Tiled, MatmulKernel::Registers]
-                .into_iter()
-                .filter(|k| *k != own),
-        );
+        v.extend([MatmulKernel::Tiled, MatmulKernel::Registers].into_iter().filter(|k| *k != own));
     }
     v
 }
@@ -107,19 +99,13 @@ fn all_kernels() -> bool {
 fn main() -> Result<()> {
     let gpu = Gpu::new()?;
     let wanted = std::env::var("KILN_BENCH_MODELS").unwrap_or_default();
-    let prefill_m: u32 = std::env::var("KILN_BENCH_M")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(128);
+    let prefill_m: u32 = std::env::var("KILN_BENCH_M").ok().and_then(|s| s.parse().ok()).unwrap_or(128);
     println!("device: {}", gpu.describe());
     println!("timing: {:?}", gpu.timer());
 
     // Copy bandwidth: read + write of a 64 MiB buffer by a vec4 copy kernel.
     let bytes = 64u64 << 20;
-    let (src, dst) = (
-        gpu.buffer("copy src", bytes)?,
-        gpu.buffer("copy dst", bytes)?,
-    );
+    let (src, dst) = (gpu.buffer("copy src", bytes)?, gpu.buffer("copy dst", bytes)?);
     let copy = elementwise::copy(&gpu, &src, &dst, bytes)?;
     let copy_gbs = 2.0 * bytes as f64 / seconds(&gpu, "copy", &[&copy], 0.5)? / 1e9;
     println!("copy bandwidth (read + write): {copy_gbs:.2} GB/s\n");
@@ -128,10 +114,7 @@ fn main() -> Result<()> {
     let mut matmul_rows = Vec::new();
     println!("| model | kernel | shape | time | throughput | ratio |");
     println!("|---|---|---|---|---|---|");
-    for model in MODELS
-        .iter()
-        .filter(|m| wanted.is_empty() || wanted.split(',').any(|w| w == m.key))
-    {
+    for model in MODELS.iter().filter(|m| wanted.is_empty() || wanted.split(',').any(|w| w == m.key)) {
         let kv_dim = model.kv_heads * model.head_dim;
         let projections = [
             ("q_proj", model.hidden, model.hidden),
@@ -146,17 +129,10 @@ fn main() -> Result<()> {
                 name,
                 n,
                 k,
-                if std::env::var("KILN_BENCH_F32").is_ok() {
-                    DType::F32
-                } else {
-                    DType::F16
-                },
+                if std::env::var("KILN_BENCH_F32").is_ok() { DType::F32 } else { DType::F16 },
             )?;
             // Decode: one token.
-            let (x, y) = (
-                gpu.buffer("x", k as u64 * 4)?,
-                gpu.buffer("y", n as u64 * 4)?,
-            );
+            let (x, y) = (gpu.buffer("x", k as u64 * 4)?, gpu.buffer("y", n as u64 * 4)?);
             for kind in gemv_kernels(&gpu) {
                 let ds = gemv::gemv_with(&gpu, kind, &x, &w, None, &y, 1, 0)?;
                 let t = seconds(&gpu, name, &ds.iter().collect::<Vec<_>>(), 0.3)?;
@@ -170,10 +146,8 @@ fn main() -> Result<()> {
             }
             // Prefill: a batch of tokens (the lm-head is applied to the last token only).
             if name != "lm_head" {
-                let (x, y) = (
-                    gpu.buffer("x", (prefill_m * k) as u64 * 4)?,
-                    gpu.buffer("y", (prefill_m * n) as u64 * 4)?,
-                );
+                let (x, y) =
+                    (gpu.buffer("x", (prefill_m * k) as u64 * 4)?, gpu.buffer("y", (prefill_m * n) as u64 * 4)?);
                 for kind in matmul_kernels(&gpu) {
                     let ds = matmul::matmul_with(&gpu, kind, &x, &w, None, &y, prefill_m)?;
                     let t = seconds(&gpu, name, &ds.iter().collect::<Vec<_>>(), 0.5)?;
@@ -205,11 +179,7 @@ fn main() -> Result<()> {
         let (q, out) = (gpu.buffer("q", q_len)?, gpu.buffer("out", q_len)?);
         let d = attention::prefill(&gpu, &shape, &q, &kc, &vc, &out, prefill_m, 0)?;
         let t = seconds(&gpu, "attention prefill", &[&d], 0.5)?;
-        println!(
-            "| {} | attention prefill | T={prefill_m} | {:.3} ms | | |",
-            model.name,
-            t * 1e3
-        );
+        println!("| {} | attention prefill | T={prefill_m} | {:.3} ms | | |", model.name, t * 1e3);
         for kv_len in [512u32, 2048, 4096] {
             let splits = shape.splits(kv_len, 64);
             let partials = attention::Partials::new(&gpu, &shape, 1, splits.0)?;
@@ -217,28 +187,14 @@ fn main() -> Result<()> {
             let mut kernels = vec![own];
             if all_kernels() {
                 kernels.extend(
-                    [
-                        attention::SplitKernel::Workgroup,
-                        attention::SplitKernel::Lanes,
-                    ]
-                    .into_iter()
-                    .filter(|k| *k != own),
+                    [attention::SplitKernel::Workgroup, attention::SplitKernel::Lanes]
+                        .into_iter()
+                        .filter(|k| *k != own),
                 );
             }
             for kernel in kernels {
-                let [a, b] = attention::decode_with(
-                    &gpu,
-                    kernel,
-                    &shape,
-                    &q,
-                    &kc,
-                    &vc,
-                    &out,
-                    &partials,
-                    1,
-                    kv_len - 1,
-                    splits,
-                )?;
+                let [a, b] =
+                    attention::decode_with(&gpu, kernel, &shape, &q, &kc, &vc, &out, &partials, 1, kv_len - 1, splits)?;
                 let t = seconds(&gpu, "attention decode", &[&a, &b], 0.3)?;
                 let gbs = (2 * kv_len as u64 * kv_dim as u64 * elem) as f64 / t / 1e9;
                 println!(
@@ -253,10 +209,7 @@ fn main() -> Result<()> {
     }
     let best = matmul_rows.iter().map(|r| r.1).fold(0.0, f64::max);
     for (row, gflops) in &matmul_rows {
-        println!(
-            "{row} | {gflops:.2} GFLOP/s | {:.0}% of best matmul |",
-            100.0 * gflops / best
-        );
+        println!("{row} | {gflops:.2} GFLOP/s | {:.0}% of best matmul |", 100.0 * gflops / best);
     }
     Ok(())
 }

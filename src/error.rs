@@ -53,10 +53,7 @@ pub enum KilnError {
 
     /// Reading a file failed.
     #[error("{path}: {source}")]
-    Io {
-        path: String,
-        source: std::io::Error,
-    },
+    Io { path: String, source: std::io::Error },
 
     /// Anything the user asked for that this device or build cannot do.
     #[error("unsupported: {0}")]
@@ -65,23 +62,14 @@ pub enum KilnError {
 
 impl KilnError {
     pub fn model(path: impl AsRef<std::path::Path>, message: impl Into<String>) -> Self {
-        KilnError::Model {
-            path: path.as_ref().display().to_string(),
-            message: message.into(),
-        }
+        KilnError::Model { path: path.as_ref().display().to_string(), message: message.into() }
     }
 
     pub fn io(path: impl AsRef<std::path::Path>, source: std::io::Error) -> Self {
-        KilnError::Io {
-            path: path.as_ref().display().to_string(),
-            source,
-        }
+        KilnError::Io { path: path.as_ref().display().to_string(), source }
     }
 
     pub(crate) fn shape(op: &'static str, message: impl Into<String>) -> Self {
-        KilnError::Shape {
-            op,
-            message: message.into(),
-        }
+        KilnError::Shape { op, message: message.into() }
     }
 }

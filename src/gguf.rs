@@ -135,9 +135,7 @@ impl GgmlType {
     pub fn block_size(self) -> usize {
         match self {
             GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => 1,
-            GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q5_1 | GgmlType::Q8_0 => {
-                quant::QK
-            }
+            GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q5_1 | GgmlType::Q8_0 => quant::QK,
             GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K => quant::QK_K,
         }
     }
@@ -174,9 +172,7 @@ impl fmt::Display for GgmlType {
 fn row_size(ty: GgmlType, ne0: u64) -> std::result::Result<u64, String> {
     let block = ty.block_size() as u64;
     if !ne0.is_multiple_of(block) {
-        return Err(format!(
-            "a row of {ne0} elements is not a whole number of {ty} blocks of {block}"
-        ));
+        return Err(format!("a row of {ne0} elements is not a whole number of {ty} blocks of {block}"));
     }
     (ne0 / block)
         .checked_mul(ty.type_size() as u64)
@@ -215,14 +211,8 @@ fn unsupported_type_message(id: u32) -> String {
     };
     let supported: Vec<&str> = GgmlType::ALL.iter().map(|t| t.name()).collect();
     match name {
-        Some(name) => format!(
-            "ggml tensor type {id} ({name}); kiln reads {}",
-            supported.join(", ")
-        ),
-        None => format!(
-            "unknown ggml tensor type id {id}; kiln reads {}",
-            supported.join(", ")
-        ),
+        Some(name) => format!("ggml tensor type {id} ({name}); kiln reads {}", supported.join(", ")),
+        None => format!("unknown ggml tensor type id {id}; kiln reads {}", supported.join(", ")),
     }
 }
 
@@ -473,8 +463,7 @@ impl TensorInfo {
 
 fn n_elements(dims: &[u64]) -> std::result::Result<u64, String> {
     dims.iter().try_fold(1u64, |n, &d| {
-        n.checked_mul(d)
-            .ok_or_else(|| format!("element count of dims {dims:?} overflows 64 bits"))
+        n.checked_mul(d).ok_or_else(|| format!("element count of dims {dims:?} overflows 64 bits"))
     })
 }
 
@@ -541,8 +530,7 @@ impl<B: AsRef<[u8]>> GgufFile<B> {
 
     /// Parse GGUF bytes; `source` names them in errors (usually the path).
     pub fn parse_from(bytes: B, source: String) -> Result<Self> {
-        let header =
-            parse_header(bytes.as_ref()).map_err(|m| KilnError::model(source.as_str(), m))?;
+        let header = parse_header(bytes.as_ref()).map_err(|m| KilnError::model(source.as_str(), m))?;
         Ok(GgufFile {
             bytes,
             source,
@@ -587,27 +575,18 @@ impl<B: AsRef<[u8]>> GgufFile<B> {
     /// The raw bytes of `tensor`'s data, straight from the file. Bounds are checked again here,
     /// so this is safe on a `TensorInfo` from anywhere, not only from this file's directory.
     pub fn tensor_data(&self, tensor: &TensorInfo) -> Result<&[u8]> {
-        let err =
-            |m: String| KilnError::model(&self.source, format!("tensor `{}`: {m}", tensor.name));
+        let err = |m: String| KilnError::model(&self.source, format!("tensor `{}`: {m}", tensor.name));
         let n_bytes = n_bytes(&tensor.dims, tensor.ggml_type).map_err(err)?;
         let start = self
             .data_start
             .checked_add(tensor.offset)
             .ok_or_else(|| err(format!("offset {} overflows 64 bits", tensor.offset)))?;
-        let end = start
-            .checked_add(n_bytes)
-            .ok_or_else(|| err(format!("data end overflows 64 bits ({n_bytes} bytes)")))?;
+        let end =
+            start.checked_add(n_bytes).ok_or_else(|| err(format!("data end overflows 64 bits ({n_bytes} bytes)")))?;
         let bytes = self.bytes.as_ref();
-        usize::try_from(start)
-            .ok()
-            .zip(usize::try_from(end).ok())
-            .and_then(|(s, e)| bytes.get(s..e))
-            .ok_or_else(|| {
-                err(format!(
-                    "data bytes {start}..{end} lie past the end of the file ({} bytes)",
-                    bytes.len()
-                ))
-            })
+        usize::try_from(start).ok().zip(usize::try_from(end).ok()).and_then(|(s, e)| bytes.get(s..e)).ok_or_else(|| {
+            err(format!("data bytes {start}..{end} lie past the end of the file ({} bytes)", bytes.len()))
+        })
     }
 
     /// `tensor`'s data dequantised to f32, in the file's element order.
@@ -616,9 +595,8 @@ impl<B: AsRef<[u8]>> GgufFile<B> {
         let n = tensor
             .n_elements()
             .and_then(|n| {
-                usize::try_from(n).map_err(|_| {
-                    KilnError::model(&tensor.name, format!("{n} elements do not fit in memory"))
-                })
+                usize::try_from(n)
+                    .map_err(|_| KilnError::model(&tensor.name, format!("{n} elements do not fit in memory")))
             })
             .map_err(|e| KilnError::model(&self.source, e.to_string()))?;
         quant::dequantize(tensor.ggml_type, data, n)
@@ -633,34 +611,20 @@ impl<B: AsRef<[u8]>> GgufFile<B> {
     }
 
     fn require(&self, key: &str) -> Result<&Value> {
-        self.metadata.get(key).ok_or_else(|| {
-            KilnError::model(&self.source, format!("metadata key `{key}` is missing"))
-        })
+        self.metadata.get(key).ok_or_else(|| KilnError::model(&self.source, format!("metadata key `{key}` is missing")))
     }
 
     fn wrong_type(&self, key: &str, value: &Value, expected: &str) -> KilnError {
-        KilnError::model(
-            &self.source,
-            format!(
-                "metadata `{key}` is {}, expected {expected}",
-                value.type_description()
-            ),
-        )
+        KilnError::model(&self.source, format!("metadata `{key}` is {}, expected {expected}", value.type_description()))
     }
 
     /// An integer of any width whose value fits `T` (writers differ in the width they pick for
     /// the same key, e.g. `context_length` as u32 or u64).
     fn get_int<T: TryFrom<i128>>(&self, key: &str, expected: &str) -> Result<T> {
         let value = self.require(key)?;
-        let wide = value
-            .as_i128()
-            .ok_or_else(|| self.wrong_type(key, value, expected))?;
-        T::try_from(wide).map_err(|_| {
-            KilnError::model(
-                &self.source,
-                format!("metadata `{key}` = {wide} does not fit {expected}"),
-            )
-        })
+        let wide = value.as_i128().ok_or_else(|| self.wrong_type(key, value, expected))?;
+        T::try_from(wide)
+            .map_err(|_| KilnError::model(&self.source, format!("metadata `{key}` = {wide} does not fit {expected}")))
     }
 
     /// Any integer value that fits a u32.
@@ -771,9 +735,7 @@ fn parse_header(bytes: &[u8]) -> ParseResult<Header> {
 
     let magic: [u8; 4] = r.array("magic")?;
     if magic != GGUF_MAGIC {
-        return Err(format!(
-            "not a GGUF file: starts with {magic:02x?}, expected \"GGUF\""
-        ));
+        return Err(format!("not a GGUF file: starts with {magic:02x?}, expected \"GGUF\""));
     }
     let version = r.u32("version")?;
     match version {
@@ -784,10 +746,7 @@ fn parse_header(bytes: &[u8]) -> ParseResult<Header> {
                 .to_string())
         }
         v if v.swap_bytes() == 2 || v.swap_bytes() == 3 => {
-            return Err(format!(
-                "big-endian GGUF (version {}) is not supported",
-                v.swap_bytes()
-            ))
+            return Err(format!("big-endian GGUF (version {}) is not supported", v.swap_bytes()))
         }
         v => return Err(format!("unsupported GGUF version {v} (only 2 and 3)")),
     }
@@ -811,19 +770,12 @@ fn parse_header(bytes: &[u8]) -> ParseResult<Header> {
     let alignment = match metadata.get(ALIGNMENT_KEY) {
         None => DEFAULT_ALIGNMENT,
         Some(v) => {
-            let a = v.as_i128().ok_or_else(|| {
-                format!(
-                    "`{ALIGNMENT_KEY}` is {}, expected an integer",
-                    v.type_description()
-                )
-            })?;
+            let a = v
+                .as_i128()
+                .ok_or_else(|| format!("`{ALIGNMENT_KEY}` is {}, expected an integer", v.type_description()))?;
             match u64::try_from(a) {
                 Ok(a) if a.is_power_of_two() => a,
-                _ => {
-                    return Err(format!(
-                        "`{ALIGNMENT_KEY}` = {a} is not a non-zero power of two"
-                    ))
-                }
+                _ => return Err(format!("`{ALIGNMENT_KEY}` = {a} is not a non-zero power of two")),
             }
         }
     };
@@ -838,9 +790,7 @@ fn parse_header(bytes: &[u8]) -> ParseResult<Header> {
         let what = |field: &str| format!("{field} of tensor `{name}`");
         let n_dims = r.u32(&what("n_dims"))?;
         if n_dims == 0 || n_dims as usize > MAX_DIMS {
-            return Err(format!(
-                "tensor `{name}` has {n_dims} dimensions (ggml allows 1 to {MAX_DIMS})"
-            ));
+            return Err(format!("tensor `{name}` has {n_dims} dimensions (ggml allows 1 to {MAX_DIMS})"));
         }
         let mut dims = Vec::with_capacity(n_dims as usize);
         for _ in 0..n_dims {
@@ -859,16 +809,11 @@ fn parse_header(bytes: &[u8]) -> ParseResult<Header> {
         if !names.insert(name.clone()) {
             return Err(format!("duplicate tensor name `{name}` at byte {info_at}"));
         }
-        tensors.push(TensorInfo {
-            name,
-            dims,
-            ggml_type,
-            offset,
-        });
+        tensors.push(TensorInfo { name, dims, ggml_type, offset });
     }
 
-    let data_start = align_up(r.pos as u64, alignment)
-        .ok_or_else(|| "data section start overflows 64 bits".to_string())?;
+    let data_start =
+        align_up(r.pos as u64, alignment).ok_or_else(|| "data section start overflows 64 bits".to_string())?;
     let file_len = bytes.len() as u64;
 
     // Each tensor's range must lie in the file; then no two may overlap.
@@ -877,17 +822,12 @@ fn parse_header(bytes: &[u8]) -> ParseResult<Header> {
         let name = &t.name;
         let size = n_bytes(&t.dims, t.ggml_type).map_err(|m| format!("tensor `{name}`: {m}"))?;
         if !t.offset.is_multiple_of(alignment) {
-            return Err(format!(
-                "tensor `{name}` offset {} is not a multiple of the alignment {alignment}",
-                t.offset
-            ));
+            return Err(format!("tensor `{name}` offset {} is not a multiple of the alignment {alignment}", t.offset));
         }
         let start = data_start
             .checked_add(t.offset)
             .ok_or_else(|| format!("tensor `{name}` offset {} overflows 64 bits", t.offset))?;
-        let end = start
-            .checked_add(size)
-            .ok_or_else(|| format!("tensor `{name}` end overflows 64 bits"))?;
+        let end = start.checked_add(size).ok_or_else(|| format!("tensor `{name}` end overflows 64 bits"))?;
         if end > file_len {
             return Err(format!(
                 "tensor `{name}` data (bytes {start}..{end}, {} {size} bytes) runs past the end \
@@ -904,22 +844,12 @@ fn parse_header(bytes: &[u8]) -> ParseResult<Header> {
         if let [(_, end_a, a), (start_b, _, b)] = *pair {
             if start_b < end_a {
                 let name = |i: usize| tensors.get(i).map_or("?", |t| t.name.as_str());
-                return Err(format!(
-                    "tensors `{}` and `{}` overlap in the data section",
-                    name(a),
-                    name(b)
-                ));
+                return Err(format!("tensors `{}` and `{}` overlap in the data section", name(a), name(b)));
             }
         }
     }
 
-    Ok(Header {
-        version,
-        alignment,
-        data_start,
-        metadata,
-        tensors,
-    })
+    Ok(Header { version, alignment, data_start, metadata, tensors })
 }
 
 /// `pos` rounded up to a multiple of `alignment` (a power of two); `None` on overflow.
@@ -939,17 +869,9 @@ impl<'a> Reader<'a> {
     }
 
     fn take(&mut self, n: usize, what: &str) -> ParseResult<&'a [u8]> {
-        let slice = self
-            .pos
-            .checked_add(n)
-            .and_then(|end| self.bytes.get(self.pos..end))
-            .ok_or_else(|| {
-                format!(
-                    "truncated: {what} needs {n} bytes at byte {}, but only {} remain",
-                    self.pos,
-                    self.remaining()
-                )
-            })?;
+        let slice = self.pos.checked_add(n).and_then(|end| self.bytes.get(self.pos..end)).ok_or_else(|| {
+            format!("truncated: {what} needs {n} bytes at byte {}, but only {} remain", self.pos, self.remaining())
+        })?;
         self.pos += n;
         Ok(slice)
     }
@@ -957,9 +879,7 @@ impl<'a> Reader<'a> {
     fn array<const N: usize>(&mut self, what: &str) -> ParseResult<[u8; N]> {
         let slice = self.take(N, what)?;
         // `take` returned exactly N bytes, so the conversion cannot fail.
-        slice
-            .try_into()
-            .map_err(|_| format!("internal: short read for {what}"))
+        slice.try_into().map_err(|_| format!("internal: short read for {what}"))
     }
 
     fn u8(&mut self, what: &str) -> ParseResult<u8> {
@@ -998,25 +918,17 @@ impl<'a> Reader<'a> {
         match self.u8(what)? {
             0 => Ok(false),
             1 => Ok(true),
-            b => Err(format!(
-                "{what}: bool byte {b} at byte {at} is neither 0 nor 1"
-            )),
+            b => Err(format!("{what}: bool byte {b} at byte {at} is neither 0 nor 1")),
         }
     }
 
     /// A count read from the file, refused unless `count` items of at least `min_size` bytes
     /// each fit in what remains, so the caller may allocate `count` items.
     fn count(&mut self, count: u64, min_size: usize, what: &str) -> ParseResult<usize> {
-        let fits = usize::try_from(count).ok().filter(|&n| {
-            n.checked_mul(min_size)
-                .is_some_and(|b| b <= self.remaining())
-        });
+        let fits =
+            usize::try_from(count).ok().filter(|&n| n.checked_mul(min_size).is_some_and(|b| b <= self.remaining()));
         fits.ok_or_else(|| {
-            format!(
-                "{count} {what} cannot fit in the {} bytes left after byte {}",
-                self.remaining(),
-                self.pos
-            )
+            format!("{count} {what} cannot fit in the {} bytes left after byte {}", self.remaining(), self.pos)
         })
     }
 
@@ -1024,15 +936,9 @@ impl<'a> Reader<'a> {
         let at = self.pos;
         // `what` is formatted only on error: this runs once per vocabulary entry.
         let len = self.u64(what)?;
-        let len = usize::try_from(len)
-            .ok()
-            .filter(|&n| n <= self.remaining())
-            .ok_or_else(|| {
-                format!(
-                    "{what}: string of {len} bytes at byte {at} runs past the end ({} bytes remain)",
-                    self.remaining()
-                )
-            })?;
+        let len = usize::try_from(len).ok().filter(|&n| n <= self.remaining()).ok_or_else(|| {
+            format!("{what}: string of {len} bytes at byte {at} runs past the end ({} bytes remain)", self.remaining())
+        })?;
         self.take(len, what)
     }
 
@@ -1053,8 +959,7 @@ impl<'a> Reader<'a> {
     fn value_type(&mut self, what: &str) -> ParseResult<ValueType> {
         let at = self.pos;
         let id = self.u32(what)?;
-        ValueType::from_id(id)
-            .ok_or_else(|| format!("{what}: unknown metadata value type {id} at byte {at}"))
+        ValueType::from_id(id).ok_or_else(|| format!("{what}: unknown metadata value type {id} at byte {at}"))
     }
 
     /// A tagged value of metadata `key`; `depth` counts enclosing arrays.
@@ -1081,19 +986,12 @@ impl<'a> Reader<'a> {
     /// An array body (element type, count, elements) of metadata `key`.
     fn array_value(&mut self, key: &str, depth: usize) -> ParseResult<Array> {
         if depth > MAX_ARRAY_DEPTH {
-            return Err(format!(
-                "`{key}`: arrays nested more than {MAX_ARRAY_DEPTH} deep at byte {}",
-                self.pos
-            ));
+            return Err(format!("`{key}`: arrays nested more than {MAX_ARRAY_DEPTH} deep at byte {}", self.pos));
         }
         let what = format!("element of `{key}`");
         let ty = self.value_type(&format!("element type of `{key}`"))?;
         let count = self.u64(&format!("length of `{key}`"))?;
-        let n = self.count(
-            count,
-            ty.min_encoded_size(),
-            &format!("elements of `{key}`"),
-        )?;
+        let n = self.count(count, ty.min_encoded_size(), &format!("elements of `{key}`"))?;
 
         /// `n` elements read by `read`, allocated only after `count` proved they can fit.
         fn many<'a, T>(
@@ -1178,10 +1076,7 @@ mod tests {
     #[test]
     fn count_refuses_what_cannot_fit() {
         let bytes = [0u8; 16];
-        let mut r = Reader {
-            bytes: &bytes,
-            pos: 0,
-        };
+        let mut r = Reader { bytes: &bytes, pos: 0 };
         assert_eq!(r.count(2, 8, "x"), Ok(2));
         assert!(r.count(3, 8, "x").is_err());
         assert!(r.count(1 << 60, 8, "x").is_err());

@@ -13,7 +13,8 @@ use std::path::Path;
 /// Llama 3's split regex (tokenizer.json of Meta-Llama-3; `llama-bpe` in llama.cpp).
 const LLAMA3_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 /// Qwen2's: the same with single digits.
-const QWEN2_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const QWEN2_REGEX: &str =
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// GGUF token types (llama.cpp `llama_token_type`).
 const TOKEN_CONTROL: i32 = 3;
@@ -32,14 +33,18 @@ pub fn tokenizer_json(file: &GgufFile, path: &Path) -> Result<Value> {
     let err = |m: String| KilnError::model(path, m);
     let model = file.get_str("tokenizer.ggml.model")?;
     if model != "gpt2" {
-        return Err(err(format!(
-            "tokenizer.ggml.model `{model}`: kiln builds byte-level BPE (`gpt2`) tokenizers"
-        )));
+        return Err(err(format!("tokenizer.ggml.model `{model}`: kiln builds byte-level BPE (`gpt2`) tokenizers")));
     }
     let pre = file.get_str("tokenizer.ggml.pre").unwrap_or("default");
     let (normalizer, pre_tokenizer, ignore_merges) = match pre {
-        "llama-bpe" | "llama3" => (Value::Null, json!({"type": "Sequence", "pretokenizers": [split(LLAMA3_REGEX), byte_level(false)]}), true),
-        "qwen2" => (json!({"type": "NFC"}), json!({"type": "Sequence", "pretokenizers": [split(QWEN2_REGEX), byte_level(false)]}), false),
+        "llama-bpe" | "llama3" => {
+            (Value::Null, json!({"type": "Sequence", "pretokenizers": [split(LLAMA3_REGEX), byte_level(false)]}), true)
+        }
+        "qwen2" => (
+            json!({"type": "NFC"}),
+            json!({"type": "Sequence", "pretokenizers": [split(QWEN2_REGEX), byte_level(false)]}),
+            false,
+        ),
         // SmolLM: every digit alone, then GPT-2's byte-level regex.
         "smollm" => (
             Value::Null,
@@ -47,7 +52,11 @@ pub fn tokenizer_json(file: &GgufFile, path: &Path) -> Result<Value> {
             false,
         ),
         "default" | "gpt2" => (Value::Null, byte_level(true), false),
-        other => return Err(err(format!("tokenizer.ggml.pre `{other}` is not supported (kiln knows llama-bpe, qwen2, smollm, gpt2)"))),
+        other => {
+            return Err(err(format!(
+                "tokenizer.ggml.pre `{other}` is not supported (kiln knows llama-bpe, qwen2, smollm, gpt2)"
+            )))
+        }
     };
     let tokens = file.get_str_array("tokenizer.ggml.tokens")?;
     let merges = file.get_str_array("tokenizer.ggml.merges")?;
@@ -64,15 +73,11 @@ pub fn tokenizer_json(file: &GgufFile, path: &Path) -> Result<Value> {
             }));
         }
     }
-    let add_bos = file
-        .get_bool("tokenizer.ggml.add_bos_token")
-        .unwrap_or(false);
+    let add_bos = file.get_bool("tokenizer.ggml.add_bos_token").unwrap_or(false);
     let bos = file.get_u32("tokenizer.ggml.bos_token_id").ok();
     let post = match (add_bos, bos) {
         (true, Some(b)) => {
-            let bos_text = tokens
-                .get(b as usize)
-                .ok_or_else(|| err(format!("bos id {b} outside the vocabulary")))?;
+            let bos_text = tokens.get(b as usize).ok_or_else(|| err(format!("bos id {b} outside the vocabulary")))?;
             json!({"type": "Sequence", "processors": [
                 {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false, "use_regex": true},
                 {"type": "TemplateProcessing",
@@ -106,12 +111,7 @@ pub fn tokenizer_json(file: &GgufFile, path: &Path) -> Result<Value> {
 /// The tokenizer config (special tokens, chat template) of `file`, as tokenizer_config.json.
 pub fn tokenizer_config(file: &GgufFile) -> Value {
     let tokens = file.get_str_array("tokenizer.ggml.tokens").unwrap_or(&[]);
-    let name = |key: &str| {
-        file.get_u32(key)
-            .ok()
-            .and_then(|id| tokens.get(id as usize))
-            .cloned()
-    };
+    let name = |key: &str| file.get_u32(key).ok().and_then(|id| tokens.get(id as usize)).cloned();
     json!({
         "bos_token": name("tokenizer.ggml.bos_token_id"),
         "eos_token": name("tokenizer.ggml.eos_token_id"),

@@ -10,11 +10,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(
-    name = "kiln",
-    version,
-    about = "Run Llama 3 and Qwen2 models on any GPU through WebGPU"
-)]
+#[command(name = "kiln", version, about = "Run Llama 3 and Qwen2 models on any GPU through WebGPU")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -96,20 +92,13 @@ impl SamplingArgs {
         };
         let sampling = SamplingParams {
             temperature: pick(self.temperature, g.temperature.or(Some(1.0)), 0.0),
-            top_k: self
-                .top_k
-                .or(if sample { g.top_k } else { None })
-                .unwrap_or(0),
+            top_k: self.top_k.or(if sample { g.top_k } else { None }).unwrap_or(0),
             top_p: pick(self.top_p, g.top_p, 1.0),
             min_p: pick(self.min_p, g.min_p, 0.0),
             repeat_penalty: pick(self.repeat_penalty, g.repetition_penalty, 1.0),
             seed: self.seed,
         };
-        GenerateParams {
-            max_tokens: self.max_tokens,
-            sampling,
-            stop_at_eos: true,
-        }
+        GenerateParams { max_tokens: self.max_tokens, sampling, stop_at_eos: true }
     }
 }
 
@@ -118,10 +107,8 @@ fn load(args: &ModelArgs) -> kiln::Result<Model> {
     let bar = if std::io::stderr().is_terminal() {
         let bar = indicatif::ProgressBar::new(0);
         bar.set_style(
-            indicatif::ProgressStyle::with_template(
-                "loading {bar:40} {bytes}/{total_bytes} ({bytes_per_sec})",
-            )
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            indicatif::ProgressStyle::with_template("loading {bar:40} {bytes}/{total_bytes} ({bytes_per_sec})")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
         );
         Some(bar)
     } else {
@@ -142,8 +129,7 @@ fn load(args: &ModelArgs) -> kiln::Result<Model> {
         args.model.display(),
         s.seconds,
         s.weight_bytes as f64 / 1048576.0,
-        s.peak_rss_bytes
-            .map_or("n/a".into(), |b| format!("{:.1} MiB", b as f64 / 1048576.0)),
+        s.peak_rss_bytes.map_or("n/a".into(), |b| format!("{:.1} MiB", b as f64 / 1048576.0)),
         model.gpu.describe()
     );
     Ok(model)
@@ -168,11 +154,7 @@ fn stream_to_stdout(text: &str) {
 
 fn run(cli: Cli) -> kiln::Result<()> {
     match cli.command {
-        Command::Generate {
-            model: args,
-            prompt,
-            sampling,
-        } => {
+        Command::Generate { model: args, prompt, sampling } => {
             if prompt.is_empty() {
                 return Err(kiln::KilnError::Request("the prompt is empty".into()));
             }
@@ -185,22 +167,13 @@ fn run(cli: Cli) -> kiln::Result<()> {
             println!();
             print_stats(&g);
         }
-        Command::Chat {
-            model: args,
-            system,
-            sampling,
-        } => {
+        Command::Chat { model: args, system, sampling } => {
             let model = load(&args)?;
             let params = sampling.params(&model);
             params.sampling.validate()?;
             let mut session = Session::new(&model, args.ctx)?;
-            let mut messages: Vec<ChatMessage> = system
-                .into_iter()
-                .map(|s| ChatMessage {
-                    role: "system".into(),
-                    content: s,
-                })
-                .collect();
+            let mut messages: Vec<ChatMessage> =
+                system.into_iter().map(|s| ChatMessage { role: "system".into(), content: s }).collect();
             let stdin = std::io::stdin();
             let interactive = stdin.is_terminal();
             loop {
@@ -208,35 +181,19 @@ fn run(cli: Cli) -> kiln::Result<()> {
                     eprint!("> ");
                 }
                 let mut line = String::new();
-                if stdin
-                    .lock()
-                    .read_line(&mut line)
-                    .map_err(|e| kiln::KilnError::io("stdin", e))?
-                    == 0
-                {
+                if stdin.lock().read_line(&mut line).map_err(|e| kiln::KilnError::io("stdin", e))? == 0 {
                     break;
                 }
                 let line = line.trim_end_matches(['\n', '\r']);
                 if line.is_empty() {
                     continue;
                 }
-                messages.push(ChatMessage {
-                    role: "user".into(),
-                    content: line.to_string(),
-                });
+                messages.push(ChatMessage { role: "user".into(), content: line.to_string() });
                 let ids = model.tokenizer.encode_chat(&messages, true)?;
                 // Keep what the cache already holds of this conversation; feed only the rest.
-                let common = session
-                    .tokens()
-                    .iter()
-                    .zip(&ids)
-                    .take_while(|(a, b)| a == b)
-                    .count()
-                    .min(ids.len() - 1);
+                let common = session.tokens().iter().zip(&ids).take_while(|(a, b)| a == b).count().min(ids.len() - 1);
                 session.rollback(common);
-                let budget = params
-                    .max_tokens
-                    .min(session.context().saturating_sub(ids.len()));
+                let budget = params.max_tokens.min(session.context().saturating_sub(ids.len()));
                 if budget == 0 {
                     return Err(kiln::KilnError::Request(format!(
                         "the conversation ({} tokens) fills the context of {}",
@@ -244,17 +201,11 @@ fn run(cli: Cli) -> kiln::Result<()> {
                         session.context()
                     )));
                 }
-                let turn = GenerateParams {
-                    max_tokens: budget,
-                    ..params.clone()
-                };
+                let turn = GenerateParams { max_tokens: budget, ..params.clone() };
                 let g = session.generate(&ids[common..], &turn, stream_to_stdout)?;
                 println!();
                 print_stats(&g);
-                messages.push(ChatMessage {
-                    role: "assistant".into(),
-                    content: g.text.clone(),
-                });
+                messages.push(ChatMessage { role: "assistant".into(), content: g.text.clone() });
             }
         }
         Command::Perplexity { model: args, file } => {
@@ -262,10 +213,7 @@ fn run(cli: Cli) -> kiln::Result<()> {
             let text = std::fs::read_to_string(&file).map_err(|e| kiln::KilnError::io(&file, e))?;
             let ids = model.tokenizer.encode(&text, true)?;
             if ids.len() < 2 {
-                return Err(kiln::KilnError::Request(format!(
-                    "{} has fewer than 2 tokens",
-                    file.display()
-                )));
+                return Err(kiln::KilnError::Request(format!("{} has fewer than 2 tokens", file.display())));
             }
             let mut session = Session::new(&model, args.ctx)?;
             let window = session.context();
@@ -284,10 +232,7 @@ fn run(cli: Cli) -> kiln::Result<()> {
                     nll += lse - row[chunk[i + 1] as usize] as f64;
                     count += 1;
                 }
-                eprint!(
-                    "\r{count} tokens, running perplexity {:.4}",
-                    (nll / count as f64).exp()
-                );
+                eprint!("\r{count} tokens, running perplexity {:.4}", (nll / count as f64).exp());
             }
             eprintln!();
             println!("perplexity: {:.4}", (nll / count as f64).exp());

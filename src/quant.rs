@@ -182,10 +182,7 @@ fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
     if j < 4 {
         (q[j] & 63, q[j + 4] & 63)
     } else {
-        (
-            (q[j + 4] & 0x0F) | ((q[j - 4] >> 6) << 4),
-            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
-        )
+        ((q[j + 4] & 0x0F) | ((q[j - 4] >> 6) << 4), (q[j + 4] >> 4) | ((q[j] >> 6) << 4))
     }
 }
 
@@ -247,11 +244,8 @@ pub fn dequantize_block_q6_k(block: &[u8; 210], y: &mut [f32; QK_K]) {
     let qh_all = &block[128..192];
     let sc_all = &block[192..208];
     let d = f16_at(block, 208);
-    let halves = ql_all
-        .chunks_exact(64)
-        .zip(qh_all.chunks_exact(32))
-        .zip(sc_all.chunks_exact(8))
-        .zip(y.chunks_exact_mut(128));
+    let halves =
+        ql_all.chunks_exact(64).zip(qh_all.chunks_exact(32)).zip(sc_all.chunks_exact(8)).zip(y.chunks_exact_mut(128));
     for (((ql, qh), sc), y) in halves {
         for l in 0..32 {
             let is = l / 16;
@@ -331,10 +325,7 @@ mod tests {
         assert!(dequantize(GgmlType::Q6_K, &[0u8; 210], 256).is_ok());
         assert!(dequantize(GgmlType::F32, &[0u8; 3], 1).is_err());
         assert!(dequantize(GgmlType::F32, &[], usize::MAX).is_err());
-        assert_eq!(
-            dequantize(GgmlType::Q8_0, &[], 0).unwrap(),
-            Vec::<f32>::new()
-        );
+        assert_eq!(dequantize(GgmlType::Q8_0, &[], 0).unwrap(), Vec::<f32>::new());
     }
 
     #[test]

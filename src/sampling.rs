@@ -34,14 +34,7 @@ pub struct SamplingParams {
 
 impl Default for SamplingParams {
     fn default() -> Self {
-        SamplingParams {
-            temperature: 0.0,
-            top_k: 0,
-            top_p: 1.0,
-            min_p: 0.0,
-            repeat_penalty: 1.0,
-            seed: 0,
-        }
+        SamplingParams { temperature: 0.0, top_k: 0, top_p: 1.0, min_p: 0.0, repeat_penalty: 1.0, seed: 0 }
     }
 }
 
@@ -56,28 +49,16 @@ impl SamplingParams {
     pub fn validate(&self) -> Result<()> {
         let bad = |what: String| Err(KilnError::Request(what));
         if !self.temperature.is_finite() || self.temperature < 0.0 {
-            return bad(format!(
-                "temperature must be a finite number >= 0 (0 = greedy), got {}",
-                self.temperature
-            ));
+            return bad(format!("temperature must be a finite number >= 0 (0 = greedy), got {}", self.temperature));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return bad(format!(
-                "top_p must be in (0, 1] (1 = off), got {}",
-                self.top_p
-            ));
+            return bad(format!("top_p must be in (0, 1] (1 = off), got {}", self.top_p));
         }
         if !(0.0..=1.0).contains(&self.min_p) {
-            return bad(format!(
-                "min_p must be in [0, 1] (0 = off), got {}",
-                self.min_p
-            ));
+            return bad(format!("min_p must be in [0, 1] (0 = off), got {}", self.min_p));
         }
         if !self.repeat_penalty.is_finite() || self.repeat_penalty <= 0.0 {
-            return bad(format!(
-                "repeat_penalty must be a finite number > 0 (1 = off), got {}",
-                self.repeat_penalty
-            ));
+            return bad(format!("repeat_penalty must be a finite number > 0 (1 = off), got {}", self.repeat_penalty));
         }
         Ok(())
     }
@@ -97,12 +78,7 @@ impl Sampler {
     /// The parameters are not checked here; call [`SamplingParams::validate`] on user input first.
     pub fn new(params: SamplingParams) -> Self {
         let rng = StdRng::seed_from_u64(params.seed);
-        Sampler {
-            params,
-            rng,
-            seen: Vec::new(),
-            candidates: Vec::new(),
-        }
+        Sampler { params, rng, seen: Vec::new(), candidates: Vec::new() }
     }
 
     pub fn params(&self) -> &SamplingParams {
@@ -187,11 +163,7 @@ impl Sampler {
         if min_p > 0.0 {
             let threshold = min_p * candidates[0].1;
             // Sorted descending, so the survivors are a prefix; the first always survives.
-            let keep = candidates
-                .iter()
-                .take_while(|c| c.1 >= threshold)
-                .count()
-                .max(1);
+            let keep = candidates.iter().take_while(|c| c.1 >= threshold).count().max(1);
             candidates.truncate(keep);
         }
 
@@ -215,12 +187,7 @@ impl Sampler {
 /// token always becomes less likely when `penalty > 1`. Each id is penalised once however often it
 /// occurs. Ids outside `logits` are ignored (a prompt may hold added tokens past the model's
 /// vocabulary). `seen` is scratch space.
-pub fn apply_repetition_penalty(
-    logits: &mut [f32],
-    history: &[u32],
-    penalty: f32,
-    seen: &mut Vec<bool>,
-) {
+pub fn apply_repetition_penalty(logits: &mut [f32], history: &[u32], penalty: f32, seen: &mut Vec<bool>) {
     seen.clear();
     seen.resize(logits.len(), false);
     for &id in history {
@@ -251,10 +218,7 @@ pub fn argmax(logits: &[f32]) -> Option<u32> {
 
 /// Replace each candidate's logit by its softmax probability (max subtracted first, for range).
 fn softmax_in_place(candidates: &mut [(u32, f32)]) {
-    let max = candidates
-        .iter()
-        .map(|c| c.1)
-        .fold(f32::NEG_INFINITY, f32::max);
+    let max = candidates.iter().map(|c| c.1).fold(f32::NEG_INFINITY, f32::max);
     let mut sum = 0.0f32;
     for c in candidates.iter_mut() {
         c.1 = (c.1 - max).exp();

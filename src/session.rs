@@ -56,11 +56,7 @@ pub struct GenerateParams {
 
 impl Default for GenerateParams {
     fn default() -> Self {
-        GenerateParams {
-            max_tokens: 128,
-            sampling: SamplingParams::default(),
-            stop_at_eos: true,
-        }
+        GenerateParams { max_tokens: 128, sampling: SamplingParams::default(), stop_at_eos: true }
     }
 }
 
@@ -94,11 +90,7 @@ impl<'m> Session<'m> {
 
     /// As `new`, feeding prompts in steps of at most `max_step_tokens` (activation memory grows
     /// with it).
-    pub fn with_step_tokens(
-        model: &'m Model,
-        ctx: Option<usize>,
-        max_step_tokens: usize,
-    ) -> Result<Self> {
+    pub fn with_step_tokens(model: &'m Model, ctx: Option<usize>, max_step_tokens: usize) -> Result<Self> {
         let ctx = ctx.unwrap_or_else(|| model.default_context());
         if ctx == 0 || ctx > model.config.max_position_embeddings {
             return Err(KilnError::Request(format!(
@@ -112,14 +104,7 @@ impl<'m> Session<'m> {
         let act = Activations::new(gpu, c, max_step_tokens.clamp(1, ctx) as u32, ctx as u32)?;
         let inv = rope::inv_freq(c.head_dim, c.rope_theta, c.rope_scaling.as_ref());
         let rope_table = rope::upload_table(gpu, &rope::cos_sin_table(&inv, ctx))?;
-        Ok(Session {
-            model,
-            cache,
-            act,
-            rope_table,
-            plans: HashMap::new(),
-            tokens: Vec::new(),
-        })
+        Ok(Session { model, cache, act, rope_table, plans: HashMap::new(), tokens: Vec::new() })
     }
 
     pub fn model(&self) -> &'m Model {
@@ -147,9 +132,7 @@ impl<'m> Session<'m> {
 
     fn check_room(&self, n: usize) -> Result<()> {
         if n == 0 {
-            return Err(KilnError::Request(
-                "nothing to process: the prompt is empty".into(),
-            ));
+            return Err(KilnError::Request("nothing to process: the prompt is empty".into()));
         }
         if self.tokens.len() + n > self.context() {
             return Err(KilnError::Request(format!(
@@ -167,9 +150,7 @@ impl<'m> Session<'m> {
     fn step(&mut self, ids: &[u32], logits: Logits) -> Result<()> {
         let vocab = self.model.config.vocab_size as u32;
         if let Some(t) = ids.iter().find(|&&t| t >= vocab) {
-            return Err(KilnError::Request(format!(
-                "token id {t} is outside the vocabulary of {vocab}"
-            )));
+            return Err(KilnError::Request(format!("token id {t} is outside the vocabulary of {vocab}")));
         }
         let gpu = &self.model.gpu;
         let n = ids.len() as u32;
@@ -191,16 +172,13 @@ impl<'m> Session<'m> {
             )?;
             self.plans.insert(key, plan);
         }
-        gpu.queue
-            .write_buffer(&self.act.ids, 0, bytemuck::cast_slice(ids));
+        gpu.queue.write_buffer(&self.act.ids, 0, bytemuck::cast_slice(ids));
         let pos0 = self.tokens.len() as u32;
         let plan = self.plans.get_mut(&key).expect("inserted above");
         let mut encoder = gpu.encoder("forward");
         {
-            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                label: Some("forward"),
-                timestamp_writes: None,
-            });
+            let mut pass = encoder
+                .begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("forward"), timestamp_writes: None });
             plan.record(gpu, &self.act, pos0, &mut pass);
         }
         gpu.submit_and_wait("forward", encoder)?;
@@ -211,9 +189,7 @@ impl<'m> Session<'m> {
     /// Feed `ids` and return the logits after the last one (vocab floats).
     pub fn feed(&mut self, ids: &[u32]) -> Result<Vec<f32>> {
         self.feed_with(ids, Logits::Last)?;
-        self.model
-            .gpu
-            .read_f32(&self.act.logits, self.model.config.vocab_size)
+        self.model.gpu.read_f32(&self.act.logits, self.model.config.vocab_size)
     }
 
     /// Feed `ids` and return the greedy next token, chosen on the GPU (4 bytes read back).
@@ -226,14 +202,7 @@ impl<'m> Session<'m> {
         self.check_room(ids.len())?;
         let chunks: Vec<&[u32]> = ids.chunks(self.act.max_tokens as usize).collect();
         for (i, chunk) in chunks.iter().enumerate() {
-            self.step(
-                chunk,
-                if i + 1 == chunks.len() {
-                    last
-                } else {
-                    Logits::None
-                },
-            )?;
+            self.step(chunk, if i + 1 == chunks.len() { last } else { Logits::None })?;
         }
         Ok(())
     }
@@ -246,11 +215,7 @@ impl<'m> Session<'m> {
         let mut out = Vec::with_capacity(ids.len() * vocab);
         for chunk in ids.chunks(rows) {
             self.step(chunk, Logits::All)?;
-            out.extend(
-                self.model
-                    .gpu
-                    .read_f32(&self.act.logits, chunk.len() * vocab)?,
-            );
+            out.extend(self.model.gpu.read_f32(&self.act.logits, chunk.len() * vocab)?);
         }
         Ok(out)
     }
@@ -273,11 +238,7 @@ impl<'m> Session<'m> {
                 "{} prompt tokens + {} new tokens{} exceed the context of {} tokens",
                 prompt.len(),
                 params.max_tokens,
-                if self.tokens.is_empty() {
-                    String::new()
-                } else {
-                    format!(" + {} earlier tokens", self.tokens.len())
-                },
+                if self.tokens.is_empty() { String::new() } else { format!(" + {} earlier tokens", self.tokens.len()) },
                 self.context()
             )));
         }

@@ -30,10 +30,7 @@ pub struct ChatMessage {
 
 impl ChatMessage {
     pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
-        ChatMessage {
-            role: role.into(),
-            content: content.into(),
-        }
+        ChatMessage { role: role.into(), content: content.into() }
     }
 }
 
@@ -92,8 +89,7 @@ impl Tokenizer {
         config: &serde_json::Value,
         origin: &Path,
     ) -> Result<Tokenizer> {
-        let bytes = serde_json::to_vec(tokenizer)
-            .map_err(|e| KilnError::model(origin, format!("tokenizer: {e}")))?;
+        let bytes = serde_json::to_vec(tokenizer).map_err(|e| KilnError::model(origin, format!("tokenizer: {e}")))?;
         let config = TokenizerConfig::from_json(origin, config)?;
         Self::from_parts(&bytes, config, origin, None)
     }
@@ -104,9 +100,8 @@ impl Tokenizer {
         tokenizer_json: &Path,
         tokenizer_config: Option<&Path>,
     ) -> Result<Tokenizer> {
-        let inner = tokenizers::Tokenizer::from_bytes(bytes).map_err(|e| {
-            KilnError::model(tokenizer_json, format!("not a valid tokenizer.json: {e}"))
-        })?;
+        let inner = tokenizers::Tokenizer::from_bytes(bytes)
+            .map_err(|e| KilnError::model(tokenizer_json, format!("not a valid tokenizer.json: {e}")))?;
 
         // A bos/eos the vocabulary lacks would silently never match (generation would not stop),
         // so it is an error here rather than a `None`.
@@ -116,10 +111,7 @@ impl Tokenizer {
                 Some(id) => Ok(Some(id)),
                 None => Err(KilnError::model(
                     tokenizer_config.unwrap_or(tokenizer_json),
-                    format!(
-                        "{name} `{token}` is not in the vocabulary of {}",
-                        tokenizer_json.display()
-                    ),
+                    format!("{name} `{token}` is not in the vocabulary of {}", tokenizer_json.display()),
                 )),
             }
         };
@@ -137,13 +129,7 @@ impl Tokenizer {
         .collect();
 
         let chat = config.chat_template.map(compile_chat_template);
-        Ok(Tokenizer {
-            inner,
-            chat,
-            special_tokens,
-            bos_id,
-            eos_id,
-        })
+        Ok(Tokenizer { inner, chat, special_tokens, bos_id, eos_id })
     }
 
     /// Encode text. `add_special_tokens` runs the tokenizer's post-processor (Llama 3 prepends
@@ -160,9 +146,7 @@ impl Tokenizer {
     /// Decode ids to text. Ids outside the vocabulary are dropped, as the `tokenizers` library
     /// does (a model's embedding table is often padded past the tokenizer's last id).
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
-        self.inner
-            .decode(ids, skip_special_tokens)
-            .map_err(|e| KilnError::Tokenizer(format!("decoding failed: {e}")))
+        self.inner.decode(ids, skip_special_tokens).map_err(|e| KilnError::Tokenizer(format!("decoding failed: {e}")))
     }
 
     /// Number of distinct tokens, added (special) tokens included.
@@ -195,48 +179,32 @@ impl Tokenizer {
 
     /// Render the chat template for `messages` exactly as transformers'
     /// `apply_chat_template(messages, tokenize=False, add_generation_prompt=...)` does.
-    pub fn apply_chat_template(
-        &self,
-        messages: &[ChatMessage],
-        add_generation_prompt: bool,
-    ) -> Result<String> {
+    pub fn apply_chat_template(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
         let env = match &self.chat {
             None => {
                 return Err(KilnError::ChatTemplate(
-                    "this tokenizer has no chat_template (tokenizer_config.json missing or without one)"
-                        .into(),
+                    "this tokenizer has no chat_template (tokenizer_config.json missing or without one)".into(),
                 ))
             }
             Some(Err(message)) => return Err(KilnError::ChatTemplate(message.clone())),
             Some(Ok(env)) => env,
         };
-        let template = env
-            .get_template(CHAT_TEMPLATE_NAME)
-            .map_err(|e| KilnError::ChatTemplate(describe(&e)))?;
+        let template = env.get_template(CHAT_TEMPLATE_NAME).map_err(|e| KilnError::ChatTemplate(describe(&e)))?;
 
         // Special tokens the config does not set stay undefined (rendering as ""), as in
         // transformers, whose special_tokens_map only holds the ones that are set.
-        let mut context: std::collections::BTreeMap<&str, Value> = self
-            .special_tokens
-            .iter()
-            .map(|(name, token)| (*name, Value::from(token.as_str())))
-            .collect();
+        let mut context: std::collections::BTreeMap<&str, Value> =
+            self.special_tokens.iter().map(|(name, token)| (*name, Value::from(token.as_str()))).collect();
         context.insert("messages", Value::from_serialize(messages));
         context.insert("add_generation_prompt", Value::from(add_generation_prompt));
 
-        template
-            .render(context)
-            .map_err(|e| KilnError::ChatTemplate(describe(&e)))
+        template.render(context).map_err(|e| KilnError::ChatTemplate(describe(&e)))
     }
 
     /// The ids to feed for a chat prompt: the rendered template encoded *without* adding special
     /// tokens, because the template already holds BOS where the model wants it (adding it again
     /// would double it).
-    pub fn encode_chat(
-        &self,
-        messages: &[ChatMessage],
-        add_generation_prompt: bool,
-    ) -> Result<Vec<u32>> {
+    pub fn encode_chat(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<Vec<u32>> {
         let text = self.apply_chat_template(messages, add_generation_prompt)?;
         self.encode(&text, false)
     }
@@ -263,8 +231,8 @@ impl TokenizerConfig {
         let text = std::fs::read_to_string(path).map_err(|e| KilnError::io(path, e))?;
         // Parsed as a generic JSON value: the file holds many keys of varying type that kiln ignores
         // (model_max_length, for one, can be 1e30, which no integer type holds).
-        let json: serde_json::Value = serde_json::from_str(&text)
-            .map_err(|e| KilnError::model(path, format!("not valid JSON: {e}")))?;
+        let json: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| KilnError::model(path, format!("not valid JSON: {e}")))?;
         Self::from_json(path, &json)
     }
 
@@ -284,26 +252,16 @@ impl TokenizerConfig {
 }
 
 /// A special token entry is `null`, a string, or an AddedToken object `{"content": ..., ...}`.
-fn special_token(
-    path: &Path,
-    key: &str,
-    value: Option<&serde_json::Value>,
-) -> Result<Option<String>> {
+fn special_token(path: &Path, key: &str, value: Option<&serde_json::Value>) -> Result<Option<String>> {
     use serde_json::Value as J;
     match value {
         None | Some(J::Null) => Ok(None),
         Some(J::String(s)) => Ok(Some(s.clone())),
         Some(J::Object(o)) => match o.get("content") {
             Some(J::String(s)) => Ok(Some(s.clone())),
-            _ => Err(KilnError::model(
-                path,
-                format!("`{key}` is an object without a string `content`"),
-            )),
+            _ => Err(KilnError::model(path, format!("`{key}` is an object without a string `content`"))),
         },
-        Some(other) => Err(KilnError::model(
-            path,
-            format!("`{key}` should be a string, got {other}"),
-        )),
+        Some(other) => Err(KilnError::model(path, format!("`{key}` should be a string, got {other}"))),
     }
 }
 
@@ -319,29 +277,17 @@ fn chat_template(path: &Path, value: Option<&serde_json::Value>) -> Result<Optio
                 if entry.get("name").and_then(J::as_str) == Some("default") {
                     return match entry.get("template") {
                         Some(J::String(s)) => Ok(Some(s.clone())),
-                        _ => Err(KilnError::model(
-                            path,
-                            "chat_template \"default\" has no string `template`",
-                        )),
+                        _ => Err(KilnError::model(path, "chat_template \"default\" has no string `template`")),
                     };
                 }
             }
-            let names: Vec<&str> = list
-                .iter()
-                .filter_map(|e| e.get("name").and_then(J::as_str))
-                .collect();
+            let names: Vec<&str> = list.iter().filter_map(|e| e.get("name").and_then(J::as_str)).collect();
             Err(KilnError::model(
                 path,
-                format!(
-                    "chat_template is a list without a \"default\" entry (has: {})",
-                    names.join(", ")
-                ),
+                format!("chat_template is a list without a \"default\" entry (has: {})", names.join(", ")),
             ))
         }
-        Some(other) => Err(KilnError::model(
-            path,
-            format!("chat_template should be a string or a list, got {other}"),
-        )),
+        Some(other) => Err(KilnError::model(path, format!("chat_template should be a string or a list, got {other}"))),
     }
 }
 
@@ -358,8 +304,7 @@ fn compile_chat_template(source: String) -> std::result::Result<Environment<'sta
     env.add_function("raise_exception", raise_exception);
     env.add_function("strftime_now", strftime_now);
     env.add_filter("tojson", tojson);
-    env.add_template_owned(CHAT_TEMPLATE_NAME, source)
-        .map_err(|e| describe(&e))?;
+    env.add_template_owned(CHAT_TEMPLATE_NAME, source).map_err(|e| describe(&e))?;
     Ok(env)
 }
 
@@ -377,10 +322,7 @@ fn describe(e: &minijinja::Error) -> String {
 /// `raise_exception(msg)`: templates call it to reject a conversation (e.g. roles that do not
 /// alternate). The message reaches the user inside `KilnError::ChatTemplate`.
 fn raise_exception(message: String) -> std::result::Result<Value, minijinja::Error> {
-    Err(minijinja::Error::new(
-        ErrorKind::InvalidOperation,
-        format!("raise_exception: {message}"),
-    ))
+    Err(minijinja::Error::new(ErrorKind::InvalidOperation, format!("raise_exception: {message}")))
 }
 
 /// transformers' `tojson`: `json.dumps(x, ensure_ascii=False, indent=indent, separators=separators,
@@ -402,10 +344,7 @@ fn tojson(value: &Value, kwargs: Kwargs) -> std::result::Result<Value, minijinja
                 Some(s.to_string())
             } else {
                 let n = i64::try_from(v.clone()).map_err(|_| {
-                    minijinja::Error::new(
-                        ErrorKind::InvalidOperation,
-                        "tojson: indent must be an int or a string",
-                    )
+                    minijinja::Error::new(ErrorKind::InvalidOperation, "tojson: indent must be an int or a string")
                 })?;
                 Some(" ".repeat(n.max(0) as usize))
             }
@@ -413,12 +352,7 @@ fn tojson(value: &Value, kwargs: Kwargs) -> std::result::Result<Value, minijinja
     };
     let (item_sep, key_sep) = match separators {
         Some(s) if s.len() == 2 => (s[0].clone(), s[1].clone()),
-        Some(_) => {
-            return Err(minijinja::Error::new(
-                ErrorKind::InvalidOperation,
-                "tojson: separators must be a pair",
-            ))
-        }
+        Some(_) => return Err(minijinja::Error::new(ErrorKind::InvalidOperation, "tojson: separators must be a pair")),
         // Python's defaults: ", " without indent, "," with it (the newline follows).
         None if indent.is_some() => (",".to_string(), ": ".to_string()),
         None => (", ".to_string(), ": ".to_string()),
@@ -426,12 +360,7 @@ fn tojson(value: &Value, kwargs: Kwargs) -> std::result::Result<Value, minijinja
     let json = serde_json::to_value(value)
         .map_err(|e| minijinja::Error::new(ErrorKind::InvalidOperation, format!("tojson: {e}")))?;
     let mut out = String::new();
-    let style = PyJson {
-        indent,
-        item_sep,
-        key_sep,
-        sort_keys: sort_keys.unwrap_or(false),
-    };
+    let style = PyJson { indent, item_sep, key_sep, sort_keys: sort_keys.unwrap_or(false) };
     style.write(&json, 0, &mut out);
     Ok(Value::from_safe_string(out))
 }
@@ -501,10 +430,8 @@ impl PyJson {
 /// (%d %m %y %Y %b %B %a %A %H %I %M %S %p %j %%); others are copied through unchanged.
 /// NOTE: uses UTC, where transformers uses the machine's local time zone.
 fn strftime_now(format: String) -> String {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0);
+    let secs =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
     strftime_utc(&format, secs)
 }
 
@@ -523,15 +450,7 @@ fn strftime_utc(format: &str, unix_secs: i64) -> String {
         "November",
         "December",
     ];
-    const DAYS: [&str; 7] = [
-        "Monday",
-        "Tuesday",
-        "Wednesday",
-        "Thursday",
-        "Friday",
-        "Saturday",
-        "Sunday",
-    ];
+    const DAYS: [&str; 7] = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"];
     let days = unix_secs.div_euclid(86_400);
     let secs_of_day = unix_secs.rem_euclid(86_400);
     let (year, month, day) = civil_from_days(days);
@@ -618,12 +537,7 @@ pub struct StreamDecoder<'a> {
 
 impl<'a> StreamDecoder<'a> {
     pub fn new(tokenizer: &'a Tokenizer, skip_special_tokens: bool) -> Self {
-        StreamDecoder {
-            tokenizer,
-            skip_special_tokens,
-            ids: Vec::new(),
-            read_offset: 0,
-        }
+        StreamDecoder { tokenizer, skip_special_tokens, ids: Vec::new(), read_offset: 0 }
     }
 
     /// Add one id; returns the newly completed text, or `None` while the text still ends in an
@@ -654,9 +568,7 @@ impl<'a> StreamDecoder<'a> {
 
     /// (text of the context ids, already emitted; text of the whole window)
     fn decode_window(&self) -> Result<(String, String)> {
-        let prefix = self
-            .tokenizer
-            .decode(&self.ids[..self.read_offset], self.skip_special_tokens)?;
+        let prefix = self.tokenizer.decode(&self.ids[..self.read_offset], self.skip_special_tokens)?;
         let full = self.tokenizer.decode(&self.ids, self.skip_special_tokens)?;
         Ok((prefix, full))
     }
@@ -692,10 +604,7 @@ mod tests {
         // 2024-07-26 12:34:56 UTC, a Friday, day 208 of a leap year.
         let t = 1_721_997_296;
         assert_eq!(strftime_utc("%d %b %Y", t), "26 Jul 2024");
-        assert_eq!(
-            strftime_utc("%A %B %j %H:%M:%S %p %I %y %m %% %Q", t),
-            "Friday July 208 12:34:56 PM 12 24 07 % %Q"
-        );
+        assert_eq!(strftime_utc("%A %B %j %H:%M:%S %p %I %y %m %% %Q", t), "Friday July 208 12:34:56 PM 12 24 07 % %Q");
         assert_eq!(strftime_utc("%Y-%m-%d %a", 0), "1970-01-01 Thu");
         for days in [-800_000i64, -1, 0, 59, 60, 365, 11_016, 19_000, 2_000_000] {
             let (y, m, d) = civil_from_days(days);

@@ -8,9 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
 }
 
 /// A scratch copy of a fixture model directory.
@@ -35,15 +33,9 @@ fn load_err(dir: &Path) -> String {
 
 /// Run the CLI; return (exit code, stderr).
 fn kiln(args: &[&str]) -> (i32, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args(args)
-        .output()
-        .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_kiln")).args(args).output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(
-        !stderr.contains("panicked"),
-        "kiln {args:?} panicked:\n{stderr}"
-    );
+    assert!(!stderr.contains("panicked"), "kiln {args:?} panicked:\n{stderr}");
     (out.status.code().unwrap_or(-1), stderr)
 }
 
@@ -68,24 +60,11 @@ fn truncated_safetensors() {
     let dir = copy_model("llama3-tiny", "truncated");
     let path = dir.join("model.safetensors");
     let len = std::fs::metadata(&path).unwrap().len();
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&path)
-        .unwrap()
-        .set_len(len / 2)
-        .unwrap();
+    std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(len / 2).unwrap();
     let err = load_err(&dir);
-    assert!(
-        err.contains("model.safetensors") && err.contains("malformed"),
-        "{err}"
-    );
+    assert!(err.contains("model.safetensors") && err.contains("malformed"), "{err}");
     // A file cut inside its header, too.
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&path)
-        .unwrap()
-        .set_len(20)
-        .unwrap();
+    std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(20).unwrap();
     let err = load_err(&dir);
     assert!(err.contains("malformed"), "{err}");
 }
@@ -108,38 +87,31 @@ fn wrong_dtype() {
         h["model.norm.weight"]["dtype"] = serde_json::json!("I32");
     });
     let err = load_err(&dir);
-    assert!(
-        err.contains("model.norm.weight") && err.contains("dtype"),
-        "{err}"
-    );
+    assert!(err.contains("model.norm.weight") && err.contains("dtype"), "{err}");
 }
 
 #[test]
 fn wrong_shape_missing_and_extra_tensors() {
     let dir = copy_model("llama3-tiny", "shape");
     let cfg = dir.join("config.json");
-    let text = std::fs::read_to_string(&cfg)
-        .unwrap()
-        .replace("\"intermediate_size\": 344", "\"intermediate_size\": 345");
+    let text =
+        std::fs::read_to_string(&cfg).unwrap().replace("\"intermediate_size\": 344", "\"intermediate_size\": 345");
     std::fs::write(&cfg, text).unwrap();
     let err = load_err(&dir);
     assert!(err.contains("shape") && err.contains("mlp"), "{err}");
 
     let dir = copy_model("llama3-tiny", "missing");
     let cfg = dir.join("config.json");
-    let text = std::fs::read_to_string(&cfg)
-        .unwrap()
-        .replace("\"num_hidden_layers\": 2", "\"num_hidden_layers\": 3");
+    let text = std::fs::read_to_string(&cfg).unwrap().replace("\"num_hidden_layers\": 2", "\"num_hidden_layers\": 3");
     std::fs::write(&cfg, text).unwrap();
     let err = load_err(&dir);
     assert!(err.contains("missing tensor `model.layers.2."), "{err}");
 
     let dir = copy_model("llama3-tiny", "extra");
     let cfg = dir.join("config.json");
-    let text = std::fs::read_to_string(&cfg).unwrap().replace(
-        "\"tie_word_embeddings\": false",
-        "\"tie_word_embeddings\": true",
-    );
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("\"tie_word_embeddings\": false", "\"tie_word_embeddings\": true");
     std::fs::write(&cfg, text).unwrap();
     let err = load_err(&dir);
     assert!(err.contains("unexpected tensor `lm_head.weight`"), "{err}");
@@ -152,16 +124,10 @@ fn unknown_architecture_and_rope_scaling() {
     let orig = std::fs::read_to_string(&cfg).unwrap();
     std::fs::write(&cfg, orig.replace("LlamaForCausalLM", "GPTNeoXForCausalLM")).unwrap();
     let err = load_err(&dir);
-    assert!(
-        err.contains("unknown architecture `GPTNeoXForCausalLM`"),
-        "{err}"
-    );
+    assert!(err.contains("unknown architecture `GPTNeoXForCausalLM`"), "{err}");
     std::fs::write(
         &cfg,
-        orig.replace(
-            "\"rope_scaling\": null",
-            "\"rope_scaling\": {\"rope_type\": \"yarn\", \"factor\": 4.0}",
-        ),
+        orig.replace("\"rope_scaling\": null", "\"rope_scaling\": {\"rope_type\": \"yarn\", \"factor\": 4.0}"),
     )
     .unwrap();
     let err = load_err(&dir);
@@ -187,39 +153,18 @@ fn cli_reports_errors_with_a_nonzero_exit() {
     assert_ne!(code, 0);
     assert!(err.contains("empty"), "{err}");
 
-    let (code, err) = kiln(&[
-        "generate",
-        "--model",
-        "/nonexistent/model",
-        "--prompt",
-        "hi",
-    ]);
+    let (code, err) = kiln(&["generate", "--model", "/nonexistent/model", "--prompt", "hi"]);
     assert_ne!(code, 0);
     assert!(err.contains("/nonexistent/model"), "{err}");
 
-    let (code, err) = kiln(&[
-        "generate",
-        "--model",
-        model,
-        "--prompt",
-        "The license grants you",
-        "--max-tokens",
-        "300",
-    ]);
-    assert_ne!(
-        code, 0,
-        "256 positions cannot hold the prompt and 300 new tokens"
-    );
+    let (code, err) =
+        kiln(&["generate", "--model", model, "--prompt", "The license grants you", "--max-tokens", "300"]);
+    assert_ne!(code, 0, "256 positions cannot hold the prompt and 300 new tokens");
     assert!(err.contains("exceed the context"), "{err}");
 
-    let (code, err) = kiln(&[
-        "generate", "--model", model, "--prompt", "hi", "--top-p", "0",
-    ]);
+    let (code, err) = kiln(&["generate", "--model", model, "--prompt", "hi", "--top-p", "0"]);
     assert_ne!(code, 0);
-    assert!(
-        err.to_lowercase().contains("top_p") || err.to_lowercase().contains("top-p"),
-        "{err}"
-    );
+    assert!(err.to_lowercase().contains("top_p") || err.to_lowercase().contains("top-p"), "{err}");
 }
 
 #[test]
@@ -236,10 +181,7 @@ fn cli_generates_on_the_fixture() {
         "0",
     ]);
     assert_eq!(code, 0, "{err}");
-    assert!(
-        err.contains("prompt tokens: 9") && err.contains("decode:"),
-        "{err}"
-    );
+    assert!(err.contains("prompt tokens: 9") && err.contains("decode:"), "{err}");
 }
 
 #[test]
@@ -264,77 +206,36 @@ fn sessions_leave_model_files_untouched() {
 fn cli_info_perplexity_and_chat_run_on_the_fixtures() {
     let qwen = fixture("qwen2-tiny");
     let qwen = qwen.to_str().unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args(["info", "--model", qwen])
-        .output()
-        .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_kiln")).args(["info", "--model", qwen]).output().unwrap();
     let info = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        info.contains("Qwen2")
-            && info.contains("407168")
-            && info.contains("bf16")
-            && info.contains("bytes/token"),
+        info.contains("Qwen2") && info.contains("407168") && info.contains("bf16") && info.contains("bytes/token"),
         "{info}"
     );
 
     let text = fixture("README.md");
     let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args([
-            "perplexity",
-            "--model",
-            qwen,
-            "--file",
-            text.to_str().unwrap(),
-            "--ctx",
-            "128",
-        ])
+        .args(["perplexity", "--model", qwen, "--file", text.to_str().unwrap(), "--ctx", "128"])
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let ppl: f64 = stdout
-        .lines()
-        .find_map(|l| l.strip_prefix("perplexity: "))
-        .expect("a perplexity line")
-        .parse()
-        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let ppl: f64 =
+        stdout.lines().find_map(|l| l.strip_prefix("perplexity: ")).expect("a perplexity line").parse().unwrap();
     // A random-weight model over a 997-token vocabulary: finite, above 1, and not better than chance by much.
     assert!(ppl.is_finite() && ppl > 1.0, "{stdout}");
 
     // Two chat turns from stdin: the second turn reuses the cache (its prompt tokens < the whole conversation's).
     use std::io::Write;
     let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args([
-            "chat",
-            "--model",
-            qwen,
-            "--max-tokens",
-            "5",
-            "--temperature",
-            "0",
-            "--system",
-            "Be brief.",
-        ])
+        .args(["chat", "--model", qwen, "--max-tokens", "5", "--temperature", "0", "--system", "Be brief."])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(b"Hello there!\nAnd again?\n")
-        .unwrap();
+    child.stdin.take().unwrap().write_all(b"Hello there!\nAnd again?\n").unwrap();
     let out = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
@@ -354,15 +255,8 @@ fn cli_info_perplexity_and_chat_run_on_the_fixtures() {
             true,
         )
         .unwrap();
-    assert_eq!(
-        prompts[0],
-        whole.len(),
-        "the first turn feeds the whole rendered prompt"
-    );
-    assert!(
-        prompts[1] < prompts[0] + 5 + 10,
-        "the second turn feeds only its new tokens: {prompts:?}"
-    );
+    assert_eq!(prompts[0], whole.len(), "the first turn feeds the whole rendered prompt");
+    assert!(prompts[1] < prompts[0] + 5 + 10, "the second turn feeds only its new tokens: {prompts:?}");
 }
 
 #[test]
@@ -387,17 +281,10 @@ fn hub_repo_ids_resolve_through_the_hugging_face_cache() {
             .unwrap()
     };
     let out = run("kiln-test/qwen2-tiny");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stdout).contains("snapshots/0123abcd"));
     let out = run("kiln-test/absent-model");
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("not in the Hugging Face cache") && !err.contains("panicked"),
-        "{err}"
-    );
+    assert!(err.contains("not in the Hugging Face cache") && !err.contains("panicked"), "{err}");
 }

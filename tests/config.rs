@@ -9,39 +9,23 @@ fn parse(text: &str) -> kiln::Result<ModelConfig> {
 }
 
 fn fixture(name: &str) -> ModelConfig {
-    ModelConfig::from_file(
-        &Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/fixtures")
-            .join(name)
-            .join("config.json"),
-    )
-    .unwrap()
+    ModelConfig::from_file(&Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name).join("config.json"))
+        .unwrap()
 }
 
 #[test]
 fn fixtures_parse_with_derived_sizes() {
     let l = fixture("llama3-tiny");
     assert_eq!(l.architecture, Architecture::Llama);
-    assert_eq!(
-        (l.n_heads, l.n_kv_heads, l.head_dim, l.hidden_size),
-        (4, 2, 32, 128)
-    );
+    assert_eq!((l.n_heads, l.n_kv_heads, l.head_dim, l.hidden_size), (4, 2, 32, 128));
     assert_eq!((l.rope_theta, l.rms_norm_eps), (500000.0, 1e-5));
     assert!(!l.tie_word_embeddings && !l.qkv_bias && l.rope_scaling.is_none());
     assert_eq!(l.eos_token_ids, vec![997]);
-    assert_eq!(
-        l.parameter_count(),
-        619_136,
-        "the fixture README's parameter count"
-    );
+    assert_eq!(l.parameter_count(), 619_136, "the fixture README's parameter count");
 
     let q = fixture("qwen2-tiny");
     assert_eq!(q.architecture, Architecture::Qwen2);
-    assert_eq!(
-        (q.n_heads, q.n_kv_heads, q.head_dim),
-        (4, 1, 32),
-        "head_dim derived from hidden / heads"
-    );
+    assert_eq!((q.n_heads, q.n_kv_heads, q.head_dim), (4, 1, 32), "head_dim derived from hidden / heads");
     assert!(q.tie_word_embeddings && q.qkv_bias && !q.o_bias);
     assert_eq!(q.parameter_count(), 407_168);
     // layers × kv_heads × head_dim × (K, V) × bytes
@@ -62,12 +46,7 @@ fn llama31_rope_scaling_and_eos_list() {
     let c = parse(LLAMA31).unwrap();
     let s = c.rope_scaling.expect("llama3 scaling");
     assert_eq!(
-        (
-            s.factor,
-            s.low_freq_factor,
-            s.high_freq_factor,
-            s.original_max_position_embeddings
-        ),
+        (s.factor, s.low_freq_factor, s.high_freq_factor, s.original_max_position_embeddings),
         (8.0, 1.0, 4.0, 8192.0)
     );
     assert_eq!(c.eos_token_ids, vec![128001, 128008, 128009]);
@@ -77,10 +56,9 @@ fn llama31_rope_scaling_and_eos_list() {
 
 #[test]
 fn transformers5_rope_parameters() {
-    let text = LLAMA31.replace(r#""rope_theta": 500000.0,"#, "").replace(
-        r#""rope_scaling": {"factor""#,
-        r#""rope_parameters": {"rope_theta": 500000.0, "factor""#,
-    );
+    let text = LLAMA31
+        .replace(r#""rope_theta": 500000.0,"#, "")
+        .replace(r#""rope_scaling": {"factor""#, r#""rope_parameters": {"rope_theta": 500000.0, "factor""#);
     let c = parse(&text).unwrap();
     assert_eq!(c.rope_theta, 500000.0);
     assert!(c.rope_scaling.is_some());
@@ -89,24 +67,16 @@ fn transformers5_rope_parameters() {
 #[test]
 fn what_kiln_cannot_run_is_named() {
     let err = |t: &str| parse(t).unwrap_err().to_string();
+    assert!(err(&LLAMA31.replace("LlamaForCausalLM", "GemmaForCausalLM"))
+        .contains("unknown architecture `GemmaForCausalLM`"));
+    assert!(err(&LLAMA31.replace(r#""rope_type": "llama3""#, r#""rope_type": "longrope""#))
+        .contains("unknown rope_scaling type `longrope`"));
     assert!(
-        err(&LLAMA31.replace("LlamaForCausalLM", "GemmaForCausalLM"))
-            .contains("unknown architecture `GemmaForCausalLM`")
-    );
-    assert!(
-        err(&LLAMA31.replace(r#""rope_type": "llama3""#, r#""rope_type": "longrope""#))
-            .contains("unknown rope_scaling type `longrope`")
-    );
-    assert!(
-        err(&LLAMA31.replace(r#""num_key_value_heads": 8"#, r#""num_key_value_heads": 5"#))
-            .contains("do not divide")
+        err(&LLAMA31.replace(r#""num_key_value_heads": 8"#, r#""num_key_value_heads": 5"#)).contains("do not divide")
     );
     assert!(err(&LLAMA31.replace(r#""hidden_size": 4096,"#, "")).contains("hidden_size"));
     assert!(err(&LLAMA31
-        .replace(
-            r#""rope_type": "llama3""#,
-            r#""rope_type": "llama3", "x": 1"#
-        )
+        .replace(r#""rope_type": "llama3""#, r#""rope_type": "llama3", "x": 1"#)
         .replace(r#""low_freq_factor": 1.0,"#, ""))
     .contains("low_freq_factor"));
     let mistral_swa = LLAMA31

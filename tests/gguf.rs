@@ -9,9 +9,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/gguf")
-        .join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gguf").join(name)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -43,16 +41,9 @@ fn read_cases(name: &str) -> Vec<Case> {
             let label_len = u32_at(take(4));
             let label = String::from_utf8(take(label_len)).unwrap();
             let data = take(n_bytes);
-            let expected = take(4 * n_elements)
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-                .collect();
-            Case {
-                ggml_type: GgmlType::from_id(type_id).unwrap(),
-                label,
-                data,
-                expected,
-            }
+            let expected =
+                take(4 * n_elements).chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+            Case { ggml_type: GgmlType::from_id(type_id).unwrap(), label, data, expected }
         })
         .collect()
 }
@@ -67,20 +58,9 @@ fn assert_bits_eq(label: &str, actual: &[f32], expected: &[f32]) {
         .enumerate()
         .filter(|(_, (a, e))| a.to_bits() != e.to_bits())
         .take(5)
-        .map(|(i, (a, e))| {
-            format!(
-                "[{i}] got {a:e} ({:#010x}), want {e:e} ({:#010x})",
-                a.to_bits(),
-                e.to_bits()
-            )
-        })
+        .map(|(i, (a, e))| format!("[{i}] got {a:e} ({:#010x}), want {e:e} ({:#010x})", a.to_bits(), e.to_bits()))
         .collect();
-    assert!(
-        bad.is_empty(),
-        "{label}: {} differ from gguf-py:\n{}",
-        bad.len(),
-        bad.join("\n")
-    );
+    assert!(bad.is_empty(), "{label}: {} differ from gguf-py:\n{}", bad.len(), bad.join("\n"));
 }
 
 #[test]
@@ -88,10 +68,7 @@ fn dequantisation_is_bit_exact_against_gguf_py() {
     let cases = read_cases("quant_vectors.bin");
     // Every supported type is covered by at least one case.
     for ty in GgmlType::ALL {
-        assert!(
-            cases.iter().any(|c| c.ggml_type == ty),
-            "no vectors for {ty}"
-        );
+        assert!(cases.iter().any(|c| c.ggml_type == ty), "no vectors for {ty}");
     }
     for c in &cases {
         let got = quant::dequantize(c.ggml_type, &c.data, c.expected.len()).unwrap();
@@ -136,31 +113,14 @@ fn reads_a_file_written_by_gguf_py() {
     assert_eq!(f.get_u64("test.u64").unwrap(), (1 << 40) + 1);
     assert_eq!(f.get_i64("test.i64").unwrap(), -(1 << 40));
     assert_eq!(f.get_f64("test.f64").unwrap(), std::f64::consts::E);
-    assert_eq!(
-        f.get_str_array("test.strings").unwrap(),
-        ["<s>", "Ġthe", "", "✓"]
-    );
+    assert_eq!(f.get_str_array("test.strings").unwrap(), ["<s>", "Ġthe", "", "✓"]);
     assert_eq!(f.get_f32_array("test.f32s").unwrap(), [0.5, -1.25, 3.0]);
     assert_eq!(f.get_i32_array("test.i32s").unwrap(), [1, -2, 3]);
-    assert_eq!(
-        f.get_array("test.nested").unwrap(),
-        &Array::Array(vec![Array::I32(vec![1, 2]), Array::I32(vec![3])])
-    );
-    assert_eq!(
-        f.get_array("test.bools").unwrap(),
-        &Array::Bool(vec![true, false, true])
-    );
+    assert_eq!(f.get_array("test.nested").unwrap(), &Array::Array(vec![Array::I32(vec![1, 2]), Array::I32(vec![3])]));
+    assert_eq!(f.get_array("test.bools").unwrap(), &Array::Bool(vec![true, false, true]));
 
     let names: Vec<&str> = f.tensors.iter().map(|t| t.name.as_str()).collect();
-    assert_eq!(
-        names,
-        [
-            "token_embd.weight",
-            "blk.0.attn_norm.weight",
-            "blk.0.attn_q.weight",
-            "blk.0.ffn_down.weight"
-        ]
-    );
+    assert_eq!(names, ["token_embd.weight", "blk.0.attn_norm.weight", "blk.0.attn_q.weight", "blk.0.ffn_down.weight"]);
     let embd = f.tensor("token_embd.weight").unwrap();
     assert_eq!(embd.dims, [64, 3], "GGUF dims are innermost first");
     assert_eq!(embd.shape(), [3, 64]);
@@ -266,28 +226,15 @@ struct TensorSpec {
 }
 
 fn tensor(name: &str, dims: &[u64], ty: GgmlType, data: Vec<u8>) -> TensorSpec {
-    TensorSpec {
-        name: name.to_string(),
-        dims: dims.to_vec(),
-        type_id: ty.id(),
-        offset: None,
-        data,
-    }
+    TensorSpec { name: name.to_string(), dims: dims.to_vec(), type_id: ty.id(), offset: None, data }
 }
 
 /// A GGUF file: header, metadata, tensor infos, padding, data (each tensor padded to
 /// `alignment`, none after the last, so every byte of the file is needed).
-fn write_gguf(
-    version: u32,
-    kvs: &[(&str, Value)],
-    tensors: &[TensorSpec],
-    alignment: u64,
-) -> Vec<u8> {
+fn write_gguf(version: u32, kvs: &[(&str, Value)], tensors: &[TensorSpec], alignment: u64) -> Vec<u8> {
     let mut o = Out::default();
     o.0.extend_from_slice(b"GGUF");
-    o.u32(version)
-        .u64(tensors.len() as u64)
-        .u64(kvs.len() as u64);
+    o.u32(version).u64(tensors.len() as u64).u64(kvs.len() as u64);
     for (k, v) in kvs {
         o.kv(k, v);
     }
@@ -345,10 +292,7 @@ fn every_kind_of_metadata() -> Vec<(&'static str, Value)> {
         ("t.a.i32", Value::Array(Array::I32(vec![-5, 5]))),
         ("t.a.f32", Value::Array(Array::F32(vec![1.5, -2.5]))),
         ("t.a.bool", Value::Array(Array::Bool(vec![true, false]))),
-        (
-            "t.a.string",
-            Value::Array(Array::String(vec!["a".into(), String::new(), "ü".into()])),
-        ),
+        ("t.a.string", Value::Array(Array::String(vec!["a".into(), String::new(), "ü".into()]))),
         ("t.a.u64", Value::Array(Array::U64(vec![u64::MAX]))),
         ("t.a.i64", Value::Array(Array::I64(vec![i64::MIN, 0]))),
         ("t.a.f64", Value::Array(Array::F64(vec![0.1]))),
@@ -365,18 +309,13 @@ fn every_kind_of_metadata() -> Vec<(&'static str, Value)> {
 
 /// Two tensors: F32 (2, 3) and Q4_0 (2, 32).
 fn two_tensors() -> Vec<TensorSpec> {
-    let f32_data: Vec<u8> = (0..6)
-        .flat_map(|i| (i as f32 * 0.5).to_le_bytes())
-        .collect();
+    let f32_data: Vec<u8> = (0..6).flat_map(|i| (i as f32 * 0.5).to_le_bytes()).collect();
     let mut q4 = Vec::new();
     for b in 0..2u8 {
         q4.extend_from_slice(&half::f16::from_f32(0.25).to_le_bytes());
         q4.extend((0..16u8).map(|j| j.wrapping_mul(17).wrapping_add(b)));
     }
-    vec![
-        tensor("norm.weight", &[3, 2], GgmlType::F32, f32_data),
-        tensor("proj.weight", &[32, 2], GgmlType::Q4_0, q4),
-    ]
+    vec![tensor("norm.weight", &[3, 2], GgmlType::F32, f32_data), tensor("proj.weight", &[32, 2], GgmlType::Q4_0, q4)]
 }
 
 fn small_file() -> Vec<u8> {
@@ -403,10 +342,8 @@ fn round_trips_a_small_v3_file() {
     let f = GgufFile::parse(bytes.as_slice()).unwrap();
     assert_eq!(f.version(), 3);
     assert_eq!(f.alignment(), 32);
-    let expected: BTreeMap<String, Value> = every_kind_of_metadata()
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v))
-        .collect();
+    let expected: BTreeMap<String, Value> =
+        every_kind_of_metadata().into_iter().map(|(k, v)| (k.to_string(), v)).collect();
     assert_eq!(f.metadata, expected);
 
     let specs = two_tensors();
@@ -440,10 +377,7 @@ fn no_tensors_and_no_metadata_is_a_valid_file() {
 fn getters_name_the_key_and_the_types() {
     let f = GgufFile::parse(small_file()).unwrap();
     let e = f.get_u32("llama.block_count").unwrap_err().to_string();
-    assert!(
-        e.contains("llama.block_count") && e.contains("missing"),
-        "{e}"
-    );
+    assert!(e.contains("llama.block_count") && e.contains("missing"), "{e}");
     let e = f.get_u32("t.string").unwrap_err().to_string();
     assert!(e.contains("t.string") && e.contains("string"), "{e}");
     let e = f.get_u32("t.i8").unwrap_err().to_string();
@@ -465,11 +399,7 @@ fn getters_name_the_key_and_the_types() {
 fn every_truncation_is_an_error() {
     let bytes = small_file();
     for n in 0..bytes.len() {
-        assert!(
-            GgufFile::parse(&bytes[..n]).is_err(),
-            "truncated to {n} of {} bytes parsed",
-            bytes.len()
-        );
+        assert!(GgufFile::parse(&bytes[..n]).is_err(), "truncated to {n} of {} bytes parsed", bytes.len());
     }
     assert!(GgufFile::parse(bytes.as_slice()).is_ok());
 }
@@ -500,10 +430,7 @@ fn bad_magic_and_versions() {
     assert_err_contains(&b, &["not a GGUF file"]);
     assert_err_contains(&write_gguf(1, &[], &[], 32), &["version 1"]);
     assert_err_contains(&write_gguf(4, &[], &[], 32), &["version 4"]);
-    assert_err_contains(
-        &write_gguf(3u32.swap_bytes(), &[], &[], 32),
-        &["big-endian"],
-    );
+    assert_err_contains(&write_gguf(3u32.swap_bytes(), &[], &[], 32), &["big-endian"]);
 }
 
 /// A header with these counts and nothing (or `rest`) after it.
@@ -517,33 +444,17 @@ fn header(n_tensors: u64, n_kv: u64, rest: &[u8]) -> Vec<u8> {
 
 #[test]
 fn huge_counts_are_refused_before_allocating() {
-    assert_err_contains(
-        &header(1 << 60, 0, &[]),
-        &["1152921504606846976 tensor infos", "cannot fit"],
-    );
-    assert_err_contains(
-        &header(0, 1 << 60, &[0; 64]),
-        &["metadata entries", "cannot fit"],
-    );
+    assert_err_contains(&header(1 << 60, 0, &[]), &["1152921504606846976 tensor infos", "cannot fit"]);
+    assert_err_contains(&header(0, 1 << 60, &[0; 64]), &["metadata entries", "cannot fit"]);
     assert_err_contains(&header(u64::MAX, u64::MAX, &[]), &["cannot fit"]);
 
     // An array claiming 2^60 strings (or u8s, or nested arrays).
-    for (ty, what) in [
-        (ValueType::String, "strings"),
-        (ValueType::U8, "u8s"),
-        (ValueType::Array, "arrays"),
-    ] {
+    for (ty, what) in [(ValueType::String, "strings"), (ValueType::U8, "u8s"), (ValueType::Array, "arrays")] {
         let mut o = Out::default();
-        o.string("tokenizer.ggml.tokens")
-            .u32(ValueType::Array.id())
-            .u32(ty.id())
-            .u64(1 << 60);
+        o.string("tokenizer.ggml.tokens").u32(ValueType::Array.id()).u32(ty.id()).u64(1 << 60);
         o.0.extend_from_slice(&[0; 64]);
         let e = parse_err(&header(0, 1, &o.0));
-        assert!(
-            e.contains("tokenizer.ggml.tokens") && e.contains("cannot fit"),
-            "{what}: {e}"
-        );
+        assert!(e.contains("tokenizer.ggml.tokens") && e.contains("cannot fit"), "{what}: {e}");
     }
 }
 
@@ -570,17 +481,11 @@ fn strings_past_the_end_are_refused() {
 fn tensor_data_past_the_end_is_refused() {
     let mut t = two_tensors();
     t[1].dims = vec![32, 1 << 20];
-    assert_err_contains(
-        &write_gguf(3, &[], &t, 32),
-        &["proj.weight", "past the end of the file"],
-    );
+    assert_err_contains(&write_gguf(3, &[], &t, 32), &["proj.weight", "past the end of the file"]);
 
     let mut t = two_tensors();
     t[1].offset = Some(1 << 40);
-    assert_err_contains(
-        &write_gguf_without_data(&t),
-        &["proj.weight", "past the end of the file"],
-    );
+    assert_err_contains(&write_gguf_without_data(&t), &["proj.weight", "past the end of the file"]);
 
     let mut t = two_tensors();
     t[1].offset = Some(!31); // the largest aligned u64
@@ -616,17 +521,11 @@ fn write_gguf_without_data(tensors: &[TensorSpec]) -> Vec<u8> {
 fn misaligned_and_overlapping_tensors_are_refused() {
     let mut t = two_tensors();
     t[1].offset = Some(36);
-    assert_err_contains(
-        &write_gguf(3, &[], &t, 32),
-        &["proj.weight", "not a multiple of the alignment 32"],
-    );
+    assert_err_contains(&write_gguf(3, &[], &t, 32), &["proj.weight", "not a multiple of the alignment 32"]);
 
     let mut t = two_tensors();
     t[1].offset = Some(0);
-    assert_err_contains(
-        &write_gguf(3, &[], &t, 32),
-        &["norm.weight", "proj.weight", "overlap"],
-    );
+    assert_err_contains(&write_gguf(3, &[], &t, 32), &["norm.weight", "proj.weight", "overlap"]);
 
     // Alignment 8 from the metadata: offset 24 is aligned, and adjacent tensors do not overlap.
     let mut t = two_tensors();
@@ -641,23 +540,12 @@ fn misaligned_and_overlapping_tensors_are_refused() {
 
 #[test]
 fn bad_alignment_is_refused() {
-    for v in [
-        Value::U32(0),
-        Value::U32(3),
-        Value::U32(48),
-        Value::I32(-32),
-    ] {
+    for v in [Value::U32(0), Value::U32(3), Value::U32(48), Value::I32(-32)] {
         let kv = [("general.alignment", v.clone())];
-        assert_err_contains(
-            &write_gguf(3, &kv, &two_tensors(), 32),
-            &["general.alignment", "power of two"],
-        );
+        assert_err_contains(&write_gguf(3, &kv, &two_tensors(), 32), &["general.alignment", "power of two"]);
     }
     let kv = [("general.alignment", Value::String("32".into()))];
-    assert_err_contains(
-        &write_gguf(3, &kv, &two_tensors(), 32),
-        &["general.alignment", "string"],
-    );
+    assert_err_contains(&write_gguf(3, &kv, &two_tensors(), 32), &["general.alignment", "string"]);
 }
 
 #[test]
@@ -669,29 +557,17 @@ fn bad_tensor_infos_are_refused() {
     }
     let mut t = two_tensors();
     t[0].dims = vec![1, 1, 1, 3, 2];
-    assert_err_contains(
-        &write_gguf(3, &[], &t, 32),
-        &["norm.weight", "5 dimensions"],
-    );
+    assert_err_contains(&write_gguf(3, &[], &t, 32), &["norm.weight", "5 dimensions"]);
     let mut t = two_tensors();
     t[0].dims = vec![];
-    assert_err_contains(
-        &write_gguf(3, &[], &t, 32),
-        &["norm.weight", "0 dimensions"],
-    );
+    assert_err_contains(&write_gguf(3, &[], &t, 32), &["norm.weight", "0 dimensions"]);
     // A Q4_0 row of 16 elements is half a block.
     let mut t = two_tensors();
     t[1].dims = vec![16, 2];
-    assert_err_contains(
-        &write_gguf(3, &[], &t, 32),
-        &["proj.weight", "whole number"],
-    );
+    assert_err_contains(&write_gguf(3, &[], &t, 32), &["proj.weight", "whole number"]);
     let mut t = two_tensors();
     t[1].name = "norm.weight".into();
-    assert_err_contains(
-        &write_gguf(3, &[], &t, 32),
-        &["duplicate tensor name `norm.weight`"],
-    );
+    assert_err_contains(&write_gguf(3, &[], &t, 32), &["duplicate tensor name `norm.weight`"]);
     let mut t = two_tensors();
     t[0].dims = vec![3, 1 << 63];
     assert_err_contains(&write_gguf_without_data(&t), &["norm.weight", "i64::MAX"]);
@@ -700,22 +576,14 @@ fn bad_tensor_infos_are_refused() {
 #[test]
 fn bad_metadata_is_refused() {
     let kv = [("a", Value::U8(1)), ("a", Value::U8(2))];
-    assert_err_contains(
-        &write_gguf(3, &kv, &[], 32),
-        &["duplicate metadata key `a`"],
-    );
+    assert_err_contains(&write_gguf(3, &kv, &[], 32), &["duplicate metadata key `a`"]);
 
     // Unknown value type, unknown array element type.
     let mut o = Out::default();
     o.string("k").u32(13).0.extend_from_slice(&[0; 16]);
     assert_err_contains(&header(0, 1, &o.0), &["`k`", "value type 13"]);
     let mut o = Out::default();
-    o.string("k")
-        .u32(ValueType::Array.id())
-        .u32(77)
-        .u64(1)
-        .0
-        .extend_from_slice(&[0; 16]);
+    o.string("k").u32(ValueType::Array.id()).u32(77).u64(1).0.extend_from_slice(&[0; 16]);
     assert_err_contains(&header(0, 1, &o.0), &["`k`", "value type 77"]);
 
     // A bool that is neither 0 nor 1.
@@ -751,19 +619,10 @@ fn bad_metadata_is_refused() {
 #[test]
 fn tensor_data_rechecks_bounds_for_any_tensor_info() {
     let f = GgufFile::parse(small_file()).unwrap();
-    let forged = TensorInfo {
-        name: "forged".into(),
-        dims: vec![1 << 30],
-        ggml_type: GgmlType::F32,
-        offset: 0,
-    };
+    let forged = TensorInfo { name: "forged".into(), dims: vec![1 << 30], ggml_type: GgmlType::F32, offset: 0 };
     let e = f.tensor_data(&forged).unwrap_err().to_string();
     assert!(e.contains("forged") && e.contains("past the end"), "{e}");
-    let forged = TensorInfo {
-        offset: u64::MAX,
-        dims: vec![1],
-        ..forged
-    };
+    let forged = TensorInfo { offset: u64::MAX, dims: vec![1], ..forged };
     assert!(f.tensor_data(&forged).is_err());
 }
 
@@ -777,13 +636,8 @@ fn fuzz_seed_is_current() {
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
         std::fs::write(&path, &bytes).unwrap();
     }
-    let committed =
-        std::fs::read(&path).expect("fuzz seed (KILN_BLESS=1 cargo test --test gguf writes it)");
-    assert!(
-        committed == bytes,
-        "{} is stale: rerun with KILN_BLESS=1",
-        path.display()
-    );
+    let committed = std::fs::read(&path).expect("fuzz seed (KILN_BLESS=1 cargo test --test gguf writes it)");
+    assert!(committed == bytes, "{} is stale: rerun with KILN_BLESS=1", path.display());
 }
 
 /// Real llama.cpp files, when present: every `.gguf` under `$KILN_GGUF_DIR` parses, and every
@@ -808,9 +662,7 @@ fn parses_real_gguf_files() {
         for t in &f.tensors {
             n_values += f.dequantize(t).unwrap_or_else(|e| panic!("{e}")).len();
         }
-        let vocab = f
-            .get_str_array("tokenizer.ggml.tokens")
-            .map_or(0, |v| v.len());
+        let vocab = f.get_str_array("tokenizer.ggml.tokens").map_or(0, |v| v.len());
         println!(
             "{}: v{} arch {:?}, {} keys, {} tensors ({n_values} values), vocab {vocab}",
             path.display(),

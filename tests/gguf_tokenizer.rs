@@ -7,9 +7,7 @@ use kiln::gguf::GgufFile;
 use std::path::PathBuf;
 
 fn vocab(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/vocab")
-        .join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/vocab").join(name)
 }
 
 fn check(pre: &str) {
@@ -20,15 +18,9 @@ fn check(pre: &str) {
     let inp = std::fs::read_to_string(vocab(&format!("ggml-vocab-{pre}.gguf.inp"))).unwrap();
     let out = std::fs::read_to_string(vocab(&format!("ggml-vocab-{pre}.gguf.out"))).unwrap();
     let mut strings: Vec<&str> = inp.split("\n__ggml_vocab_test__\n").collect();
-    assert_eq!(
-        strings.pop(),
-        Some(""),
-        "the remainder after the last separator is not a test"
-    );
-    let expected: Vec<Vec<u32>> = out
-        .lines()
-        .map(|l| l.split_whitespace().map(|t| t.parse().unwrap()).collect())
-        .collect();
+    assert_eq!(strings.pop(), Some(""), "the remainder after the last separator is not a test");
+    let expected: Vec<Vec<u32>> =
+        out.lines().map(|l| l.split_whitespace().map(|t| t.parse().unwrap()).collect()).collect();
     assert_eq!(strings.len(), 46);
     assert_eq!(expected.len(), strings.len());
     for (text, want) in strings.iter().zip(&expected) {

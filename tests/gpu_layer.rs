@@ -10,19 +10,11 @@ use std::sync::Arc;
 
 #[test]
 fn missing_adapter_error_says_what_was_looked_for_and_how_to_get_a_driver() {
-    let options = GpuOptions {
-        adapter_name: Some("no such adapter 7f3a".into()),
-        ..Default::default()
-    };
-    let err = Gpu::with_options(&options)
-        .err()
-        .expect("no adapter has that name");
+    let options = GpuOptions { adapter_name: Some("no such adapter 7f3a".into()), ..Default::default() };
+    let err = Gpu::with_options(&options).err().expect("no adapter has that name");
     assert!(matches!(err, KilnError::NoAdapter(_)), "{err:?}");
     let msg = err.to_string();
-    assert!(
-        msg.contains("no such adapter 7f3a") && msg.contains("mesa-vulkan-drivers"),
-        "{msg}"
-    );
+    assert!(msg.contains("no such adapter 7f3a") && msg.contains("mesa-vulkan-drivers"), "{msg}");
 }
 
 #[test]
@@ -31,31 +23,15 @@ fn best_adapter_is_chosen_with_its_features() {
     eprintln!("{}", gpu.describe());
     // On lavapipe both SHADER_F16 and SUBGROUP exist: the Vulkan adapter must win over GL's.
     if gpu.info.name.contains("llvmpipe") {
-        assert_eq!(
-            gpu.info.backend,
-            wgpu::Backend::Vulkan,
-            "{}",
-            gpu.describe()
-        );
-        assert!(
-            gpu.caps.f16 && gpu.caps.subgroups && gpu.caps.timestamps,
-            "{}",
-            gpu.describe()
-        );
+        assert_eq!(gpu.info.backend, wgpu::Backend::Vulkan, "{}", gpu.describe());
+        assert!(gpu.caps.f16 && gpu.caps.subgroups && gpu.caps.timestamps, "{}", gpu.describe());
     }
     assert!(
         gpu.max_binding >= 128 << 20
-            || gpu.max_binding
-                == gpu
-                    .limits
-                    .max_storage_buffer_binding_size
-                    .min(gpu.limits.max_buffer_size)
+            || gpu.max_binding == gpu.limits.max_storage_buffer_binding_size.min(gpu.limits.max_buffer_size)
     );
     let (_, fallback) = common::devices().remove(1);
-    assert!(
-        !fallback.caps.f16 && !fallback.caps.subgroups,
-        "the switches force the fallback paths"
-    );
+    assert!(!fallback.caps.f16 && !fallback.caps.subgroups, "the switches force the fallback paths");
 }
 
 #[test]
@@ -70,20 +46,11 @@ fn backend_variable_is_checked() {
 #[test]
 fn pipelines_are_built_once_per_key() {
     let (_, gpu) = common::devices().remove(0);
-    let a = gpu
-        .pipeline(&shaders::GEMV, "gemv", &[("W_DTYPE", 1)])
-        .unwrap();
-    let b = gpu
-        .pipeline(&shaders::GEMV, "gemv", &[("W_DTYPE", 1)])
-        .unwrap();
-    let c = gpu
-        .pipeline(&shaders::GEMV, "gemv", &[("W_DTYPE", 0)])
-        .unwrap();
+    let a = gpu.pipeline(&shaders::GEMV, "gemv", &[("W_DTYPE", 1)]).unwrap();
+    let b = gpu.pipeline(&shaders::GEMV, "gemv", &[("W_DTYPE", 1)]).unwrap();
+    let c = gpu.pipeline(&shaders::GEMV, "gemv", &[("W_DTYPE", 0)]).unwrap();
     assert!(Arc::ptr_eq(&a, &b), "same key, same pipeline");
-    assert!(
-        !Arc::ptr_eq(&a, &c),
-        "another override value is another pipeline"
-    );
+    assert!(!Arc::ptr_eq(&a, &c), "another override value is another pipeline");
 }
 
 #[test]
@@ -104,13 +71,8 @@ fn validation_errors_come_back_typed_and_name_the_kernel() {
 #[test]
 fn oversized_allocation_is_a_typed_out_of_memory_error() {
     let (_, gpu) = common::devices().remove(0);
-    let err = gpu
-        .buffer("kv cache", gpu.limits.max_buffer_size + 1)
-        .expect_err("past max_buffer_size");
-    assert!(
-        matches!(err, KilnError::OutOfMemory { ref kernel, .. } if kernel == "kv cache"),
-        "{err:?}"
-    );
+    let err = gpu.buffer("kv cache", gpu.limits.max_buffer_size + 1).expect_err("past max_buffer_size");
+    assert!(matches!(err, KilnError::OutOfMemory { ref kernel, .. } if kernel == "kv cache"), "{err:?}");
 }
 
 #[test]
@@ -123,11 +85,6 @@ fn broken_wgsl_is_a_shader_error_naming_the_kernel() {
         reads_weights: false,
     };
     let (_, gpu) = common::devices().remove(0);
-    let err = gpu
-        .pipeline(&BROKEN, "main", &[])
-        .expect_err("does not parse");
-    assert!(
-        matches!(err, KilnError::Shader { ref kernel, .. } if kernel.contains("broken.wgsl")),
-        "{err:?}"
-    );
+    let err = gpu.pipeline(&BROKEN, "main", &[]).expect_err("does not parse");
+    assert!(matches!(err, KilnError::Shader { ref kernel, .. } if kernel.contains("broken.wgsl")), "{err:?}");
 }

@@ -9,39 +9,15 @@ use kiln::gpu::{DType, Gpu, Weight};
 use kiln::ops::{argmax, attention, elementwise, embedding, gemv, matmul, rms_norm, rope, softmax};
 use rand::Rng;
 
-fn weight(
-    gpu: &Gpu,
-    name: &str,
-    rows: usize,
-    cols: usize,
-    dtype: DType,
-    values: &[f32],
-) -> (Weight, Vec<f32>) {
+fn weight(gpu: &Gpu, name: &str, rows: usize, cols: usize, dtype: DType, values: &[f32]) -> (Weight, Vec<f32>) {
     match dtype {
         DType::F32 => (
-            Weight::upload(
-                gpu,
-                name,
-                rows as u32,
-                cols as u32,
-                dtype,
-                bytemuck::cast_slice(values),
-            )
-            .unwrap(),
+            Weight::upload(gpu, name, rows as u32, cols as u32, dtype, bytemuck::cast_slice(values)).unwrap(),
             values.to_vec(),
         ),
-        DType::F16 => (
-            Weight::upload(
-                gpu,
-                name,
-                rows as u32,
-                cols as u32,
-                dtype,
-                &f16_bytes(values),
-            )
-            .unwrap(),
-            round_f16(values),
-        ),
+        DType::F16 => {
+            (Weight::upload(gpu, name, rows as u32, cols as u32, dtype, &f16_bytes(values)).unwrap(), round_f16(values))
+        }
         DType::BF16 => {
             let b: Vec<half::bf16> = values.iter().map(|&v| half::bf16::from_f32(v)).collect();
             let bytes: Vec<u8> = b.iter().flat_map(|v| v.to_le_bytes()).collect();
@@ -97,13 +73,17 @@ fn softmax_matches_reference() {
         for (rows, n) in [(2usize, 1003usize), (1, 49152), (3, 7)] {
             let x = uniform(&mut rng, rows * n, -8.0, 8.0);
             let y = poisoned(&gpu, "y", rows * n);
-            let d = softmax::softmax(&gpu, &upload_f32(&gpu, "x", &x), &y, rows as u32, n as u32)
-                .unwrap();
+            let d = softmax::softmax(&gpu, &upload_f32(&gpu, "x", &x), &y, rows as u32, n as u32).unwrap();
             gpu.run("softmax", &[&d]).unwrap();
             let got = gpu.read_f32(&y, rows * n).unwrap();
             let want = softmax::softmax_cpu(&x, n);
-            assert_close_each(&format!("softmax {name} {rows}×{n}"), &got, &want, |i| want[i] as f64 * (n as f64 + 40.0) * U32 + 1e-12,
-                "exp within 3 + 2|x| ulp for |x| ≤ 16 (Vulkan precision), sum of n terms ≤ n·u relative");
+            assert_close_each(
+                &format!("softmax {name} {rows}×{n}"),
+                &got,
+                &want,
+                |i| want[i] as f64 * (n as f64 + 40.0) * U32 + 1e-12,
+                "exp within 3 + 2|x| ulp for |x| ≤ 16 (Vulkan precision), sum of n terms ≤ n·u relative",
+            );
         }
     }
 }
@@ -126,17 +106,8 @@ fn argmax_picks_first_maximum_and_ignores_nan() {
                     row[rng.random_range(0..i)] = f32::NAN;
                 }
             }
-            let out = gpu
-                .upload("out", bytemuck::cast_slice(&vec![u32::MAX; rows]))
-                .unwrap();
-            let d = argmax::argmax(
-                &gpu,
-                &upload_f32(&gpu, "x", &x),
-                &out,
-                rows as u32,
-                n as u32,
-            )
-            .unwrap();
+            let out = gpu.upload("out", bytemuck::cast_slice(&vec![u32::MAX; rows])).unwrap();
+            let d = argmax::argmax(&gpu, &upload_f32(&gpu, "x", &x), &out, rows as u32, n as u32).unwrap();
             gpu.run("argmax", &[&d]).unwrap();
             let got = gpu.read_u32(&out, rows).unwrap();
             assert_eq!(got, argmax::argmax_cpu(&x, n), "argmax {name} {rows}×{n}");
@@ -156,21 +127,18 @@ fn swiglu_and_residual_add_match_reference() {
             let (ab, bb) = (upload_f32(&gpu, "a", &a), upload_f32(&gpu, "b", &b));
 
             let y = poisoned(&gpu, "y", n);
-            gpu.run(
-                "swiglu",
-                &[&elementwise::swiglu(&gpu, &ab, &bb, &y, n as u32).unwrap()],
-            )
-            .unwrap();
+            gpu.run("swiglu", &[&elementwise::swiglu(&gpu, &ab, &bb, &y, n as u32).unwrap()]).unwrap();
             let want = elementwise::swiglu_cpu(&a, &b);
-            assert_close_each(&format!("swiglu {name} n={n}"), &gpu.read_f32(&y, n).unwrap(), &want, |i| want[i].abs() as f64 * 64.0 * U32 + 1e-30,
-                "exp(-g) within 3 + 2|g| ≤ 19 ulp (|g| ≤ 8), then add, divide, multiply: ≤ 64u relative");
+            assert_close_each(
+                &format!("swiglu {name} n={n}"),
+                &gpu.read_f32(&y, n).unwrap(),
+                &want,
+                |i| want[i].abs() as f64 * 64.0 * U32 + 1e-30,
+                "exp(-g) within 3 + 2|g| ≤ 19 ulp (|g| ≤ 8), then add, divide, multiply: ≤ 64u relative",
+            );
 
             let y = poisoned(&gpu, "y", n);
-            gpu.run(
-                "add",
-                &[&elementwise::add(&gpu, &ab, &bb, &y, n as u32).unwrap()],
-            )
-            .unwrap();
+            gpu.run("add", &[&elementwise::add(&gpu, &ab, &bb, &y, n as u32).unwrap()]).unwrap();
             assert_close(
                 &format!("add {name} n={n}"),
                 &gpu.read_f32(&y, n).unwrap(),
@@ -180,11 +148,7 @@ fn swiglu_and_residual_add_match_reference() {
             );
 
             let y = poisoned(&gpu, "y", n.div_ceil(4) * 4);
-            gpu.run(
-                "copy",
-                &[&elementwise::copy(&gpu, &ab, &y, n.div_ceil(4) as u64 * 16).unwrap()],
-            )
-            .unwrap();
+            gpu.run("copy", &[&elementwise::copy(&gpu, &ab, &y, n.div_ceil(4) as u64 * 16).unwrap()]).unwrap();
             assert_close(
                 &format!("copy {name} n={n}"),
                 &gpu.read_f32(&y, n).unwrap(),
@@ -194,11 +158,7 @@ fn swiglu_and_residual_add_match_reference() {
             );
 
             let acc = upload_f32(&gpu, "acc", &a);
-            gpu.run(
-                "add_assign",
-                &[&elementwise::add_assign(&gpu, &acc, &bb, n as u32).unwrap()],
-            )
-            .unwrap();
+            gpu.run("add_assign", &[&elementwise::add_assign(&gpu, &acc, &bb, n as u32).unwrap()]).unwrap();
             assert_close(
                 &format!("add_assign {name} n={n}"),
                 &gpu.read_f32(&acc, n).unwrap(),
@@ -233,8 +193,7 @@ fn check_embedding(
         ids.len() as u32,
     )
     .unwrap();
-    gpu.run("embedding", &ds.iter().collect::<Vec<_>>())
-        .unwrap();
+    gpu.run("embedding", &ds.iter().collect::<Vec<_>>()).unwrap();
     let want = embedding::embedding_cpu(&ids, &exact, dim);
     assert_close(
         what,
@@ -251,30 +210,13 @@ fn embedding_gathers_rows_of_f32_and_f16_tables() {
     let mut rng = rng("embedding");
     for (name, gpu) in devices() {
         for dtype in [DType::F32, DType::F16, DType::BF16] {
-            check_embedding(
-                &gpu,
-                &format!("embedding {name} {dtype:?}"),
-                1000,
-                77,
-                dtype,
-                &mut rng,
-            );
+            check_embedding(&gpu, &format!("embedding {name} {dtype:?}"), 1000, 77, dtype, &mut rng);
         }
     }
     let small = small_binding_device(4096);
     for dtype in [DType::F32, DType::F16, DType::BF16] {
-        let chunks = check_embedding(
-            &small,
-            &format!("embedding chunked {dtype:?}"),
-            301,
-            33,
-            dtype,
-            &mut rng,
-        );
-        assert!(
-            chunks > 1,
-            "the 4 KiB binding cap must split the table ({chunks} chunk)"
-        );
+        let chunks = check_embedding(&small, &format!("embedding chunked {dtype:?}"), 301, 33, dtype, &mut rng);
+        assert!(chunks > 1, "the 4 KiB binding cap must split the table ({chunks} chunk)");
     }
 }
 
@@ -340,21 +282,14 @@ fn gemv_matches_reference_at_odd_shapes() {
         for kind in [gemv::GemvKernel::Reduce, gemv::GemvKernel::RowPerInvocation] {
             for dtype in [DType::F32, DType::F16, DType::BF16] {
                 // K % 8 == 0 takes the 16-byte-load path, other K the scalar path; N not a multiple of the rows per workgroup.
-                for (m, n, k) in [
-                    (1usize, 37usize, 576usize),
-                    (1, 131, 1000),
-                    (3, 67, 577),
-                    (1, 3, 13),
-                    (2, 5, 8),
-                    (1, 1, 1),
-                ] {
+                for (m, n, k) in
+                    [(1usize, 37usize, 576usize), (1, 131, 1000), (3, 67, 577), (1, 3, 13), (2, 5, 8), (1, 1, 1)]
+                {
                     for bias in [false, true] {
                         check_linear(
                             &gpu,
                             &Kernel::Gemv(kind),
-                            &format!(
-                                "gemv {kind:?} {name} {dtype:?} m={m} n={n} k={k} bias={bias}"
-                            ),
+                            &format!("gemv {kind:?} {name} {dtype:?} m={m} n={n} k={k} bias={bias}"),
                             m,
                             n,
                             k,
@@ -375,21 +310,14 @@ fn matmul_matches_reference_at_odd_shapes() {
     for (name, gpu) in devices() {
         for kind in [matmul::MatmulKernel::Tiled, matmul::MatmulKernel::Registers] {
             for dtype in [DType::F32, DType::F16, DType::BF16] {
-                for (m, n, k) in [
-                    (2usize, 3usize, 5usize),
-                    (67, 129, 77),
-                    (130, 65, 576),
-                    (64, 64, 64),
-                    (7, 200, 33),
-                    (33, 31, 24),
-                ] {
+                for (m, n, k) in
+                    [(2usize, 3usize, 5usize), (67, 129, 77), (130, 65, 576), (64, 64, 64), (7, 200, 33), (33, 31, 24)]
+                {
                     for bias in [false, true] {
                         check_linear(
                             &gpu,
                             &Kernel::Matmul(kind),
-                            &format!(
-                                "matmul {kind:?} {name} {dtype:?} m={m} n={n} k={k} bias={bias}"
-                            ),
+                            &format!("matmul {kind:?} {name} {dtype:?} m={m} n={n} k={k} bias={bias}"),
                             m,
                             n,
                             k,
@@ -415,21 +343,8 @@ fn linear_kernels_handle_weights_split_across_bindings() {
             Kernel::Matmul(matmul::MatmulKernel::Tiled),
             Kernel::Matmul(matmul::MatmulKernel::Registers),
         ] {
-            let chunks = check_linear(
-                &gpu,
-                &kernel,
-                &format!("chunked {dtype:?}"),
-                3,
-                301,
-                40,
-                dtype,
-                true,
-                &mut rng,
-            );
-            assert!(
-                chunks > 2,
-                "301 rows over a 4 KiB binding cap must make several chunks, got {chunks}"
-            );
+            let chunks = check_linear(&gpu, &kernel, &format!("chunked {dtype:?}"), 3, 301, 40, dtype, true, &mut rng);
+            assert!(chunks > 2, "301 rows over a 4 KiB binding cap must make several chunks, got {chunks}");
         }
     }
 }
@@ -467,16 +382,8 @@ fn lm_head_larger_than_one_binding_works() {
     // And the same table as an embedding: the last rows live in the last chunk.
     let ids = [0u32, 77_777, n as u32 - 1];
     let xe = poisoned(&gpu, "x", ids.len() * k);
-    let ds = embedding::embedding(
-        &gpu,
-        &gpu.upload("ids", bytemuck::cast_slice(&ids)).unwrap(),
-        &w,
-        &xe,
-        3,
-    )
-    .unwrap();
-    gpu.run("embedding", &ds.iter().collect::<Vec<_>>())
-        .unwrap();
+    let ds = embedding::embedding(&gpu, &gpu.upload("ids", bytemuck::cast_slice(&ids)).unwrap(), &w, &xe, 3).unwrap();
+    gpu.run("embedding", &ds.iter().collect::<Vec<_>>()).unwrap();
     assert_close(
         "embedding from a split table",
         &gpu.read_f32(&xe, ids.len() * k).unwrap(),
@@ -498,35 +405,25 @@ fn rope_rotates_q_in_both_layouts_at_any_offset() {
         original_max_position_embeddings: 8192.0,
     };
     for (name, gpu) in devices() {
-        for (head_dim, theta, scaled) in [
-            (64usize, 1e4, false),
-            (128, 5e5, true),
-            (80, 1e6, false),
-            (96, 1e5, false),
-        ] {
+        for (head_dim, theta, scaled) in [(64usize, 1e4, false), (128, 5e5, true), (80, 1e6, false), (96, 1e5, false)] {
             let inv = rope::inv_freq(head_dim, theta, scaled.then_some(&scaling));
             let max_pos = 4200;
             let table = rope::upload_table(&gpu, &rope::cos_sin_table(&inv, max_pos)).unwrap();
             for layout in [rope::RopeLayout::HalfSplit, rope::RopeLayout::Interleaved] {
                 for (n_tokens, n_heads, pos0) in [(1u32, 9u32, 0u32), (13, 3, 37), (2, 5, 4100)] {
-                    let shape = rope::RopeShape {
-                        n_tokens,
-                        n_heads,
-                        head_dim: head_dim as u32,
-                        pos0,
-                        layout,
-                    };
+                    let shape = rope::RopeShape { n_tokens, n_heads, head_dim: head_dim as u32, pos0, layout };
                     let n = (n_tokens * n_heads) as usize * head_dim;
                     let x = uniform(&mut rng, n, -2.0, 2.0);
                     let buf = upload_f32(&gpu, "q", &x);
-                    gpu.run(
-                        "rope_q",
-                        &[&rope::rope_q(&gpu, &table, &buf, shape).unwrap()],
-                    )
-                    .unwrap();
+                    gpu.run("rope_q", &[&rope::rope_q(&gpu, &table, &buf, shape).unwrap()]).unwrap();
                     let want = rope::rope_cpu(&x, shape, &inv);
-                    assert_close(&format!("rope_q {name} D={head_dim} {layout:?} T={n_tokens} H={n_heads} pos0={pos0}"), &gpu.read_f32(&buf, n).unwrap(), &want, 16.0 * U32 * 2.0,
-                        "cos/sin rounded to f32 (u), two products and a sum of |x| ≤ 2 values: ≤ 8u·2 absolute");
+                    assert_close(
+                        &format!("rope_q {name} D={head_dim} {layout:?} T={n_tokens} H={n_heads} pos0={pos0}"),
+                        &gpu.read_f32(&buf, n).unwrap(),
+                        &want,
+                        16.0 * U32 * 2.0,
+                        "cos/sin rounded to f32 (u), two products and a sum of |x| ≤ 2 values: ≤ 8u·2 absolute",
+                    );
                 }
             }
         }
@@ -557,17 +454,11 @@ fn llama3_frequency_scaling_follows_the_reference_formula() {
             );
             seen[1] += 1;
         } else {
-            assert!(
-                q < p && q > p / 8.0,
-                "medium frequencies interpolate between the two"
-            );
+            assert!(q < p && q > p / 8.0, "medium frequencies interpolate between the two");
             seen[2] += 1;
         }
     }
-    assert!(
-        seen.iter().all(|&c| c > 0),
-        "all three bands occur: {seen:?}"
-    );
+    assert!(seen.iter().all(|&c| c > 0), "all three bands occur: {seen:?}");
 }
 
 #[test]
@@ -585,16 +476,10 @@ fn rope_kv_appends_rotated_keys_and_values_to_the_cache() {
         } else {
             bytemuck::cast_slice(&vec![f32::NAN; n_kv * ctx * head_dim]).to_vec()
         };
-        let (kc, vc) = (
-            gpu.upload("k cache", &nan_cache).unwrap(),
-            gpu.upload("v cache", &nan_cache).unwrap(),
-        );
+        let (kc, vc) = (gpu.upload("k cache", &nan_cache).unwrap(), gpu.upload("v cache", &nan_cache).unwrap());
         let (n_tokens, pos0) = (7u32, 11u32);
         let n = n_tokens as usize * n_kv * head_dim;
-        let (k, v) = (
-            uniform(&mut rng, n, -2.0, 2.0),
-            uniform(&mut rng, n, -2.0, 2.0),
-        );
+        let (k, v) = (uniform(&mut rng, n, -2.0, 2.0), uniform(&mut rng, n, -2.0, 2.0));
         let shape = rope::RopeShape {
             n_tokens,
             n_heads: n_kv as u32,
@@ -617,10 +502,7 @@ fn rope_kv_appends_rotated_keys_and_values_to_the_cache() {
         let read = |b: &wgpu::Buffer| -> Vec<f32> {
             let bytes = gpu.read_bytes(b, cache_bytes as u64).unwrap();
             if gpu.caps.f16 {
-                bytes
-                    .chunks(2)
-                    .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-                    .collect()
+                bytes.chunks(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect()
             } else {
                 bytemuck::pod_collect_to_vec(&bytes)
             }
@@ -677,12 +559,7 @@ struct AttnCase {
 
 fn check_attention(gpu: &Gpu, name: &str, c: &AttnCase, rng: &mut rand::rngs::StdRng) -> u32 {
     let ctx = c.pos0 + c.n_tokens + 29;
-    let shape = attention::AttentionShape {
-        n_heads: c.n_heads,
-        n_kv_heads: c.n_kv_heads,
-        head_dim: c.head_dim,
-        ctx,
-    };
+    let shape = attention::AttentionShape { n_heads: c.n_heads, n_kv_heads: c.n_kv_heads, head_dim: c.head_dim, ctx };
     let (d, kv_len) = (c.head_dim as usize, (c.pos0 + c.n_tokens) as usize);
     let cache_len = (c.n_kv_heads * ctx) as usize * d;
     // Filled positions random; positions past the causal range NaN, so reading them would show.
@@ -696,11 +573,7 @@ fn check_attention(gpu: &Gpu, name: &str, c: &AttnCase, rng: &mut rand::rngs::St
             }
         }
     }
-    let (k, v) = if gpu.caps.f16 {
-        (round_f16(&k), round_f16(&v))
-    } else {
-        (k, v)
-    };
+    let (k, v) = if gpu.caps.f16 { (round_f16(&k), round_f16(&v)) } else { (k, v) };
     let upload = |label: &str, x: &[f32]| {
         if gpu.caps.f16 {
             gpu.upload(label, &f16_bytes(x)).unwrap()
@@ -718,40 +591,24 @@ fn check_attention(gpu: &Gpu, name: &str, c: &AttnCase, rng: &mut rand::rngs::St
     // are then off by ≤ 2× that relatively, and the output (a convex mix of |v| ≤ 1) by as much,
     // plus kv_len·u from summing the mix.
     let smax = (1.0 / (d as f64).sqrt()) * d as f64;
-    let tol = (2.0 * (d as f64 * U32 * smax + (3.0 + 4.0 * smax) * U32)
-        + 2.0 * kv_len as f64 * U32)
-        * 2.0;
-    let why = "score error D·u·|s|max plus exp error (3+2|s|) ulp, doubled for the normalisation, plus kv_len·u summation";
-    let what = format!(
-        "{name} Hq={} Hkv={} D={} T={} pos0={}",
-        c.n_heads, c.n_kv_heads, c.head_dim, c.n_tokens, c.pos0
-    );
+    let tol = (2.0 * (d as f64 * U32 * smax + (3.0 + 4.0 * smax) * U32) + 2.0 * kv_len as f64 * U32) * 2.0;
+    let why =
+        "score error D·u·|s|max plus exp error (3+2|s|) ulp, doubled for the normalisation, plus kv_len·u summation";
+    let what =
+        format!("{name} Hq={} Hkv={} D={} T={} pos0={}", c.n_heads, c.n_kv_heads, c.head_dim, c.n_tokens, c.pos0);
 
     let out = poisoned(gpu, "out", nq);
-    gpu.run(
-        "attention prefill",
-        &[&attention::prefill(gpu, &shape, &qb, &kc, &vc, &out, c.n_tokens, c.pos0).unwrap()],
-    )
-    .unwrap();
-    assert_close(
-        &format!("attention prefill {what}"),
-        &gpu.read_f32(&out, nq).unwrap(),
-        &want,
-        tol,
-        why,
-    );
+    gpu.run("attention prefill", &[&attention::prefill(gpu, &shape, &qb, &kc, &vc, &out, c.n_tokens, c.pos0).unwrap()])
+        .unwrap();
+    assert_close(&format!("attention prefill {what}"), &gpu.read_f32(&out, nq).unwrap(), &want, tol, why);
 
     let splits = shape.splits(kv_len as u32, 64);
     let partials = attention::Partials::new(gpu, &shape, c.n_tokens, splits.0).unwrap();
-    for kernel in [
-        attention::SplitKernel::Workgroup,
-        attention::SplitKernel::Lanes,
-    ] {
+    for kernel in [attention::SplitKernel::Workgroup, attention::SplitKernel::Lanes] {
         let out = poisoned(gpu, "out", nq);
-        let [split, reduce] = attention::decode_with(
-            gpu, kernel, &shape, &qb, &kc, &vc, &out, &partials, c.n_tokens, c.pos0, splits,
-        )
-        .unwrap();
+        let [split, reduce] =
+            attention::decode_with(gpu, kernel, &shape, &qb, &kc, &vc, &out, &partials, c.n_tokens, c.pos0, splits)
+                .unwrap();
         gpu.run("attention decode", &[&split, &reduce]).unwrap();
         assert_close(
             &format!("attention split-KV {kernel:?} {what} splits={splits:?}"),
@@ -770,49 +627,13 @@ fn attention_matches_reference_for_mha_gqa_mqa_and_every_head_dim() {
     for (name, gpu) in devices() {
         let cases = [
             // head_dim 64, 80, 96, 128 with GQA groups of 3, 7 (MQA-like), 4.
-            AttnCase {
-                n_heads: 9,
-                n_kv_heads: 3,
-                head_dim: 64,
-                n_tokens: 37,
-                pos0: 0,
-            },
-            AttnCase {
-                n_heads: 7,
-                n_kv_heads: 1,
-                head_dim: 80,
-                n_tokens: 5,
-                pos0: 70,
-            },
-            AttnCase {
-                n_heads: 8,
-                n_kv_heads: 2,
-                head_dim: 96,
-                n_tokens: 1,
-                pos0: 300,
-            },
-            AttnCase {
-                n_heads: 4,
-                n_kv_heads: 1,
-                head_dim: 128,
-                n_tokens: 67,
-                pos0: 3,
-            },
+            AttnCase { n_heads: 9, n_kv_heads: 3, head_dim: 64, n_tokens: 37, pos0: 0 },
+            AttnCase { n_heads: 7, n_kv_heads: 1, head_dim: 80, n_tokens: 5, pos0: 70 },
+            AttnCase { n_heads: 8, n_kv_heads: 2, head_dim: 96, n_tokens: 1, pos0: 300 },
+            AttnCase { n_heads: 4, n_kv_heads: 1, head_dim: 128, n_tokens: 67, pos0: 3 },
             // MHA, and a group larger than one workgroup's 8 heads (MQA with 18 heads).
-            AttnCase {
-                n_heads: 3,
-                n_kv_heads: 3,
-                head_dim: 64,
-                n_tokens: 2,
-                pos0: 130,
-            },
-            AttnCase {
-                n_heads: 18,
-                n_kv_heads: 1,
-                head_dim: 64,
-                n_tokens: 3,
-                pos0: 200,
-            },
+            AttnCase { n_heads: 3, n_kv_heads: 3, head_dim: 64, n_tokens: 2, pos0: 130 },
+            AttnCase { n_heads: 18, n_kv_heads: 1, head_dim: 64, n_tokens: 3, pos0: 200 },
         ];
         let mut max_splits = 0;
         for c in &cases {
@@ -825,33 +646,13 @@ fn attention_matches_reference_for_mha_gqa_mqa_and_every_head_dim() {
 #[test]
 fn attention_rejects_impossible_shapes() {
     let (_, gpu) = devices().remove(0);
-    let shape = attention::AttentionShape {
-        n_heads: 6,
-        n_kv_heads: 4,
-        head_dim: 64,
-        ctx: 16,
-    };
+    let shape = attention::AttentionShape { n_heads: 6, n_kv_heads: 4, head_dim: 64, ctx: 16 };
     assert!(shape.validate().is_err(), "6 heads cannot share 4 KV heads");
-    let shape = attention::AttentionShape {
-        n_heads: 4,
-        n_kv_heads: 2,
-        head_dim: 256,
-        ctx: 16,
-    };
-    assert!(
-        shape.validate().is_err(),
-        "head_dim 256 is over the kernel's 128"
-    );
-    let ok = attention::AttentionShape {
-        n_heads: 4,
-        n_kv_heads: 2,
-        head_dim: 64,
-        ctx: 16,
-    };
+    let shape = attention::AttentionShape { n_heads: 4, n_kv_heads: 2, head_dim: 256, ctx: 16 };
+    assert!(shape.validate().is_err(), "head_dim 256 is over the kernel's 128");
+    let ok = attention::AttentionShape { n_heads: 4, n_kv_heads: 2, head_dim: 64, ctx: 16 };
     let b = gpu.buffer("b", 4 * 64 * 4 * 20).unwrap();
-    let err = attention::prefill(&gpu, &ok, &b, &b, &b, &b, 10, 10)
-        .err()
-        .expect("positions past the cache must fail");
+    let err = attention::prefill(&gpu, &ok, &b, &b, &b, &b, 10, 10).err().expect("positions past the cache must fail");
     assert!(err.to_string().contains("exceed"), "{err}");
 }
 
@@ -864,20 +665,10 @@ fn gemv_can_start_at_a_later_row_of_x() {
             for k in [64usize, 67] {
                 let (rows_x, n) = (5usize, 23usize);
                 let x = uniform(&mut rng, rows_x * k, -1.0, 1.0);
-                let (w, exact) = weight(
-                    &gpu,
-                    "w",
-                    n,
-                    k,
-                    DType::F16,
-                    &uniform(&mut rng, n * k, -1.0, 1.0),
-                );
+                let (w, exact) = weight(&gpu, "w", n, k, DType::F16, &uniform(&mut rng, n * k, -1.0, 1.0));
                 let y = poisoned(&gpu, "y", n);
-                let ds =
-                    gemv::gemv_with(&gpu, kind, &upload_f32(&gpu, "x", &x), &w, None, &y, 1, 4)
-                        .unwrap();
-                gpu.run("gemv x_row", &ds.iter().collect::<Vec<_>>())
-                    .unwrap();
+                let ds = gemv::gemv_with(&gpu, kind, &upload_f32(&gpu, "x", &x), &w, None, &y, 1, 4).unwrap();
+                gpu.run("gemv x_row", &ds.iter().collect::<Vec<_>>()).unwrap();
                 let want = matmul::matmul_cpu(&x[4 * k..], &exact, None, 1, n, k);
                 let abs_sum = matmul::matmul_cpu(
                     &x[4 * k..].iter().map(|v| v.abs()).collect::<Vec<_>>(),
@@ -904,12 +695,7 @@ fn gemv_can_start_at_a_later_row_of_x() {
 /// Random valid blocks of `dtype` for a (rows × cols) matrix: random quants, random signs and
 /// bits, scales set to moderate f16 values so nothing overflows; and their CPU dequantisation
 /// (kiln::quant, bit-exact with ggml) as the reference.
-fn quantized(
-    dtype: DType,
-    rows: usize,
-    cols: usize,
-    rng: &mut rand::rngs::StdRng,
-) -> (Vec<u8>, Vec<f32>) {
+fn quantized(dtype: DType, rows: usize, cols: usize, rng: &mut rand::rngs::StdRng) -> (Vec<u8>, Vec<f32>) {
     use kiln::gguf::GgmlType;
     let (ty, scale_offsets): (GgmlType, &[usize]) = match dtype {
         DType::Q8_0 => (GgmlType::Q8_0, &[0]),
@@ -924,14 +710,10 @@ fn quantized(
     };
     let (block_elems, block_bytes) = dtype.block();
     let blocks = rows * cols / block_elems as usize;
-    let mut bytes: Vec<u8> = (0..blocks * block_bytes as usize)
-        .map(|_| rng.random())
-        .collect();
+    let mut bytes: Vec<u8> = (0..blocks * block_bytes as usize).map(|_| rng.random()).collect();
     for b in 0..blocks {
         for &o in scale_offsets {
-            let d = half::f16::from_f32(
-                rng.random_range(0.002f32..0.02) * if rng.random() { 1.0 } else { -1.0 },
-            );
+            let d = half::f16::from_f32(rng.random_range(0.002f32..0.02) * if rng.random() { 1.0 } else { -1.0 });
             bytes[b * block_bytes as usize + o..][..2].copy_from_slice(&d.to_le_bytes());
         }
     }
@@ -939,16 +721,8 @@ fn quantized(
     (bytes, values)
 }
 
-const BLOCK_TYPES: [DType; 8] = [
-    DType::Q8_0,
-    DType::Q4_0,
-    DType::Q4_1,
-    DType::Q5_0,
-    DType::Q5_1,
-    DType::Q4K,
-    DType::Q5K,
-    DType::Q6K,
-];
+const BLOCK_TYPES: [DType; 8] =
+    [DType::Q8_0, DType::Q4_0, DType::Q4_1, DType::Q5_0, DType::Q5_1, DType::Q4K, DType::Q5K, DType::Q6K];
 
 #[test]
 fn quantized_weights_decode_inside_gemv_matmul_and_embedding() {
@@ -976,45 +750,15 @@ fn quantized_weights_decode_inside_gemv_matmul_and_embedding() {
                 n,
                 cols,
             );
-            for kind in [
-                "gemv Reduce",
-                "gemv RowPerInvocation",
-                "matmul Tiled",
-                "matmul Registers",
-            ] {
+            for kind in ["gemv Reduce", "gemv RowPerInvocation", "matmul Tiled", "matmul Registers"] {
                 let y = poisoned(g, "y", m * n);
                 let ds = match kind {
-                    "gemv Reduce" => {
-                        gemv::gemv_with(g, gemv::GemvKernel::Reduce, &xb, &w, None, &y, m as u32, 0)
+                    "gemv Reduce" => gemv::gemv_with(g, gemv::GemvKernel::Reduce, &xb, &w, None, &y, m as u32, 0),
+                    "gemv RowPerInvocation" => {
+                        gemv::gemv_with(g, gemv::GemvKernel::RowPerInvocation, &xb, &w, None, &y, m as u32, 0)
                     }
-                    "gemv RowPerInvocation" => gemv::gemv_with(
-                        g,
-                        gemv::GemvKernel::RowPerInvocation,
-                        &xb,
-                        &w,
-                        None,
-                        &y,
-                        m as u32,
-                        0,
-                    ),
-                    "matmul Tiled" => matmul::matmul_with(
-                        g,
-                        matmul::MatmulKernel::Tiled,
-                        &xb,
-                        &w,
-                        None,
-                        &y,
-                        m as u32,
-                    ),
-                    _ => matmul::matmul_with(
-                        g,
-                        matmul::MatmulKernel::Registers,
-                        &xb,
-                        &w,
-                        None,
-                        &y,
-                        m as u32,
-                    ),
+                    "matmul Tiled" => matmul::matmul_with(g, matmul::MatmulKernel::Tiled, &xb, &w, None, &y, m as u32),
+                    _ => matmul::matmul_with(g, matmul::MatmulKernel::Registers, &xb, &w, None, &y, m as u32),
                 }
                 .unwrap();
                 g.run(kind, &ds.iter().collect::<Vec<_>>()).unwrap();
@@ -1033,8 +777,13 @@ fn quantized_weights_decode_inside_gemv_matmul_and_embedding() {
             .unwrap();
             g.run("embedding", &ds.iter().collect::<Vec<_>>()).unwrap();
             let want_rows = embedding::embedding_cpu(&ids, &exact, cols);
-            assert_close_each(&format!("embedding {dtype:?} {gname}"), &g.read_f32(&xe, ids.len() * cols).unwrap(), &want_rows, |i| want_rows[i].abs() as f64 * 4.0 * U32 + 1e-30,
-                "decode of one element: a product (and a sum) of exact f16 scales and small integers, ≤ 4u");
+            assert_close_each(
+                &format!("embedding {dtype:?} {gname}"),
+                &g.read_f32(&xe, ids.len() * cols).unwrap(),
+                &want_rows,
+                |i| want_rows[i].abs() as f64 * 4.0 * U32 + 1e-30,
+                "decode of one element: a product (and a sum) of exact f16 scales and small integers, ≤ 4u",
+            );
         }
     }
 }

@@ -15,35 +15,23 @@ use std::sync::Arc;
 const MODELS: [&str; 2] = ["llama3-tiny", "qwen2-tiny"];
 
 fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
 }
 
 fn golden(name: &str) -> Value {
-    serde_json::from_str(&std::fs::read_to_string(fixture(name).join("golden.json")).unwrap())
-        .unwrap()
+    serde_json::from_str(&std::fs::read_to_string(fixture(name).join("golden.json")).unwrap()).unwrap()
 }
 
 fn load(name: &str, gpu: Arc<Gpu>) -> Model {
-    Model::load(&fixture(name), gpu, &mut |_, _| {})
-        .unwrap_or_else(|e| panic!("loading {name}: {e}"))
+    Model::load(&fixture(name), gpu, &mut |_, _| {}).unwrap_or_else(|e| panic!("loading {name}: {e}"))
 }
 
 fn u32s(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
 }
 
 fn f32s(v: &Value) -> Vec<f32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap() as f32)
-        .collect()
+    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
 }
 
 /// Logit tolerance per path. f32 KV: 1e-3, the fixtures' own advice: transformers' float32
@@ -74,22 +62,10 @@ fn logits_match_transformers() {
                 let all = session.feed_all(&ids).unwrap();
                 assert_eq!(all.len(), ids.len() * vocab);
                 let last = &all[(ids.len() - 1) * vocab..];
-                assert_close(
-                    &format!("{what} last_logits"),
-                    last,
-                    &f32s(&case["last_logits"]),
-                    tol,
-                    "see logit_tol",
-                );
+                assert_close(&format!("{what} last_logits"), last, &f32s(&case["last_logits"]), tol, "see logit_tol");
                 if let Some(rows) = case["all_logits"].as_array() {
                     let want: Vec<f32> = rows.iter().flat_map(f32s).collect();
-                    assert_close(
-                        &format!("{what} all_logits"),
-                        &all,
-                        &want,
-                        tol,
-                        "see logit_tol",
-                    );
+                    assert_close(&format!("{what} all_logits"), &all, &want, tol, "see logit_tol");
                 }
                 // Every position's argmax where transformers' top two are further apart than
                 // our error could bridge.
@@ -104,24 +80,14 @@ fn logits_match_transformers() {
                 // And the last logits alone, through the lm-head-on-last-row path.
                 let mut session = Session::new(&model, None).unwrap();
                 let last_only = session.feed(&ids).unwrap();
-                assert_close(
-                    &format!("{what} feed()"),
-                    &last_only,
-                    &f32s(&case["last_logits"]),
-                    tol,
-                    "see logit_tol",
-                );
+                assert_close(&format!("{what} feed()"), &last_only, &f32s(&case["last_logits"]), tol, "see logit_tol");
             }
         }
     }
 }
 
 fn greedy(tokens: usize) -> GenerateParams {
-    GenerateParams {
-        max_tokens: tokens,
-        sampling: SamplingParams::default(),
-        stop_at_eos: false,
-    }
+    GenerateParams { max_tokens: tokens, sampling: SamplingParams::default(), stop_at_eos: false }
 }
 
 #[test]
@@ -134,9 +100,7 @@ fn greedy_generation_is_token_identical() {
                 let prompt = u32s(&run["prompt_ids"]);
                 let want = u32s(&run["generated_ids"]);
                 let mut session = Session::new(&model, None).unwrap();
-                let out = session
-                    .generate(&prompt, &greedy(want.len()), |_| {})
-                    .unwrap();
+                let out = session.generate(&prompt, &greedy(want.len()), |_| {}).unwrap();
                 assert_eq!(out.tokens, want, "{name} {path} {}", run["name"]);
                 assert_eq!(out.stop, StopReason::MaxTokens);
                 assert_eq!(
@@ -149,14 +113,8 @@ fn greedy_generation_is_token_identical() {
             let mut params = greedy(u32s(&rp["generated_ids"]).len());
             params.sampling.repeat_penalty = rp["repetition_penalty"].as_f64().unwrap() as f32;
             let mut session = Session::new(&model, None).unwrap();
-            let out = session
-                .generate(&u32s(&rp["prompt_ids"]), &params, |_| {})
-                .unwrap();
-            assert_eq!(
-                out.tokens,
-                u32s(&rp["generated_ids"]),
-                "{name} {path} repetition penalty"
-            );
+            let out = session.generate(&u32s(&rp["prompt_ids"]), &params, |_| {}).unwrap();
+            assert_eq!(out.tokens, u32s(&rp["generated_ids"]), "{name} {path} repetition penalty");
         }
     }
 }
@@ -183,11 +141,7 @@ fn incremental_decoding_equals_a_full_forward() {
             for (i, &t) in extra.iter().enumerate() {
                 last = session.feed(&[t]).unwrap();
                 let want = u32s(&inc["incremental_argmax_per_step"])[i];
-                assert_eq!(
-                    kiln::ops::argmax::argmax_cpu(&last, last.len())[0],
-                    want,
-                    "{name} {path} step {i}"
-                );
+                assert_eq!(kiln::ops::argmax::argmax_cpu(&last, last.len())[0], want, "{name} {path} step {i}");
             }
             assert_close(
                 &format!("{name} {path} incremental"),
@@ -218,13 +172,7 @@ fn incremental_decoding_equals_a_full_forward() {
             // Rolling back and re-feeding reproduces the same logits.
             session.rollback(prompt.len());
             let again = session.feed(&extra).unwrap();
-            assert_close(
-                &format!("{name} {path} after rollback"),
-                &again,
-                &full_logits,
-                tol,
-                "rollback then re-feed",
-            );
+            assert_close(&format!("{name} {path} after rollback"), &again, &full_logits, tol, "rollback then re-feed");
         }
     }
 }
@@ -235,13 +183,7 @@ fn long_prompts_are_fed_in_chunks_and_give_the_same_logits() {
     let (_, gpu) = devices().remove(1);
     let model = load("llama3-tiny", gpu);
     let text = std::fs::read_to_string(fixture("README.md")).unwrap();
-    let ids: Vec<u32> = model
-        .tokenizer
-        .encode(&text, true)
-        .unwrap()
-        .into_iter()
-        .take(250)
-        .collect();
+    let ids: Vec<u32> = model.tokenizer.encode(&text, true).unwrap().into_iter().take(250).collect();
     assert_eq!(ids.len(), 250);
     let mut a = Session::with_step_tokens(&model, None, 100).unwrap();
     let chunked = a.feed(&ids).unwrap();
@@ -266,12 +208,8 @@ fn chat_template_ids_match_transformers() {
         let (_, gpu) = devices().remove(0);
         let model = load(name, gpu);
         for chat in g["tokenization"]["chat"].as_array().unwrap() {
-            let messages: Vec<kiln::tokenizer::ChatMessage> =
-                serde_json::from_value(chat["messages"].clone()).unwrap();
-            let ids = model
-                .tokenizer
-                .encode_chat(&messages, chat["add_generation_prompt"].as_bool().unwrap())
-                .unwrap();
+            let messages: Vec<kiln::tokenizer::ChatMessage> = serde_json::from_value(chat["messages"].clone()).unwrap();
+            let ids = model.tokenizer.encode_chat(&messages, chat["add_generation_prompt"].as_bool().unwrap()).unwrap();
             assert_eq!(ids, u32s(&chat["ids"]), "{name}");
         }
     }
@@ -282,23 +220,15 @@ fn context_overflow_and_empty_prompts_are_clear_errors() {
     let (_, gpu) = devices().remove(0);
     let model = load("llama3-tiny", gpu);
     let mut session = Session::new(&model, Some(16)).unwrap();
-    let err = session
-        .generate(&[988, 5, 6, 7, 8, 9, 10, 11], &greedy(9), |_| {})
-        .unwrap_err();
-    assert!(
-        err.to_string().contains("exceed the context of 16"),
-        "{err}"
-    );
+    let err = session.generate(&[988, 5, 6, 7, 8, 9, 10, 11], &greedy(9), |_| {}).unwrap_err();
+    assert!(err.to_string().contains("exceed the context of 16"), "{err}");
     let err = session.feed(&[1; 17]).unwrap_err();
     assert!(err.to_string().contains("context"), "{err}");
     let err = session.generate(&[], &greedy(1), |_| {}).unwrap_err();
     assert!(err.to_string().contains("empty"), "{err}");
     let err = session.feed(&[5000]).unwrap_err();
     assert!(err.to_string().contains("outside the vocabulary"), "{err}");
-    assert!(
-        Session::new(&model, Some(100_000)).is_err(),
-        "context past max_position_embeddings"
-    );
+    assert!(Session::new(&model, Some(100_000)).is_err(), "context past max_position_embeddings");
     // Nothing was consumed by the failed calls.
     assert!(session.tokens().is_empty());
 }
@@ -310,12 +240,7 @@ fn sharded_checkpoints_load_like_single_files() {
     let dir = std::env::temp_dir().join(format!("kiln-sharded-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    for f in [
-        "config.json",
-        "generation_config.json",
-        "tokenizer.json",
-        "tokenizer_config.json",
-    ] {
+    for f in ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"] {
         std::fs::copy(src.join(f), dir.join(f)).unwrap();
     }
     let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
@@ -326,21 +251,15 @@ fn sharded_checkpoints_load_like_single_files() {
     let mut weight_map = serde_json::Map::new();
     for (i, part) in [first, second].iter().enumerate() {
         let file = format!("model-{:05}-of-00002.safetensors", i + 1);
-        let views: Vec<(String, safetensors::tensor::TensorView)> = part
-            .iter()
-            .map(|n| (n.clone(), st.tensor(n).unwrap()))
-            .collect();
+        let views: Vec<(String, safetensors::tensor::TensorView)> =
+            part.iter().map(|n| (n.clone(), st.tensor(n).unwrap())).collect();
         safetensors::serialize_to_file(views, None, &dir.join(&file)).unwrap();
         for n in part.iter() {
             weight_map.insert(n.clone(), Value::String(file.clone()));
         }
     }
     let index = serde_json::json!({ "metadata": {}, "weight_map": weight_map });
-    std::fs::write(
-        dir.join("model.safetensors.index.json"),
-        serde_json::to_vec(&index).unwrap(),
-    )
-    .unwrap();
+    std::fs::write(dir.join("model.safetensors.index.json"), serde_json::to_vec(&index).unwrap()).unwrap();
 
     let (_, gpu) = devices().remove(0);
     let ids = u32s(&golden("qwen2-tiny")["logits"][1]["input_ids"]);
@@ -348,13 +267,7 @@ fn sharded_checkpoints_load_like_single_files() {
     let sharded = Model::load(&dir, gpu, &mut |_, _| {}).unwrap();
     let a = Session::new(&single, None).unwrap().feed(&ids).unwrap();
     let b = Session::new(&sharded, None).unwrap().feed(&ids).unwrap();
-    assert_close(
-        "sharded vs single file",
-        &b,
-        &a,
-        0.0,
-        "the same weights give the same bits",
-    );
+    assert_close("sharded vs single file", &b, &a, 0.0, "the same weights give the same bits");
 }
 
 #[test]
@@ -367,16 +280,9 @@ fn generation_stops_at_any_eos_id() {
     model.generation.eos_token_ids = vec![999_999, want[3]];
     let mut params = greedy(32);
     params.stop_at_eos = true;
-    let out = Session::new(&model, None)
-        .unwrap()
-        .generate(&prompt, &params, |_| {})
-        .unwrap();
+    let out = Session::new(&model, None).unwrap().generate(&prompt, &params, |_| {}).unwrap();
     assert_eq!(out.stop, StopReason::Eos);
-    assert_eq!(
-        out.tokens,
-        want[..3],
-        "stops before the eos token, which is not returned"
-    );
+    assert_eq!(out.tokens, want[..3], "stops before the eos token, which is not returned");
 }
 
 #[test]
@@ -386,27 +292,10 @@ fn sampling_is_reproducible_by_seed() {
     let prompt = u32s(&golden("qwen2-tiny")["greedy"][0]["prompt_ids"]);
     let params = |seed| GenerateParams {
         max_tokens: 16,
-        sampling: SamplingParams {
-            temperature: 1.0,
-            top_k: 50,
-            top_p: 0.95,
-            min_p: 0.01,
-            repeat_penalty: 1.1,
-            seed,
-        },
+        sampling: SamplingParams { temperature: 1.0, top_k: 50, top_p: 0.95, min_p: 0.01, repeat_penalty: 1.1, seed },
         stop_at_eos: false,
     };
-    let run = |seed| {
-        Session::new(&model, None)
-            .unwrap()
-            .generate(&prompt, &params(seed), |_| {})
-            .unwrap()
-            .tokens
-    };
+    let run = |seed| Session::new(&model, None).unwrap().generate(&prompt, &params(seed), |_| {}).unwrap().tokens;
     assert_eq!(run(7), run(7), "same seed, same tokens");
-    assert_ne!(
-        run(7),
-        run(8),
-        "another seed, other tokens (16 draws at temperature 1)"
-    );
+    assert_ne!(run(7), run(8), "another seed, other tokens (16 draws at temperature 1)");
 }

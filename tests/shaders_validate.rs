@@ -6,12 +6,9 @@ use kiln::gpu::shaders;
 fn validate(source: &str, what: &str) {
     let module = naga::front::wgsl::parse_str(source)
         .unwrap_or_else(|e| panic!("{what}: WGSL parse error:\n{}", e.emit_to_string(source)));
-    naga::valid::Validator::new(
-        naga::valid::ValidationFlags::all(),
-        naga::valid::Capabilities::all(),
-    )
-    .validate(&module)
-    .unwrap_or_else(|e| panic!("{what}: validation error:\n{}", e.emit_to_string(source)));
+    naga::valid::Validator::new(naga::valid::ValidationFlags::all(), naga::valid::Capabilities::all())
+        .validate(&module)
+        .unwrap_or_else(|e| panic!("{what}: validation error:\n{}", e.emit_to_string(source)));
 }
 
 #[test]
@@ -21,10 +18,7 @@ fn every_shader_variant_validates() {
         for subgroups in [true, false] {
             for kv_f16 in [true, false] {
                 let text = shaders::compose(shader, subgroups, kv_f16);
-                validate(
-                    &text,
-                    &format!("{} (subgroups {subgroups}, f16 KV {kv_f16})", shader.file),
-                );
+                validate(&text, &format!("{} (subgroups {subgroups}, f16 KV {kv_f16})", shader.file));
                 checked += 1;
             }
         }
@@ -42,14 +36,7 @@ fn every_shader_file_is_registered() {
         .collect();
     files.sort();
     let mut known: Vec<String> = shaders::ALL.iter().map(|s| s.file.to_string()).collect();
-    known.extend(
-        [
-            "reduce_subgroup.wgsl",
-            "reduce_workgroup.wgsl",
-            "weights.wgsl",
-        ]
-        .map(String::from),
-    );
+    known.extend(["reduce_subgroup.wgsl", "reduce_workgroup.wgsl", "weights.wgsl"].map(String::from));
     known.sort();
     assert_eq!(files, known, "shaders/ and gpu::shaders::ALL disagree");
 }

@@ -28,11 +28,7 @@ fn golden(model: &str) -> Value {
 }
 
 fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .expect("id list")
-        .iter()
-        .map(|x| x.as_u64().expect("id") as u32)
-        .collect()
+    v.as_array().expect("id list").iter().map(|x| x.as_u64().expect("id") as u32).collect()
 }
 
 fn messages(v: &Value) -> Vec<ChatMessage> {
@@ -55,11 +51,7 @@ fn stream(tok: &Tokenizer, ids: &[u32], skip_special: bool) -> Vec<String> {
     if let Some(p) = dec.finish().expect("finish") {
         pieces.push(p);
     }
-    assert_eq!(
-        dec.finish().expect("finish"),
-        None,
-        "a second finish() must emit nothing"
-    );
+    assert_eq!(dec.finish().expect("finish"), None, "a second finish() must emit nothing");
     pieces
 }
 
@@ -69,23 +61,13 @@ fn check_stream(tok: &Tokenizer, ids: &[u32], label: &str) {
     for skip in [false, true] {
         let full = tok.decode(ids, skip).expect("decode");
         let pieces = stream(tok, ids, skip);
-        assert_eq!(
-            pieces.concat(),
-            full,
-            "{label} (skip_special={skip}): streamed text differs from decode()"
-        );
+        assert_eq!(pieces.concat(), full, "{label} (skip_special={skip}): streamed text differs from decode()");
         if !full.contains(REPLACEMENT) {
             for p in &pieces {
-                assert!(
-                    !p.contains(REPLACEMENT),
-                    "{label} (skip_special={skip}): piece {p:?} has U+FFFD"
-                );
+                assert!(!p.contains(REPLACEMENT), "{label} (skip_special={skip}): piece {p:?} has U+FFFD");
             }
         }
-        assert!(
-            pieces.iter().all(|p| !p.is_empty()),
-            "{label}: empty piece emitted"
-        );
+        assert!(pieces.iter().all(|p| !p.is_empty()), "{label}: empty piece emitted");
     }
 }
 
@@ -97,21 +79,13 @@ fn check_golden_model(model: &str) {
     for case in cases {
         let text = case["text"].as_str().expect("text");
         let want = ids(&case["ids"]);
-        assert_eq!(
-            tok.encode(text, true).expect("encode"),
-            want,
-            "{model}: encode({text:?}, special)"
-        );
+        assert_eq!(tok.encode(text, true).expect("encode"), want, "{model}: encode({text:?}, special)");
         assert_eq!(
             tok.encode(text, false).expect("encode"),
             ids(&case["ids_no_special"]),
             "{model}: encode({text:?}, no special)"
         );
-        assert_eq!(
-            tok.decode(&want, false).expect("decode"),
-            case["decoded"].as_str().unwrap(),
-            "{model}: decode"
-        );
+        assert_eq!(tok.decode(&want, false).expect("decode"), case["decoded"].as_str().unwrap(), "{model}: decode");
         assert_eq!(
             tok.decode(&want, true).expect("decode"),
             case["decoded_skip_special"].as_str().unwrap(),
@@ -124,26 +98,14 @@ fn check_golden_model(model: &str) {
     assert!(!chats.is_empty());
     for (i, chat) in chats.iter().enumerate() {
         let msgs = messages(&chat["messages"]);
-        let gen = chat["add_generation_prompt"]
-            .as_bool()
-            .expect("add_generation_prompt");
+        let gen = chat["add_generation_prompt"].as_bool().expect("add_generation_prompt");
         let text = tok.apply_chat_template(&msgs, gen).expect("render");
-        assert_eq!(
-            text,
-            chat["text"].as_str().unwrap(),
-            "{model}: chat[{i}] text"
-        );
-        assert_eq!(
-            tok.encode_chat(&msgs, gen).expect("encode_chat"),
-            ids(&chat["ids"]),
-            "{model}: chat[{i}] ids"
-        );
+        assert_eq!(text, chat["text"].as_str().unwrap(), "{model}: chat[{i}] text");
+        assert_eq!(tok.encode_chat(&msgs, gen).expect("encode_chat"), ids(&chat["ids"]), "{model}: chat[{i}] ids");
         check_stream(&tok, &ids(&chat["ids"]), &format!("{model}: chat[{i}]"));
     }
 
-    let vocab = g["model_info"]["tokenizer_vocab_size"]
-        .as_u64()
-        .expect("tokenizer_vocab_size") as usize;
+    let vocab = g["model_info"]["tokenizer_vocab_size"].as_u64().expect("tokenizer_vocab_size") as usize;
     assert_eq!(tok.vocab_size(), vocab, "{model}: vocab_size");
     assert!(tok.has_chat_template());
 }
@@ -179,21 +141,14 @@ fn stream_decoder_never_emits_partial_characters() {
             let all = ids(&case["ids"]);
             for end in 0..=all.len() {
                 let prefix = &all[..end];
-                check_stream(
-                    &tok,
-                    prefix,
-                    &format!("{model}: {:?}[..{end}]", case["text"]),
-                );
+                check_stream(&tok, prefix, &format!("{model}: {:?}[..{end}]", case["text"]));
                 if tok.decode(prefix, false).unwrap().ends_with(REPLACEMENT) {
                     checked_incomplete += 1;
                 }
             }
         }
         // The fixture is meant to contain tokens that are incomplete UTF-8 on their own.
-        assert!(
-            checked_incomplete > 0,
-            "{model}: no id prefix ended inside a character; the test lost its point"
-        );
+        assert!(checked_incomplete > 0, "{model}: no id prefix ended inside a character; the test lost its point");
     }
 }
 
@@ -215,10 +170,7 @@ fn stream_decoder_holds_back_incomplete_characters() {
         out.push_str(&p);
     }
     assert_eq!(out, text);
-    assert!(
-        held > 0,
-        "expected at least one token that is an incomplete character on its own: {all:?}"
-    );
+    assert!(held > 0, "expected at least one token that is an incomplete character on its own: {all:?}");
 }
 
 #[test]
@@ -227,10 +179,7 @@ fn missing_tokenizer_json_is_an_error_naming_the_path() {
     let err = Tokenizer::from_dir(&dir).expect_err("must fail");
     let msg = err.to_string();
     assert!(matches!(err, KilnError::Io { .. }), "{err:?}");
-    assert!(
-        msg.contains("no-such-model/tokenizer.json"),
-        "message does not name the path: {msg}"
-    );
+    assert!(msg.contains("no-such-model/tokenizer.json"), "message does not name the path: {msg}");
 }
 
 #[test]
@@ -238,27 +187,16 @@ fn no_chat_template_is_a_chat_template_error() {
     let tok = Tokenizer::from_files(&fixture("llama3-tiny").join("tokenizer.json"), None).unwrap();
     assert!(!tok.has_chat_template());
     assert_eq!(tok.bos_id(), None);
-    let err = tok
-        .apply_chat_template(&[ChatMessage::new("user", "hi")], true)
-        .unwrap_err();
+    let err = tok.apply_chat_template(&[ChatMessage::new("user", "hi")], true).unwrap_err();
     assert!(matches!(err, KilnError::ChatTemplate(_)), "{err:?}");
 }
 
 /// A scratch directory with the llama3-tiny tokenizer.json and a given tokenizer_config.json.
 fn scratch_with_config(name: &str, config: &Value) -> PathBuf {
-    let dir =
-        std::env::temp_dir().join(format!("kiln-tokenizer-test-{}-{name}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!("kiln-tokenizer-test-{}-{name}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    std::fs::copy(
-        fixture("llama3-tiny").join("tokenizer.json"),
-        dir.join("tokenizer.json"),
-    )
-    .unwrap();
-    std::fs::write(
-        dir.join("tokenizer_config.json"),
-        serde_json::to_string(config).unwrap(),
-    )
-    .unwrap();
+    std::fs::copy(fixture("llama3-tiny").join("tokenizer.json"), dir.join("tokenizer.json")).unwrap();
+    std::fs::write(dir.join("tokenizer_config.json"), serde_json::to_string(config).unwrap()).unwrap();
     dir
 }
 
@@ -291,10 +229,7 @@ fn chat_template_environment_matches_transformers() {
     assert_eq!(tok.bos_id(), Some(988));
     assert_eq!(tok.eos_id(), Some(997));
 
-    let msgs = [
-        ChatMessage::new("user", "  hi  "),
-        ChatMessage::new("assistant", "!go"),
-    ];
+    let msgs = [ChatMessage::new("user", "  hi  "), ChatMessage::new("assistant", "!go")];
     let text = tok.apply_chat_template(&msgs, true).unwrap();
     // Jinja2 3.1 with transformers' environment renders exactly this (checked): the `{%- ... %}`
     // lines leave nothing, `{{ }}` lines keep their indent, and tojson is json.dumps with
@@ -307,9 +242,7 @@ fn chat_template_environment_matches_transformers() {
                     {\n  \"k\": [\n    1\n  ]\n}\n";
     assert_eq!(text, expected);
 
-    let err = tok
-        .apply_chat_template(&[ChatMessage::new("tool", "x")], false)
-        .unwrap_err();
+    let err = tok.apply_chat_template(&[ChatMessage::new("tool", "x")], false).unwrap_err();
     assert!(matches!(err, KilnError::ChatTemplate(_)), "{err:?}");
     assert!(err.to_string().contains("Unknown role: tool"), "{err}");
     std::fs::remove_dir_all(&dir).ok();
@@ -320,19 +253,14 @@ fn broken_template_fails_at_render_not_at_load() {
     let dir = scratch_with_config("broken", &serde_json::json!({"chat_template": "{% for %}"}));
     let tok = Tokenizer::from_dir(&dir).expect("plain use must still load");
     assert!(tok.encode("hello", false).is_ok());
-    let err = tok
-        .apply_chat_template(&[ChatMessage::new("user", "hi")], true)
-        .unwrap_err();
+    let err = tok.apply_chat_template(&[ChatMessage::new("user", "hi")], true).unwrap_err();
     assert!(matches!(err, KilnError::ChatTemplate(_)), "{err:?}");
     std::fs::remove_dir_all(&dir).ok();
 }
 
 #[test]
 fn eos_token_missing_from_vocab_is_an_error() {
-    let dir = scratch_with_config(
-        "bad-eos",
-        &serde_json::json!({"eos_token": "<|no_such_token|>"}),
-    );
+    let dir = scratch_with_config("bad-eos", &serde_json::json!({"eos_token": "<|no_such_token|>"}));
     let err = Tokenizer::from_dir(&dir).unwrap_err();
     assert!(err.to_string().contains("<|no_such_token|>"), "{err}");
     std::fs::remove_dir_all(&dir).ok();
@@ -346,33 +274,16 @@ fn eos_token_missing_from_vocab_is_an_error() {
 /// line of space-separated ids per string (a leading space, no BOS; an empty line for "").
 fn vocab_vectors(name: &str) -> Vec<(String, Vec<u32>)> {
     let dir = repo_root().join("tests/fixtures/vocab");
-    let inp = std::fs::read_to_string(dir.join(format!("ggml-vocab-{name}.gguf.inp")))
-        .expect("read .inp");
-    let out = std::fs::read_to_string(dir.join(format!("ggml-vocab-{name}.gguf.out")))
-        .expect("read .out");
+    let inp = std::fs::read_to_string(dir.join(format!("ggml-vocab-{name}.gguf.inp"))).expect("read .inp");
+    let out = std::fs::read_to_string(dir.join(format!("ggml-vocab-{name}.gguf.out"))).expect("read .out");
     let mut strings: Vec<&str> = inp.split("\n__ggml_vocab_test__\n").collect();
-    assert_eq!(
-        strings.pop(),
-        Some(""),
-        "the .inp file should end with the separator"
-    );
+    assert_eq!(strings.pop(), Some(""), "the .inp file should end with the separator");
     let lines: Vec<&str> = out.lines().collect();
-    assert_eq!(
-        strings.len(),
-        lines.len(),
-        "{name}: .inp and .out disagree on the number of vectors"
-    );
+    assert_eq!(strings.len(), lines.len(), "{name}: .inp and .out disagree on the number of vectors");
     strings
         .into_iter()
         .zip(lines)
-        .map(|(s, line)| {
-            (
-                s.to_string(),
-                line.split_whitespace()
-                    .map(|t| t.parse().expect("id"))
-                    .collect(),
-            )
-        })
+        .map(|(s, line)| (s.to_string(), line.split_whitespace().map(|t| t.parse().expect("id")).collect()))
         .collect()
 }
 
@@ -385,8 +296,7 @@ fn real_tokenizer(dir: &str, with_config: bool) -> Tokenizer {
         json.display()
     );
     let config = dir.join("tokenizer_config.json");
-    Tokenizer::from_files(&json, with_config.then_some(config.as_path()))
-        .unwrap_or_else(|e| panic!("{e}"))
+    Tokenizer::from_files(&json, with_config.then_some(config.as_path())).unwrap_or_else(|e| panic!("{e}"))
 }
 
 fn check_vocab_vectors(tok: &Tokenizer, name: &str) {
@@ -398,9 +308,7 @@ fn check_vocab_vectors(tok: &Tokenizer, name: &str) {
     for (i, (text, want)) in vectors.iter().enumerate() {
         let got = tok.encode(text, false).expect("encode");
         if &got != want {
-            failures.push(format!(
-                "  #{i} {text:?}\n    want {want:?}\n    got  {got:?}"
-            ));
+            failures.push(format!("  #{i} {text:?}\n    want {want:?}\n    got  {got:?}"));
         }
         check_stream(tok, &got, &format!("{name} #{i}"));
     }
@@ -422,19 +330,11 @@ fn real_llama3_tokenizer_passes_llama_cpp_vectors() {
     assert_eq!(tok.eos_id(), Some(128_001));
     // Byte-level BPE without a normalizer is lossless.
     for (text, _) in vocab_vectors("llama-bpe") {
-        assert_eq!(
-            tok.decode(&tok.encode(&text, false).unwrap(), false)
-                .unwrap(),
-            text
-        );
+        assert_eq!(tok.decode(&tok.encode(&text, false).unwrap(), false).unwrap(), text);
     }
     // This copy's template always appends the assistant header and puts BOS first.
-    let ids = tok
-        .encode_chat(&[ChatMessage::new("user", "Hi")], true)
-        .unwrap();
-    let text = tok
-        .apply_chat_template(&[ChatMessage::new("user", "Hi")], true)
-        .unwrap();
+    let ids = tok.encode_chat(&[ChatMessage::new("user", "Hi")], true).unwrap();
+    let text = tok.apply_chat_template(&[ChatMessage::new("user", "Hi")], true).unwrap();
     assert_eq!(text, "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n");
     assert_eq!(ids.iter().filter(|&&i| i == 128_000).count(), 1);
     assert_eq!(ids[0], 128_000);

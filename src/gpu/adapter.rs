@@ -24,9 +24,9 @@ impl Backend {
             "metal" | "mtl" => Ok(Backend::Metal),
             "dx12" | "d3d12" => Ok(Backend::Dx12),
             "gl" | "gles" | "opengl" => Ok(Backend::Gl),
-            other => Err(KilnError::Unsupported(format!(
-                "KILN_BACKEND={other}: expected one of vulkan, metal, dx12, gl"
-            ))),
+            other => {
+                Err(KilnError::Unsupported(format!("KILN_BACKEND={other}: expected one of vulkan, metal, dx12, gl")))
+            }
         }
     }
 
@@ -58,19 +58,16 @@ pub struct GpuOptions {
 
 impl GpuOptions {
     pub fn from_env() -> Result<Self> {
-        let flag = |name: &str| {
-            std::env::var(name)
-                .map(|v| !v.is_empty() && v != "0")
-                .unwrap_or(false)
-        };
+        let flag = |name: &str| std::env::var(name).map(|v| !v.is_empty() && v != "0").unwrap_or(false);
         let backend = match std::env::var("KILN_BACKEND") {
             Ok(s) if !s.is_empty() => Some(Backend::parse(&s)?),
             _ => None,
         };
         let max_binding = match std::env::var("KILN_MAX_BINDING") {
-            Ok(s) if !s.is_empty() => Some(s.parse::<u64>().map_err(|_| {
-                KilnError::Unsupported(format!("KILN_MAX_BINDING={s}: expected a byte count"))
-            })?),
+            Ok(s) if !s.is_empty() => Some(
+                s.parse::<u64>()
+                    .map_err(|_| KilnError::Unsupported(format!("KILN_MAX_BINDING={s}: expected a byte count")))?,
+            ),
             _ => None,
         };
         Ok(GpuOptions {
@@ -96,21 +93,14 @@ fn rank(device_type: wgpu::DeviceType) -> u32 {
 /// Prefer adapters with the features our fast paths use: on one device, Vulkan's lavapipe
 /// beats GL's llvmpipe because GL lacks SHADER_F16 and SUBGROUP.
 fn feature_score(features: wgpu::Features) -> u32 {
-    [
-        wgpu::Features::SUBGROUP,
-        wgpu::Features::SHADER_F16,
-        wgpu::Features::TIMESTAMP_QUERY,
-    ]
-    .iter()
-    .filter(|f| features.contains(**f))
-    .count() as u32
+    [wgpu::Features::SUBGROUP, wgpu::Features::SHADER_F16, wgpu::Features::TIMESTAMP_QUERY]
+        .iter()
+        .filter(|f| features.contains(**f))
+        .count() as u32
 }
 
 pub(super) async fn open(options: &GpuOptions) -> Result<Gpu> {
-    let backends = options
-        .backend
-        .map(Backend::backends)
-        .unwrap_or(wgpu::Backends::all());
+    let backends = options.backend.map(Backend::backends).unwrap_or(wgpu::Backends::all());
     let mut desc = wgpu::InstanceDescriptor::new_without_display_handle();
     desc.backends = backends;
     let instance = wgpu::Instance::new(desc);
@@ -140,22 +130,14 @@ pub(super) async fn open(options: &GpuOptions) -> Result<Gpu> {
                 "looked for {asked}; found {}. Install a GPU driver: a vendor driver, or on \
                  Debian/Ubuntu the software Vulkan driver with `apt-get install \
                  mesa-vulkan-drivers`. KILN_BACKEND and KILN_ADAPTER narrow the choice.",
-                if seen.is_empty() {
-                    "none".to_string()
-                } else {
-                    seen.join(", ")
-                }
+                if seen.is_empty() { "none".to_string() } else { seen.join(", ") }
             ))
         })?;
 
     let info = adapter.get_info();
     let offered = adapter.features();
     let mut wanted_features = wgpu::Features::empty();
-    for f in [
-        wgpu::Features::SHADER_F16,
-        wgpu::Features::SUBGROUP,
-        wgpu::Features::TIMESTAMP_QUERY,
-    ] {
+    for f in [wgpu::Features::SHADER_F16, wgpu::Features::SUBGROUP, wgpu::Features::TIMESTAMP_QUERY] {
         if offered.contains(f) {
             wanted_features |= f;
         }
@@ -172,37 +154,20 @@ pub(super) async fn open(options: &GpuOptions) -> Result<Gpu> {
             trace: wgpu::Trace::Off,
         })
         .await
-        .map_err(|e| KilnError::DeviceRequest {
-            adapter: info.name.clone(),
-            reason: e.to_string(),
-        })?;
+        .map_err(|e| KilnError::DeviceRequest { adapter: info.name.clone(), reason: e.to_string() })?;
 
     let caps = Caps {
         f16: wanted_features.contains(wgpu::Features::SHADER_F16) && !options.disable_f16,
         subgroups: wanted_features.contains(wgpu::Features::SUBGROUP) && !options.disable_subgroups,
         timestamps: wanted_features.contains(wgpu::Features::TIMESTAMP_QUERY),
     };
-    let adapter_max = limits
-        .max_storage_buffer_binding_size
-        .min(limits.max_buffer_size);
-    let max_binding = options
-        .max_binding
-        .map_or(adapter_max, |m| m.min(adapter_max))
-        .max(256);
+    let adapter_max = limits.max_storage_buffer_binding_size.min(limits.max_buffer_size);
+    let max_binding = options.max_binding.map_or(adapter_max, |m| m.min(adapter_max)).max(256);
     let empty = device.create_buffer(&wgpu::BufferDescriptor {
         label: Some("empty"),
         size: 16,
         usage: wgpu::BufferUsages::STORAGE,
         mapped_at_creation: false,
     });
-    Ok(Gpu {
-        empty,
-        device,
-        queue,
-        info,
-        limits,
-        caps,
-        max_binding,
-        pipelines: PipelineCache::default(),
-    })
+    Ok(Gpu { empty, device, queue, info, limits, caps, max_binding, pipelines: PipelineCache::default() })
 }

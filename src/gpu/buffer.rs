@@ -88,50 +88,32 @@ pub struct Weight {
 
 impl Weight {
     /// Upload raw little-endian element bytes (f32 or f16) of a (rows × cols) matrix.
-    pub fn upload(
-        gpu: &Gpu,
-        name: &str,
-        rows: u32,
-        cols: u32,
-        dtype: DType,
-        bytes: &[u8],
-    ) -> Result<Weight> {
+    pub fn upload(gpu: &Gpu, name: &str, rows: u32, cols: u32, dtype: DType, bytes: &[u8]) -> Result<Weight> {
         let block = dtype.block().0;
         if !(cols as u64).is_multiple_of(block) {
             return Err(KilnError::shape(
                 "weight upload",
-                format!(
-                    "{name}: {cols} columns are not a whole number of {dtype:?} blocks of {block}"
-                ),
+                format!("{name}: {cols} columns are not a whole number of {dtype:?} blocks of {block}"),
             ));
         }
         let expected = dtype.bytes_for(rows as u64 * cols as u64);
         if bytes.len() as u64 != expected {
             return Err(KilnError::shape(
                 "weight upload",
-                format!(
-                    "{name}: {rows}×{cols} {dtype:?} needs {expected} bytes, got {}",
-                    bytes.len()
-                ),
+                format!("{name}: {rows}×{cols} {dtype:?} needs {expected} bytes, got {}", bytes.len()),
             ));
         }
         let row_bytes = dtype.bytes_for(cols as u64) as usize;
         Self::build(gpu, name, rows, cols, dtype, |label, first, n| {
             let data = &bytes[first as usize * row_bytes..(first + n) as usize * row_bytes];
-            gpu.upload_padded(
-                label,
-                data,
-                wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
-            )
+            gpu.upload_padded(label, data, wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST)
         })
     }
 
     /// A zero-filled matrix, written later (streamed loads) or used as is (benchmarks).
     pub fn zeroed(gpu: &Gpu, name: &str, rows: u32, cols: u32, dtype: DType) -> Result<Weight> {
         let row_bytes = dtype.bytes_for(cols as u64);
-        Self::build(gpu, name, rows, cols, dtype, |label, _, n| {
-            gpu.buffer(label, n as u64 * row_bytes)
-        })
+        Self::build(gpu, name, rows, cols, dtype, |label, _, n| gpu.buffer(label, n as u64 * row_bytes))
     }
 
     /// Split the rows into chunks no larger than one storage binding; `make(label, first, n)`
@@ -159,25 +141,11 @@ impl Weight {
         let mut first = 0u32;
         while first < rows {
             let n = rows_per_chunk.min(rows - first);
-            let label = if n == rows {
-                name.to_string()
-            } else {
-                format!("{name}[{first}..{}]", first + n)
-            };
-            chunks.push(WeightChunk {
-                buffer: make(&label, first, n)?,
-                first_row: first,
-                rows: n,
-            });
+            let label = if n == rows { name.to_string() } else { format!("{name}[{first}..{}]", first + n) };
+            chunks.push(WeightChunk { buffer: make(&label, first, n)?, first_row: first, rows: n });
             first += n;
         }
-        Ok(Weight {
-            name: name.into(),
-            rows,
-            cols,
-            dtype,
-            chunks,
-        })
+        Ok(Weight { name: name.into(), rows, cols, dtype, chunks })
     }
 
     pub fn bytes(&self) -> u64 {
@@ -196,9 +164,7 @@ impl Gpu {
         self.alloc(
             label,
             padded(size),
-            wgpu::BufferUsages::STORAGE
-                | wgpu::BufferUsages::COPY_SRC
-                | wgpu::BufferUsages::COPY_DST,
+            wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
         )
     }
 
@@ -206,10 +172,7 @@ impl Gpu {
         if size > self.limits.max_buffer_size {
             return Err(KilnError::OutOfMemory {
                 kernel: label.into(),
-                message: format!(
-                    "{size} bytes exceeds the device's max buffer size {}",
-                    self.limits.max_buffer_size
-                ),
+                message: format!("{size} bytes exceeds the device's max buffer size {}", self.limits.max_buffer_size),
             });
         }
         let scope = ErrorScope::push(self);
@@ -228,36 +191,27 @@ impl Gpu {
         self.upload_padded(
             label,
             data,
-            wgpu::BufferUsages::STORAGE
-                | wgpu::BufferUsages::COPY_SRC
-                | wgpu::BufferUsages::COPY_DST,
+            wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
         )
     }
 
-    fn upload_padded(
-        &self,
-        label: &str,
-        data: &[u8],
-        usage: wgpu::BufferUsages,
-    ) -> Result<wgpu::Buffer> {
+    fn upload_padded(&self, label: &str, data: &[u8], usage: wgpu::BufferUsages) -> Result<wgpu::Buffer> {
         let size = padded(data.len() as u64);
         let scope = ErrorScope::push(self);
         let buffer = if size == data.len() as u64 {
-            self.device
-                .create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                    label: Some(label),
-                    contents: data,
-                    usage,
-                })
+            self.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: Some(label),
+                contents: data,
+                usage,
+            })
         } else {
             let mut v = data.to_vec();
             v.resize(size as usize, 0);
-            self.device
-                .create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                    label: Some(label),
-                    contents: &v,
-                    usage,
-                })
+            self.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: Some(label),
+                contents: &v,
+                usage,
+            })
         };
         scope.pop(label)?;
         Ok(buffer)
@@ -265,23 +219,19 @@ impl Gpu {
 
     /// A uniform buffer holding one params struct.
     pub fn uniform<T: bytemuck::Pod>(&self, label: &str, params: &T) -> wgpu::Buffer {
-        self.device
-            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                label: Some(label),
-                contents: bytemuck::bytes_of(params),
-                usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
-            })
+        self.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some(label),
+            contents: bytemuck::bytes_of(params),
+            usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+        })
     }
 
     /// Copy `bytes` bytes from the start of `buffer` back to the host. Waits for the GPU.
     pub fn read_bytes(&self, buffer: &wgpu::Buffer, bytes: u64) -> Result<Vec<u8>> {
         let what = || "a GPU buffer".to_string();
         let size = bytes.div_ceil(4) * 4;
-        let staging = self.alloc(
-            "readback staging",
-            size.max(4),
-            wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-        )?;
+        let staging =
+            self.alloc("readback staging", size.max(4), wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST)?;
         let mut encoder = self.encoder("readback");
         encoder.copy_buffer_to_buffer(buffer, 0, &staging, 0, size);
         self.submit_and_wait("readback", encoder)?;
@@ -291,25 +241,13 @@ impl Gpu {
         });
         self.device
             .poll(wgpu::PollType::wait_indefinitely())
-            .map_err(|e| KilnError::Readback {
-                what: what(),
-                message: e.to_string(),
-            })?;
+            .map_err(|e| KilnError::Readback { what: what(), message: e.to_string() })?;
         rx.recv()
-            .map_err(|e| KilnError::Readback {
-                what: what(),
-                message: e.to_string(),
-            })?
-            .map_err(|e| KilnError::Readback {
-                what: what(),
-                message: e.to_string(),
-            })?;
+            .map_err(|e| KilnError::Readback { what: what(), message: e.to_string() })?
+            .map_err(|e| KilnError::Readback { what: what(), message: e.to_string() })?;
         let view = staging
             .get_mapped_range(..)
-            .map_err(|e| KilnError::Readback {
-                what: what(),
-                message: format!("{e:?}"),
-            })?;
+            .map_err(|e| KilnError::Readback { what: what(), message: format!("{e:?}") })?;
         let mut out = view.to_vec();
         out.truncate(bytes as usize);
         Ok(out)

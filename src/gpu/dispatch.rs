@@ -48,11 +48,7 @@ impl Gpu {
         buffers: &[&wgpu::Buffer],
         workgroups: [u32; 3],
     ) -> Result<Dispatch> {
-        let at: Vec<(u32, &wgpu::Buffer)> = buffers
-            .iter()
-            .enumerate()
-            .map(|(i, b)| (i as u32 + 1, *b))
-            .collect();
+        let at: Vec<(u32, &wgpu::Buffer)> = buffers.iter().enumerate().map(|(i, b)| (i as u32 + 1, *b)).collect();
         self.dispatch_at(label, pipeline, params, &at, workgroups)
     }
 
@@ -68,15 +64,9 @@ impl Gpu {
     ) -> Result<Dispatch> {
         let label = label.into();
         let params_buffer = self.uniform(&label, params);
-        let mut entries = vec![wgpu::BindGroupEntry {
-            binding: 0,
-            resource: params_buffer.as_entire_binding(),
-        }];
+        let mut entries = vec![wgpu::BindGroupEntry { binding: 0, resource: params_buffer.as_entire_binding() }];
         for (binding, b) in buffers {
-            entries.push(wgpu::BindGroupEntry {
-                binding: *binding,
-                resource: b.as_entire_binding(),
-            });
+            entries.push(wgpu::BindGroupEntry { binding: *binding, resource: b.as_entire_binding() });
         }
         let scope = super::ErrorScope::push(self);
         let bind_group = self.device.create_bind_group(&wgpu::BindGroupDescriptor {

@@ -82,14 +82,8 @@ impl Gpu {
         let index = self.queue.submit([encoder.finish()]);
         scope.pop(kernel)?;
         self.device
-            .poll(wgpu::PollType::Wait {
-                submission_index: Some(index),
-                timeout: None,
-            })
-            .map_err(|e| KilnError::Validation {
-                kernel: kernel.into(),
-                message: e.to_string(),
-            })?;
+            .poll(wgpu::PollType::Wait { submission_index: Some(index), timeout: None })
+            .map_err(|e| KilnError::Validation { kernel: kernel.into(), message: e.to_string() })?;
         Ok(())
     }
 
@@ -97,10 +91,8 @@ impl Gpu {
     pub fn run(&self, label: &str, dispatches: &[&Dispatch]) -> Result<()> {
         let mut encoder = self.encoder(label);
         {
-            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                label: Some(label),
-                timestamp_writes: None,
-            });
+            let mut pass =
+                encoder.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some(label), timestamp_writes: None });
             for d in dispatches {
                 d.record(&mut pass);
             }
@@ -116,8 +108,7 @@ impl Gpu {
     }
 
     pub fn encoder(&self, label: &str) -> wgpu::CommandEncoder {
-        self.device
-            .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some(label) })
+        self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some(label) })
     }
 }
 
@@ -139,16 +130,10 @@ impl ErrorScope {
         let validation = pollster::block_on(self.validation.pop());
         let oom = pollster::block_on(self.oom.pop());
         if let Some(e) = oom {
-            return Err(KilnError::OutOfMemory {
-                kernel: kernel.into(),
-                message: e.to_string(),
-            });
+            return Err(KilnError::OutOfMemory { kernel: kernel.into(), message: e.to_string() });
         }
         if let Some(e) = validation {
-            return Err(KilnError::Validation {
-                kernel: kernel.into(),
-                message: e.to_string(),
-            });
+            return Err(KilnError::Validation { kernel: kernel.into(), message: e.to_string() });
         }
         Ok(())
     }

@@ -30,11 +30,7 @@ pub(super) struct PipelineCache {
 impl Gpu {
     /// The variant of every kernel on this device, with the given override constants.
     pub fn variant(&self, overrides: &[(&'static str, u32)]) -> Variant {
-        Variant {
-            subgroups: self.caps.subgroups,
-            kv_f16: self.caps.f16,
-            overrides: overrides.to_vec(),
-        }
+        Variant { subgroups: self.caps.subgroups, kv_f16: self.caps.f16, overrides: overrides.to_vec() }
     }
 
     /// The pipeline for `entry` of `shader`, compiled on first use.
@@ -44,49 +40,31 @@ impl Gpu {
         entry: &'static str,
         overrides: &[(&'static str, u32)],
     ) -> Result<Arc<wgpu::ComputePipeline>> {
-        let key = PipelineKey {
-            file: shader.file,
-            entry,
-            variant: self.variant(overrides),
-        };
+        let key = PipelineKey { file: shader.file, entry, variant: self.variant(overrides) };
         if let Some(p) = self.pipelines.pipelines.lock().unwrap().get(&key) {
             return Ok(p.clone());
         }
         let label = format!("{}:{}", shader.file, entry);
         let module = self.module(shader, &key.variant)?;
-        let constants: Vec<(&str, f64)> = key
-            .variant
-            .overrides
-            .iter()
-            .map(|(k, v)| (*k, *v as f64))
-            .collect();
+        let constants: Vec<(&str, f64)> = key.variant.overrides.iter().map(|(k, v)| (*k, *v as f64)).collect();
         let scope = ErrorScope::push(self);
-        let pipeline = self
-            .device
-            .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-                label: Some(&label),
-                layout: None,
-                module: &module,
-                entry_point: Some(entry),
-                compilation_options: wgpu::PipelineCompilationOptions {
-                    constants: &constants,
-                    // Every kernel writes its shared memory before reading it; zeroing costs time.
-                    zero_initialize_workgroup_memory: false,
-                },
-                cache: None,
-            });
+        let pipeline = self.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+            label: Some(&label),
+            layout: None,
+            module: &module,
+            entry_point: Some(entry),
+            compilation_options: wgpu::PipelineCompilationOptions {
+                constants: &constants,
+                // Every kernel writes its shared memory before reading it; zeroing costs time.
+                zero_initialize_workgroup_memory: false,
+            },
+            cache: None,
+        });
         scope
             .pop(&label)
-            .map_err(|e| crate::error::KilnError::Shader {
-                kernel: label.clone(),
-                message: e.to_string(),
-            })?;
+            .map_err(|e| crate::error::KilnError::Shader { kernel: label.clone(), message: e.to_string() })?;
         let pipeline = Arc::new(pipeline);
-        self.pipelines
-            .pipelines
-            .lock()
-            .unwrap()
-            .insert(key, pipeline.clone());
+        self.pipelines.pipelines.lock().unwrap().insert(key, pipeline.clone());
         Ok(pipeline)
     }
 
@@ -97,23 +75,14 @@ impl Gpu {
         }
         let source = shaders::compose(shader, v.subgroups, v.kv_f16);
         let scope = ErrorScope::push(self);
-        let module = self
-            .device
-            .create_shader_module(wgpu::ShaderModuleDescriptor {
-                label: Some(shader.file),
-                source: wgpu::ShaderSource::Wgsl(source.into()),
-            });
+        let module = self.device.create_shader_module(wgpu::ShaderModuleDescriptor {
+            label: Some(shader.file),
+            source: wgpu::ShaderSource::Wgsl(source.into()),
+        });
         scope
             .pop(shader.file)
-            .map_err(|e| crate::error::KilnError::Shader {
-                kernel: shader.file.into(),
-                message: e.to_string(),
-            })?;
-        self.pipelines
-            .modules
-            .lock()
-            .unwrap()
-            .insert(key, module.clone());
+            .map_err(|e| crate::error::KilnError::Shader { kernel: shader.file.into(), message: e.to_string() })?;
+        self.pipelines.modules.lock().unwrap().insert(key, module.clone());
         Ok(module)
     }
 }

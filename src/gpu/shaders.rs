@@ -49,17 +49,8 @@ pub const REDUCE_WORKGROUP: &str = include_str!("../../shaders/reduce_workgroup.
 pub const WEIGHTS: &str = include_str!("../../shaders/weights.wgsl");
 
 /// Every kernel family, for validation tests and cache warm-up.
-pub const ALL: &[&Shader] = &[
-    &MATMUL,
-    &GEMV,
-    &RMS_NORM,
-    &ROPE,
-    &ELEMENTWISE,
-    &EMBEDDING,
-    &SOFTMAX,
-    &ARGMAX,
-    &ATTENTION,
-];
+pub const ALL: &[&Shader] =
+    &[&MATMUL, &GEMV, &RMS_NORM, &ROPE, &ELEMENTWISE, &EMBEDDING, &SOFTMAX, &ARGMAX, &ATTENTION];
 
 /// The full WGSL text of `shader` for the given paths.
 pub fn compose(shader: &Shader, subgroups: bool, kv_f16: bool) -> String {
@@ -69,18 +60,10 @@ pub fn compose(shader: &Shader, subgroups: bool, kv_f16: bool) -> String {
     }
     // Subgroup builtins need the SUBGROUP device feature but no `enable` directive in naga.
     if shader.uses_kv {
-        text.push_str(if kv_f16 {
-            "alias kv_t = f16;\n"
-        } else {
-            "alias kv_t = f32;\n"
-        });
+        text.push_str(if kv_f16 { "alias kv_t = f16;\n" } else { "alias kv_t = f32;\n" });
     }
     if shader.reduces {
-        text.push_str(if subgroups {
-            REDUCE_SUBGROUP
-        } else {
-            REDUCE_WORKGROUP
-        });
+        text.push_str(if subgroups { REDUCE_SUBGROUP } else { REDUCE_WORKGROUP });
         text.push('\n');
     }
     if shader.reads_weights {

@@ -32,22 +32,16 @@ impl Gpu {
                 count: 2,
             })
         });
-        let resolve = if timestamps {
-            Some(self.alloc_resolve()?)
-        } else {
-            None
-        };
+        let resolve = if timestamps { Some(self.alloc_resolve()?) } else { None };
         let mut encoder = self.encoder(label);
         {
             let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
                 label: Some(label),
-                timestamp_writes: query_set
-                    .as_ref()
-                    .map(|qs| wgpu::ComputePassTimestampWrites {
-                        query_set: qs,
-                        beginning_of_pass_write_index: Some(0),
-                        end_of_pass_write_index: Some(1),
-                    }),
+                timestamp_writes: query_set.as_ref().map(|qs| wgpu::ComputePassTimestampWrites {
+                    query_set: qs,
+                    beginning_of_pass_write_index: Some(0),
+                    end_of_pass_write_index: Some(1),
+                }),
             });
             for _ in 0..reps {
                 for d in dispatches {
@@ -64,8 +58,7 @@ impl Gpu {
         match resolve {
             Some(buf) => {
                 let ticks: Vec<u64> = bytemuck::pod_collect_to_vec(&self.read_bytes(&buf, 16)?);
-                let ns = ticks[1].saturating_sub(ticks[0]) as f64
-                    * self.queue.get_timestamp_period() as f64;
+                let ns = ticks[1].saturating_sub(ticks[0]) as f64 * self.queue.get_timestamp_period() as f64;
                 Ok(ns * 1e-9)
             }
             None => Ok(host),

@@ -41,32 +41,23 @@ impl Checkpoint {
             vec![single]
         } else if index.exists() {
             let text = std::fs::read_to_string(&index).map_err(|e| KilnError::io(&index, e))?;
-            let json: serde_json::Value = serde_json::from_str(&text)
-                .map_err(|e| KilnError::model(&index, format!("not valid JSON: {e}")))?;
+            let json: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| KilnError::model(&index, format!("not valid JSON: {e}")))?;
             let map = json
                 .get("weight_map")
                 .and_then(|m| m.as_object())
                 .ok_or_else(|| KilnError::model(&index, "no `weight_map` object"))?;
-            let mut files: Vec<String> = map
-                .values()
-                .filter_map(|v| v.as_str().map(String::from))
-                .collect();
+            let mut files: Vec<String> = map.values().filter_map(|v| v.as_str().map(String::from)).collect();
             files.sort();
             files.dedup();
             for f in &files {
                 if f.contains('/') || f.contains('\\') || f.contains("..") {
-                    return Err(KilnError::model(
-                        &index,
-                        format!("shard name `{f}` is not a plain file name"),
-                    ));
+                    return Err(KilnError::model(&index, format!("shard name `{f}` is not a plain file name")));
                 }
             }
             files.into_iter().map(|f| dir.join(f)).collect()
         } else {
-            return Err(KilnError::model(
-                dir,
-                "no model.safetensors or model.safetensors.index.json",
-            ));
+            return Err(KilnError::model(dir, "no model.safetensors or model.safetensors.index.json"));
         };
 
         let mut files = Vec::new();
@@ -82,17 +73,9 @@ impl Checkpoint {
             for (name, view) in st.tensors() {
                 let start = view.data().as_ptr() as usize - mmap.as_ptr() as usize;
                 let range = start..start + view.data().len();
-                let info = TensorInfo {
-                    dtype: view.dtype(),
-                    shape: view.shape().to_vec(),
-                    file: i,
-                    range,
-                };
+                let info = TensorInfo { dtype: view.dtype(), shape: view.shape().to_vec(), file: i, range };
                 if tensors.insert(name.clone(), info).is_some() {
-                    return Err(KilnError::model(
-                        &path,
-                        format!("tensor `{name}` appears in more than one shard"),
-                    ));
+                    return Err(KilnError::model(&path, format!("tensor `{name}` appears in more than one shard")));
                 }
             }
             files.push(Shard { path, mmap });
@@ -102,17 +85,13 @@ impl Checkpoint {
 
     /// Path of the file holding `name`.
     pub fn path_of(&self, name: &str) -> Option<&Path> {
-        self.tensors
-            .get(name)
-            .map(|t| self.files[t.file].path.as_path())
+        self.tensors.get(name).map(|t| self.files[t.file].path.as_path())
     }
 
     /// The raw little-endian bytes of `name`, straight from the map.
     pub fn bytes(&self, name: &str) -> Result<&[u8]> {
-        let info = self
-            .tensors
-            .get(name)
-            .ok_or_else(|| KilnError::model("checkpoint", format!("no tensor `{name}`")))?;
+        let info =
+            self.tensors.get(name).ok_or_else(|| KilnError::model("checkpoint", format!("no tensor `{name}`")))?;
         Ok(&self.files[info.file].mmap[info.range.clone()])
     }
 
@@ -156,10 +135,8 @@ impl TensorSource for Checkpoint {
     }
 
     fn tensor(&self, name: &str) -> Result<(DType, Vec<usize>, &[u8])> {
-        let info = self
-            .tensors
-            .get(name)
-            .ok_or_else(|| KilnError::model("checkpoint", format!("no tensor `{name}`")))?;
+        let info =
+            self.tensors.get(name).ok_or_else(|| KilnError::model("checkpoint", format!("no tensor `{name}`")))?;
         let dtype = match info.dtype {
             Dtype::F32 => DType::F32,
             Dtype::F16 => DType::F16,
@@ -175,9 +152,7 @@ impl TensorSource for Checkpoint {
     }
 
     fn path_of(&self, name: &str) -> PathBuf {
-        Checkpoint::path_of(self, name)
-            .map(Path::to_path_buf)
-            .unwrap_or_default()
+        Checkpoint::path_of(self, name).map(Path::to_path_buf).unwrap_or_default()
     }
 
     fn release(&self, name: &str) {
@@ -188,49 +163,28 @@ impl TensorSource for Checkpoint {
 /// Convert a float vector (norm weight, bias) to f32; block formats are not used for vectors.
 pub fn to_f32(dtype: DType, bytes: &[u8]) -> Option<Vec<f32>> {
     Some(match dtype {
-        DType::F32 => bytes
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect(),
-        DType::F16 => bytes
-            .chunks_exact(2)
-            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-        DType::BF16 => bytes
-            .chunks_exact(2)
-            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
+        DType::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+        DType::F16 => bytes.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+        DType::BF16 => bytes.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
         _ => return None,
     })
 }
 
 /// Check a source against the tensors a config implies: a missing, extra or mis-shaped tensor,
 /// or one of a type kiln cannot read, is an error naming it, before anything is uploaded.
-pub fn check_tensors(
-    src: &dyn TensorSource,
-    expected: &HashMap<String, Vec<usize>>,
-    origin: &Path,
-) -> Result<()> {
+pub fn check_tensors(src: &dyn TensorSource, expected: &HashMap<String, Vec<usize>>, origin: &Path) -> Result<()> {
     let names = src.names();
     let mut missing: Vec<&String> = expected.keys().filter(|n| !names.contains(n)).collect();
     missing.sort();
     if let Some(name) = missing.first() {
-        return Err(KilnError::model(
-            origin,
-            format!("missing tensor `{name}` ({} missing in all)", missing.len()),
-        ));
+        return Err(KilnError::model(origin, format!("missing tensor `{name}` ({} missing in all)", missing.len())));
     }
     for name in &names {
         let path = src.path_of(name);
         match expected.get(name) {
             // Non-parameter buffers some exporters keep; they are recomputed here.
             None if name.ends_with("rotary_emb.inv_freq") => {}
-            None => {
-                return Err(KilnError::model(
-                    path,
-                    format!("unexpected tensor `{name}` for this config"),
-                ))
-            }
+            None => return Err(KilnError::model(path, format!("unexpected tensor `{name}` for this config"))),
             Some(shape) => {
                 let (_, actual, _) = src.tensor(name)?;
                 if *shape != actual {

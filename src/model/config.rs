@@ -74,11 +74,7 @@ pub struct ModelConfig {
 pub(crate) fn ids(v: &Option<Value>) -> Vec<u32> {
     match v {
         Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
-        Some(Value::Array(a)) => a
-            .iter()
-            .filter_map(|x| x.as_u64())
-            .map(|x| x as u32)
-            .collect(),
+        Some(Value::Array(a)) => a.iter().filter_map(|x| x.as_u64()).map(|x| x as u32).collect(),
         _ => vec![],
     }
 }
@@ -90,41 +86,37 @@ impl ModelConfig {
     }
 
     pub fn from_json(text: &str, path: &Path) -> Result<Self> {
-        let raw: RawConfig = serde_json::from_str(text)
-            .map_err(|e| KilnError::model(path, format!("not a valid config.json: {e}")))?;
+        let raw: RawConfig =
+            serde_json::from_str(text).map_err(|e| KilnError::model(path, format!("not a valid config.json: {e}")))?;
         let err = |m: String| KilnError::model(path, m);
-        let need = |v: Option<usize>, key: &str| {
-            v.filter(|&x| x > 0)
-                .ok_or_else(|| err(format!("missing or zero `{key}`")))
-        };
+        let need =
+            |v: Option<usize>, key: &str| v.filter(|&x| x > 0).ok_or_else(|| err(format!("missing or zero `{key}`")));
 
         let names = raw.architectures.clone().unwrap_or_default();
         let architecture = match (names.first().map(String::as_str), raw.model_type.as_deref()) {
             (Some("LlamaForCausalLM"), _) | (None, Some("llama")) => Architecture::Llama,
             (Some("MistralForCausalLM"), _) | (None, Some("mistral")) => {
                 if raw.sliding_window.as_ref().is_some_and(|v| !v.is_null()) {
-                    return Err(err("Mistral with a sliding window is not supported (needs windowed attention)".into()));
+                    return Err(
+                        err("Mistral with a sliding window is not supported (needs windowed attention)".into()),
+                    );
                 }
                 Architecture::Llama
             }
             (Some("Qwen2ForCausalLM"), _) | (None, Some("qwen2")) => Architecture::Qwen2,
             (Some(other), _) => {
                 return Err(err(format!(
-                    "unknown architecture `{other}`: kiln runs LlamaForCausalLM, Qwen2ForCausalLM and MistralForCausalLM"
-                )))
+                "unknown architecture `{other}`: kiln runs LlamaForCausalLM, Qwen2ForCausalLM and MistralForCausalLM"
+            )))
             }
             (None, other) => return Err(err(format!("no `architectures` and unknown model_type {other:?}"))),
         };
         if architecture == Architecture::Qwen2 && raw.use_sliding_window == Some(true) {
-            return Err(err(
-                "Qwen2 with use_sliding_window = true is not supported".into()
-            ));
+            return Err(err("Qwen2 with use_sliding_window = true is not supported".into()));
         }
         if let Some(act) = raw.hidden_act.as_deref() {
             if act != "silu" {
-                return Err(err(format!(
-                    "hidden_act `{act}` is not supported (SwiGLU with silu only)"
-                )));
+                return Err(err(format!("hidden_act `{act}` is not supported (SwiGLU with silu only)")));
             }
         }
         if raw.mlp_bias == Some(true) {
@@ -135,30 +127,26 @@ impl ModelConfig {
         let n_heads = need(raw.num_attention_heads, "num_attention_heads")?;
         let n_kv_heads = raw.num_key_value_heads.unwrap_or(n_heads);
         if n_kv_heads == 0 || n_heads % n_kv_heads != 0 {
-            return Err(err(format!(
-                "{n_heads} attention heads do not divide into {n_kv_heads} key/value heads"
-            )));
+            return Err(err(format!("{n_heads} attention heads do not divide into {n_kv_heads} key/value heads")));
         }
         let head_dim = match raw.head_dim {
             Some(d) => d,
             None if hidden_size % n_heads == 0 => hidden_size / n_heads,
-            None => return Err(err(format!("hidden_size {hidden_size} is not a multiple of {n_heads} heads and head_dim is absent"))),
+            None => {
+                return Err(err(format!(
+                    "hidden_size {hidden_size} is not a multiple of {n_heads} heads and head_dim is absent"
+                )))
+            }
         };
         if head_dim == 0 || head_dim % 2 != 0 || head_dim > 128 {
-            return Err(err(format!(
-                "head_dim {head_dim} is not supported (even, at most 128)"
-            )));
+            return Err(err(format!("head_dim {head_dim} is not supported (even, at most 128)")));
         }
 
         // rope_theta and rope scaling: top level (transformers 4) or rope_parameters (5).
         let params = raw.rope_parameters.as_ref();
         let rope_theta = raw
             .rope_theta
-            .or_else(|| {
-                params
-                    .and_then(|p| p.get("rope_theta"))
-                    .and_then(Value::as_f64)
-            })
+            .or_else(|| params.and_then(|p| p.get("rope_theta")).and_then(Value::as_f64))
             .unwrap_or(10000.0);
         let scaling = match (&raw.rope_scaling, params) {
             (Some(v), _) if !v.is_null() => Some(v),
@@ -168,15 +156,9 @@ impl ModelConfig {
         let rope_scaling = match scaling {
             None => None,
             Some(s) => {
-                let kind = s
-                    .get("rope_type")
-                    .or_else(|| s.get("type"))
-                    .and_then(Value::as_str)
-                    .unwrap_or("default");
+                let kind = s.get("rope_type").or_else(|| s.get("type")).and_then(Value::as_str).unwrap_or("default");
                 let f = |k: &str| {
-                    s.get(k)
-                        .and_then(Value::as_f64)
-                        .ok_or_else(|| err(format!("rope_scaling `llama3` lacks `{k}`")))
+                    s.get(k).and_then(Value::as_f64).ok_or_else(|| err(format!("rope_scaling `llama3` lacks `{k}`")))
                 };
                 match kind {
                     "default" => None,
@@ -188,8 +170,8 @@ impl ModelConfig {
                     }),
                     other => {
                         return Err(err(format!(
-                        "unknown rope_scaling type `{other}` (kiln knows `default` and `llama3`)"
-                    )))
+                            "unknown rope_scaling type `{other}` (kiln knows `default` and `llama3`)"
+                        )))
                     }
                 }
             }
@@ -237,11 +219,7 @@ impl ModelConfig {
         let (h, f) = (self.hidden_size, self.intermediate_size);
         let attn = h * self.q_dim() * 2
             + h * self.kv_dim() * 2
-            + if self.qkv_bias {
-                self.q_dim() + 2 * self.kv_dim()
-            } else {
-                0
-            }
+            + if self.qkv_bias { self.q_dim() + 2 * self.kv_dim() } else { 0 }
             + if self.o_bias { h } else { 0 };
         let layer = attn + 3 * h * f + 2 * h;
         let embed = self.vocab_size * h;

@@ -49,12 +49,7 @@ impl KvCache {
             k.push(gpu.buffer(&format!("k cache {l}"), layer_bytes)?);
             v.push(gpu.buffer(&format!("v cache {l}"), layer_bytes)?);
         }
-        Ok(KvCache {
-            k,
-            v,
-            ctx,
-            element_bytes,
-        })
+        Ok(KvCache { k, v, ctx, element_bytes })
     }
 
     pub fn bytes(&self) -> u64 {
@@ -129,9 +124,7 @@ impl Activations {
             token: gpu.buffer("token", 4)?,
             partials: attention::Partials::new(gpu, &shape, 1, max_splits)?,
             prefill_partials: match attention::SplitKernel::for_device(gpu) {
-                attention::SplitKernel::Lanes => {
-                    Some(attention::Partials::new(gpu, &shape, max_tokens, 1)?)
-                }
+                attention::SplitKernel::Lanes => Some(attention::Partials::new(gpu, &shape, max_tokens, 1)?),
                 attention::SplitKernel::Workgroup => None,
             },
             max_splits,
@@ -191,11 +184,7 @@ pub fn plan(
     n: u32,
     logits: Logits,
 ) -> Result<StepPlan> {
-    assert!(
-        n >= 1 && n <= act.max_tokens,
-        "plan of {n} tokens with room for {}",
-        act.max_tokens
-    );
+    assert!(n >= 1 && n <= act.max_tokens, "plan of {n} tokens with room for {}", act.max_tokens);
     let (hidden, f) = (c.hidden_size as u32, c.intermediate_size as u32);
     let shape = attention_shape(c, cache.ctx);
     let mut d: Vec<Dispatch> = Vec::new();
@@ -205,213 +194,87 @@ pub fn plan(
         n_heads: c.n_heads as u32,
         head_dim: c.head_dim as u32,
         pos0: 0,
-        layout: if c.rope_interleaved {
-            rope::RopeLayout::Interleaved
-        } else {
-            rope::RopeLayout::HalfSplit
-        },
+        layout: if c.rope_interleaved { rope::RopeLayout::Interleaved } else { rope::RopeLayout::HalfSplit },
     };
-    let rope_k = rope::RopeShape {
-        n_heads: c.n_kv_heads as u32,
-        ..rope_q
-    };
+    let rope_k = rope::RopeShape { n_heads: c.n_kv_heads as u32, ..rope_q };
 
-    d.extend(embedding::embedding(
-        gpu,
-        &act.ids,
-        &w.embed_tokens,
-        &act.x,
-        n,
-    )?);
+    d.extend(embedding::embedding(gpu, &act.ids, &w.embed_tokens, &act.x, n)?);
     for (l, layer) in w.layers.iter().enumerate() {
         // Attention block.
-        d.push(rms_norm::rms_norm(
-            gpu,
-            &act.x,
-            &layer.input_layernorm,
-            &act.xn,
-            n,
-            hidden,
-            c.rms_norm_eps,
-        )?);
-        d.extend(linear(
-            gpu,
-            &act.xn,
-            &layer.q_proj,
-            layer.q_bias.as_ref(),
-            &act.q,
-            n,
-        )?);
-        d.extend(linear(
-            gpu,
-            &act.xn,
-            &layer.k_proj,
-            layer.k_bias.as_ref(),
-            &act.k,
-            n,
-        )?);
-        d.extend(linear(
-            gpu,
-            &act.xn,
-            &layer.v_proj,
-            layer.v_bias.as_ref(),
-            &act.v,
-            n,
-        )?);
+        d.push(rms_norm::rms_norm(gpu, &act.x, &layer.input_layernorm, &act.xn, n, hidden, c.rms_norm_eps)?);
+        d.extend(linear(gpu, &act.xn, &layer.q_proj, layer.q_bias.as_ref(), &act.q, n)?);
+        d.extend(linear(gpu, &act.xn, &layer.k_proj, layer.k_bias.as_ref(), &act.k, n)?);
+        d.extend(linear(gpu, &act.xn, &layer.v_proj, layer.v_bias.as_ref(), &act.v, n)?);
         let rq = rope::rope_q(gpu, rope_table, &act.q, rope_q)?;
         positional.push((d.len(), Positional::Rope(rope_params(&rq))));
         d.push(rq);
-        let rk = rope::rope_kv(
-            gpu,
-            rope_table,
-            &act.k,
-            &act.v,
-            &cache.k[l],
-            &cache.v[l],
-            rope_k,
-            cache.ctx,
-        )?;
+        let rk = rope::rope_kv(gpu, rope_table, &act.k, &act.v, &cache.k[l], &cache.v[l], rope_k, cache.ctx)?;
         positional.push((d.len(), Positional::Rope(rope_params(&rk))));
         d.push(rk);
-        if n == 1 {
-            let splits = (1, shape.splits(1, ATTENTION_TARGET_GROUPS).1);
-            let kernel = attention::SplitKernel::for_device(gpu);
-            let [split, reduce] = attention::decode_with(
-                gpu,
-                kernel,
-                &shape,
-                &act.q,
-                &cache.k[l],
-                &cache.v[l],
-                &act.attn,
+        // softmax(q·Kᵀ/√d)·V over the cache. Decode (n == 1) splits the keys across workgroups and
+        // merges; on CPU adapters prefill takes the same two steps with one invocation per
+        // (query, head) over its whole causal range; elsewhere the fused prefill kernel.
+        let split_path = if n == 1 {
+            Some((
+                attention::SplitKernel::for_device(gpu),
                 &act.partials,
-                1,
-                0,
-                splits,
-            )?;
-            positional.push((
-                d.len(),
-                Positional::AttentionSplit(attention_params(&split), d.len() + 1, kernel),
-            ));
-            d.push(split);
-            d.push(reduce);
-        } else if let Some(partials) = &act.prefill_partials {
-            // CPU adapters: one invocation per (query, head) over its whole causal range, then
-            // the merge step; the shared-memory prefill kernel is slower there.
-            let whole = (1, cache.ctx.div_ceil(64) * 64);
-            let [split, reduce] = attention::decode_with(
-                gpu,
-                attention::SplitKernel::Lanes,
-                &shape,
-                &act.q,
-                &cache.k[l],
-                &cache.v[l],
-                &act.attn,
-                partials,
-                n,
-                0,
-                whole,
-            )?;
-            positional.push((d.len(), Positional::Attention(attention_params(&split))));
-            d.push(split);
-            d.push(reduce);
+                (1, shape.splits(1, ATTENTION_TARGET_GROUPS).1),
+            ))
         } else {
-            let a = attention::prefill(
-                gpu,
-                &shape,
-                &act.q,
-                &cache.k[l],
-                &cache.v[l],
-                &act.attn,
-                n,
-                0,
-            )?;
-            positional.push((d.len(), Positional::Attention(attention_params(&a))));
-            d.push(a);
+            act.prefill_partials.as_ref().map(|p| (attention::SplitKernel::Lanes, p, (1, cache.ctx.div_ceil(64) * 64)))
+        };
+        match split_path {
+            Some((kernel, partials, splits)) => {
+                let (k, v) = (&cache.k[l], &cache.v[l]);
+                let [split, reduce] =
+                    attention::decode_with(gpu, kernel, &shape, &act.q, k, v, &act.attn, partials, n, 0, splits)?;
+                let params = attention_params(&split);
+                // Decode re-splits as the cache grows; prefill keeps one range per query.
+                let p = if n == 1 {
+                    Positional::AttentionSplit(params, d.len() + 1, kernel)
+                } else {
+                    Positional::Attention(params)
+                };
+                positional.push((d.len(), p));
+                d.push(split);
+                d.push(reduce);
+            }
+            None => {
+                let a = attention::prefill(gpu, &shape, &act.q, &cache.k[l], &cache.v[l], &act.attn, n, 0)?;
+                positional.push((d.len(), Positional::Attention(attention_params(&a))));
+                d.push(a);
+            }
         }
-        d.extend(linear(
-            gpu,
-            &act.attn,
-            &layer.o_proj,
-            layer.o_bias.as_ref(),
-            &act.proj,
-            n,
-        )?);
+        d.extend(linear(gpu, &act.attn, &layer.o_proj, layer.o_bias.as_ref(), &act.proj, n)?);
         d.push(elementwise::add_assign(gpu, &act.x, &act.proj, n * hidden)?);
         // MLP block.
-        d.push(rms_norm::rms_norm(
-            gpu,
-            &act.x,
-            &layer.post_attention_layernorm,
-            &act.xn,
-            n,
-            hidden,
-            c.rms_norm_eps,
-        )?);
+        d.push(rms_norm::rms_norm(gpu, &act.x, &layer.post_attention_layernorm, &act.xn, n, hidden, c.rms_norm_eps)?);
         d.extend(linear(gpu, &act.xn, &layer.gate_proj, None, &act.gate, n)?);
         d.extend(linear(gpu, &act.xn, &layer.up_proj, None, &act.up, n)?);
-        d.push(elementwise::swiglu(
-            gpu,
-            &act.gate,
-            &act.up,
-            &act.act,
-            n * f,
-        )?);
+        d.push(elementwise::swiglu(gpu, &act.gate, &act.up, &act.act, n * f)?);
         d.extend(linear(gpu, &act.act, &layer.down_proj, None, &act.proj, n)?);
         d.push(elementwise::add_assign(gpu, &act.x, &act.proj, n * hidden)?);
     }
     let vocab = c.vocab_size as u32;
+    if logits == Logits::All && n > act.logit_rows {
+        return Err(KilnError::shape("forward", format!("{n} rows of logits, room for {}", act.logit_rows)));
+    }
+    if logits != Logits::None {
+        d.push(rms_norm::rms_norm(gpu, &act.x, &w.norm, &act.xn, n, hidden, c.rms_norm_eps)?);
+    }
     match logits {
         Logits::None => {}
         Logits::Last | Logits::LastArgmax => {
-            d.push(rms_norm::rms_norm(
-                gpu,
-                &act.x,
-                &w.norm,
-                &act.xn,
-                n,
-                hidden,
-                c.rms_norm_eps,
-            )?);
-            d.extend(gemv::gemv_with(
-                gpu,
-                gemv::GemvKernel::for_device(gpu),
-                &act.xn,
-                w.lm_head(),
-                None,
-                &act.logits,
-                1,
-                n - 1,
-            )?);
+            // Only the last token's row goes through the lm-head.
+            let kernel = gemv::GemvKernel::for_device(gpu);
+            d.extend(gemv::gemv_with(gpu, kernel, &act.xn, w.lm_head(), None, &act.logits, 1, n - 1)?);
             if logits == Logits::LastArgmax {
                 d.push(argmax::argmax(gpu, &act.logits, &act.token, 1, vocab)?);
             }
         }
-        Logits::All => {
-            if n > act.logit_rows {
-                return Err(KilnError::shape(
-                    "forward",
-                    format!("{n} rows of logits, room for {}", act.logit_rows),
-                ));
-            }
-            d.push(rms_norm::rms_norm(
-                gpu,
-                &act.x,
-                &w.norm,
-                &act.xn,
-                n,
-                hidden,
-                c.rms_norm_eps,
-            )?);
-            d.extend(linear(gpu, &act.xn, w.lm_head(), None, &act.logits, n)?);
-        }
+        Logits::All => d.extend(linear(gpu, &act.xn, w.lm_head(), None, &act.logits, n)?),
     }
-    Ok(StepPlan {
-        n_tokens: n,
-        logits,
-        dispatches: d,
-        positional,
-    })
+    Ok(StepPlan { n_tokens: n, logits, dispatches: d, positional })
 }
 
 // The plan patches the position into the params each op built, read from the dispatch's
@@ -426,13 +289,7 @@ fn attention_params(d: &Dispatch) -> attention::Params {
 
 impl StepPlan {
     /// Point the plan at position `pos0` and record it.
-    pub fn record(
-        &mut self,
-        gpu: &Gpu,
-        act: &Activations,
-        pos0: u32,
-        pass: &mut wgpu::ComputePass<'_>,
-    ) {
+    pub fn record(&mut self, gpu: &Gpu, act: &Activations, pos0: u32, pass: &mut wgpu::ComputePass<'_>) {
         let kv_len = pos0 + self.n_tokens;
         for (i, p) in self.positional.iter_mut() {
             match p {

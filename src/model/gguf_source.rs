@@ -77,11 +77,7 @@ impl GgufSource {
             .enumerate()
             .map(|(i, t)| (hf_name(&t.name).unwrap_or_else(|| t.name.clone()), i))
             .collect();
-        Ok(GgufSource {
-            file,
-            path: path.to_path_buf(),
-            by_name,
-        })
+        Ok(GgufSource { file, path: path.to_path_buf(), by_name })
     }
 
     /// The model configuration the metadata describes.
@@ -92,44 +88,30 @@ impl GgufSource {
         let architecture = match arch_name {
             "llama" => Architecture::Llama,
             "qwen2" => Architecture::Qwen2,
-            other => {
-                return Err(err(format!(
-                    "unknown GGUF architecture `{other}`: kiln runs llama and qwen2"
-                )))
-            }
+            other => return Err(err(format!("unknown GGUF architecture `{other}`: kiln runs llama and qwen2"))),
         };
         let key = |k: &str| format!("{arch_name}.{k}");
         let usize_of = |k: &str| f.get_u64(&key(k)).map(|v| v as usize);
         let hidden_size = usize_of("embedding_length")?;
         let n_heads = usize_of("attention.head_count")?;
         let n_kv_heads = usize_of("attention.head_count_kv").unwrap_or(n_heads);
-        if n_heads == 0
-            || n_kv_heads == 0
-            || n_heads % n_kv_heads != 0
-            || hidden_size % n_heads != 0
-        {
-            return Err(err(format!("{n_heads} heads / {n_kv_heads} kv heads / hidden {hidden_size} do not fit together")));
+        if n_heads == 0 || n_kv_heads == 0 || n_heads % n_kv_heads != 0 || hidden_size % n_heads != 0 {
+            return Err(err(format!(
+                "{n_heads} heads / {n_kv_heads} kv heads / hidden {hidden_size} do not fit together"
+            )));
         }
         let head_dim = usize_of("attention.key_length").unwrap_or(hidden_size / n_heads);
         if head_dim % 2 != 0 || head_dim > 128 {
-            return Err(err(format!(
-                "head_dim {head_dim} is not supported (even, at most 128)"
-            )));
+            return Err(err(format!("head_dim {head_dim} is not supported (even, at most 128)")));
         }
         if let Ok(kind) = f.get_str(&key("rope.scaling.type")) {
             if kind != "none" {
-                return Err(err(format!(
-                    "rope scaling `{kind}` in GGUF files is not supported yet"
-                )));
+                return Err(err(format!("rope scaling `{kind}` in GGUF files is not supported yet")));
             }
         }
-        let vocab_size = usize_of("vocab_size")
-            .or_else(|_| f.get_str_array("tokenizer.ggml.tokens").map(|t| t.len()))?;
-        let eos: Vec<u32> = f
-            .get_u32("tokenizer.ggml.eos_token_id")
-            .ok()
-            .into_iter()
-            .collect();
+        let vocab_size =
+            usize_of("vocab_size").or_else(|_| f.get_str_array("tokenizer.ggml.tokens").map(|t| t.len()))?;
+        let eos: Vec<u32> = f.get_u32("tokenizer.ggml.eos_token_id").ok().into_iter().collect();
         Ok(ModelConfig {
             architecture,
             hidden_size,
@@ -139,23 +121,14 @@ impl GgufSource {
             n_kv_heads,
             head_dim,
             vocab_size,
-            rms_norm_eps: f
-                .get_f32(&key("attention.layer_norm_rms_epsilon"))
-                .unwrap_or(1e-6),
-            rope_theta: f
-                .get_f32(&key("rope.freq_base"))
-                .map(f64::from)
-                .unwrap_or(10000.0),
+            rms_norm_eps: f.get_f32(&key("attention.layer_norm_rms_epsilon")).unwrap_or(1e-6),
+            rope_theta: f.get_f32(&key("rope.freq_base")).map(f64::from).unwrap_or(10000.0),
             rope_scaling: None,
             rope_interleaved: architecture == Architecture::Llama,
             max_position_embeddings: usize_of("context_length").unwrap_or(4096),
             tie_word_embeddings: !self.by_name.contains_key("lm_head.weight"),
-            qkv_bias: self
-                .by_name
-                .contains_key("model.layers.0.self_attn.q_proj.bias"),
-            o_bias: self
-                .by_name
-                .contains_key("model.layers.0.self_attn.o_proj.bias"),
+            qkv_bias: self.by_name.contains_key("model.layers.0.self_attn.q_proj.bias"),
+            o_bias: self.by_name.contains_key("model.layers.0.self_attn.o_proj.bias"),
             bos_token_id: f.get_u32("tokenizer.ggml.bos_token_id").ok(),
             eos_token_ids: eos,
         })

@@ -36,8 +36,8 @@ pub struct GenerationDefaults {
 impl GenerationDefaults {
     fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| KilnError::io(path, e))?;
-        let v: Value = serde_json::from_str(&text)
-            .map_err(|e| KilnError::model(path, format!("not valid JSON: {e}")))?;
+        let v: Value =
+            serde_json::from_str(&text).map_err(|e| KilnError::model(path, format!("not valid JSON: {e}")))?;
         let f = |k: &str| v.get(k).and_then(Value::as_f64).map(|x| x as f32);
         Ok(GenerationDefaults {
             eos_token_ids: config::ids(&v.get("eos_token_id").cloned()),
@@ -79,22 +79,13 @@ pub fn resolve_repo_id(id: &Path) -> Result<PathBuf> {
     let text = id.to_string_lossy();
     let (repo, revision) = text.split_once('@').unwrap_or((&text, "main"));
     let parts: Vec<&str> = repo.split('/').collect();
-    if parts.len() != 2
-        || parts
-            .iter()
-            .any(|p| p.is_empty() || *p == "." || *p == "..")
-    {
-        return Err(KilnError::model(
-            id,
-            "no such file or directory, and not a hub repo id (org/name)",
-        ));
+    if parts.len() != 2 || parts.iter().any(|p| p.is_empty() || *p == "." || *p == "..") {
+        return Err(KilnError::model(id, "no such file or directory, and not a hub repo id (org/name)"));
     }
     let hub = std::env::var_os("HF_HUB_CACHE")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HF_HOME").map(|h| PathBuf::from(h).join("hub")))
-        .or_else(|| {
-            std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/huggingface/hub"))
-        })
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/huggingface/hub")))
         .ok_or_else(|| KilnError::model(id, "no Hugging Face cache directory (set HF_HOME)"))?;
     let repo_dir = hub.join(format!("models--{}--{}", parts[0], parts[1]));
     let refs = repo_dir.join("refs").join(revision);
@@ -107,7 +98,10 @@ pub fn resolve_repo_id(id: &Path) -> Result<PathBuf> {
     if !snapshot.is_dir() {
         return Err(KilnError::model(
             id,
-            format!("not in the Hugging Face cache ({} is missing); the hub is not reachable from kiln, download it first", snapshot.display()),
+            format!(
+                "not in the Hugging Face cache ({} is missing); the hub is not reachable from kiln, download it first",
+                snapshot.display()
+            ),
         ));
     }
     Ok(snapshot)
@@ -122,24 +116,15 @@ fn upload(
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<(weights::Weights, u64, u64)> {
     checkpoint::check_tensors(src, &weights::expected_tensors(config), origin)?;
-    let sizes: Vec<u64> = src
-        .names()
-        .iter()
-        .filter_map(|n| src.tensor(n).ok())
-        .map(|(_, _, b)| b.len() as u64)
-        .collect();
+    let sizes: Vec<u64> =
+        src.names().iter().filter_map(|n| src.tensor(n).ok()).map(|(_, _, b)| b.len() as u64).collect();
     let (total, largest) = (sizes.iter().sum(), sizes.iter().copied().max().unwrap_or(0));
     let mut done = 0u64;
     let mut on_bytes = |b: u64| {
         done += b;
         progress(done, total);
     };
-    let weights = weights::Uploader {
-        gpu,
-        src,
-        on_bytes: &mut on_bytes,
-    }
-    .weights(config)?;
+    let weights = weights::Uploader { gpu, src, on_bytes: &mut on_bytes }.weights(config)?;
     Ok((weights, total, largest))
 }
 
@@ -168,10 +153,7 @@ impl Model {
             let src = gguf_source::GgufSource::open(path)?;
             let config = src.config()?;
             let tokenizer = crate::gguf_tokenizer::from_gguf(&src.file, path)?;
-            let generation = GenerationDefaults {
-                eos_token_ids: config.eos_token_ids.clone(),
-                ..Default::default()
-            };
+            let generation = GenerationDefaults { eos_token_ids: config.eos_token_ids.clone(), ..Default::default() };
             let uploaded = upload(&gpu, &src, &config, path, progress)?;
             (config, tokenizer, generation, uploaded)
         } else {
@@ -196,10 +178,7 @@ impl Model {
         // Finish the uploads before reporting the load as done.
         gpu.device
             .poll(wgpu::PollType::wait_indefinitely())
-            .map_err(|e| KilnError::Validation {
-                kernel: "weight upload".into(),
-                message: e.to_string(),
-            })?;
+            .map_err(|e| KilnError::Validation { kernel: "weight upload".into(), message: e.to_string() })?;
         Ok(Model {
             gpu,
             dir: path.to_path_buf(),
@@ -237,11 +216,7 @@ impl Model {
         let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
         s += &format!("model:          {}\n", self.dir.display());
         s += &format!("architecture:   {:?}\n", c.architecture);
-        s += &format!(
-            "parameters:     {} ({:.1} M)\n",
-            c.parameter_count(),
-            c.parameter_count() as f64 / 1e6
-        );
+        s += &format!("parameters:     {} ({:.1} M)\n", c.parameter_count(), c.parameter_count() as f64 / 1e6);
         s += &format!(
             "shape:          {} layers, hidden {}, mlp {}, {} heads / {} kv heads (head_dim {}), vocab {}\n",
             c.n_layers, c.hidden_size, c.intermediate_size, c.n_heads, c.n_kv_heads, c.head_dim, c.vocab_size
@@ -249,11 +224,7 @@ impl Model {
         s += &format!(
             "rope:           theta {}{}, tied embeddings: {}, qkv bias: {}\n",
             c.rope_theta,
-            if c.rope_scaling.is_some() {
-                ", llama3 scaling"
-            } else {
-                ""
-            },
+            if c.rope_scaling.is_some() { ", llama3 scaling" } else { "" },
             c.tie_word_embeddings,
             c.qkv_bias
         );

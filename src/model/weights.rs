@@ -43,15 +43,7 @@ impl Weights {
         let mut all: Vec<&Weight> = vec![&self.embed_tokens];
         all.extend(self.lm_head.iter());
         for l in &self.layers {
-            all.extend([
-                &l.q_proj,
-                &l.k_proj,
-                &l.v_proj,
-                &l.o_proj,
-                &l.gate_proj,
-                &l.up_proj,
-                &l.down_proj,
-            ]);
+            all.extend([&l.q_proj, &l.k_proj, &l.v_proj, &l.o_proj, &l.gate_proj, &l.up_proj, &l.down_proj]);
         }
         let mut by: Vec<(DType, u64)> = Vec::new();
         for w in all {
@@ -107,14 +99,7 @@ impl Uploader<'_> {
     /// A matrix, kept in its stored encoding (f32, f16, bf16 or a GGUF block format).
     pub fn matrix(&mut self, name: &str) -> Result<Weight> {
         let (dtype, shape, bytes) = self.src.tensor(name)?;
-        let w = Weight::upload(
-            self.gpu,
-            name,
-            shape[0] as u32,
-            shape[1] as u32,
-            dtype,
-            bytes,
-        )?;
+        let w = Weight::upload(self.gpu, name, shape[0] as u32, shape[1] as u32, dtype, bytes)?;
         (self.on_bytes)(bytes.len() as u64);
         self.src.release(name);
         Ok(w)
@@ -126,9 +111,7 @@ impl Uploader<'_> {
         let values = checkpoint::to_f32(dtype, bytes).ok_or_else(|| {
             KilnError::model(
                 self.src.path_of(name),
-                format!(
-                    "vector `{name}` is stored as {dtype:?}; kiln reads F32, F16, BF16 vectors"
-                ),
+                format!("vector `{name}` is stored as {dtype:?}; kiln reads F32, F16, BF16 vectors"),
             )
         })?;
         let buf = self.gpu.upload(name, bytemuck::cast_slice(&values))?;
@@ -159,24 +142,14 @@ impl Uploader<'_> {
                 k_bias: opt(self, c.qkv_bias, format!("{p}.self_attn.k_proj.bias"))?,
                 v_bias: opt(self, c.qkv_bias, format!("{p}.self_attn.v_proj.bias"))?,
                 o_bias: opt(self, c.o_bias, format!("{p}.self_attn.o_proj.bias"))?,
-                post_attention_layernorm: self
-                    .vector(&format!("{p}.post_attention_layernorm.weight"))?,
+                post_attention_layernorm: self.vector(&format!("{p}.post_attention_layernorm.weight"))?,
                 gate_proj: self.matrix(&format!("{p}.mlp.gate_proj.weight"))?,
                 up_proj: self.matrix(&format!("{p}.mlp.up_proj.weight"))?,
                 down_proj: self.matrix(&format!("{p}.mlp.down_proj.weight"))?,
             });
         }
         let norm = self.vector("model.norm.weight")?;
-        let lm_head = if c.tie_word_embeddings {
-            None
-        } else {
-            Some(self.matrix("lm_head.weight")?)
-        };
-        Ok(Weights {
-            embed_tokens,
-            layers,
-            norm,
-            lm_head,
-        })
+        let lm_head = if c.tie_word_embeddings { None } else { Some(self.matrix("lm_head.weight")?) };
+        Ok(Weights { embed_tokens, layers, norm, lm_head })
     }
 }

@@ -12,26 +12,10 @@ pub struct Params {
 }
 
 /// x (rows, n) f32 → out (rows) u32: the first index of each row's maximum.
-pub fn argmax(
-    gpu: &Gpu,
-    x: &wgpu::Buffer,
-    out: &wgpu::Buffer,
-    rows: u32,
-    n: u32,
-) -> Result<Dispatch> {
+pub fn argmax(gpu: &Gpu, x: &wgpu::Buffer, out: &wgpu::Buffer, rows: u32, n: u32) -> Result<Dispatch> {
     super::check_groups(gpu, "argmax", "rows", rows)?;
     let pipeline = gpu.pipeline(&shaders::ARGMAX, "argmax", &[])?;
-    gpu.dispatch(
-        "argmax",
-        pipeline,
-        &Params {
-            rows,
-            n,
-            _pad: [0; 2],
-        },
-        &[x, out],
-        [rows, 1, 1],
-    )
+    gpu.dispatch("argmax", pipeline, &Params { rows, n, _pad: [0; 2] }, &[x, out], [rows, 1, 1])
 }
 
 /// The first index of the maximum of each row (NaN never wins), as torch.argmax.

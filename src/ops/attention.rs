@@ -39,10 +39,7 @@ impl AttentionShape {
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(KilnError::shape("attention", m));
         if self.n_kv_heads == 0 || !self.n_heads.is_multiple_of(self.n_kv_heads) {
-            return bad(format!(
-                "{} query heads do not divide into {} KV heads",
-                self.n_heads, self.n_kv_heads
-            ));
+            return bad(format!("{} query heads do not divide into {} KV heads", self.n_heads, self.n_kv_heads));
         }
         if self.head_dim == 0 || self.head_dim > DMAX {
             return bad(format!("head_dim {} not in 1..={DMAX}", self.head_dim));
@@ -67,11 +64,7 @@ impl AttentionShape {
         if pos0 + n_tokens > self.ctx {
             return Err(KilnError::shape(
                 "attention",
-                format!(
-                    "positions up to {} exceed the cache's {}",
-                    pos0 + n_tokens,
-                    self.ctx
-                ),
+                format!("positions up to {} exceed the cache's {}", pos0 + n_tokens, self.ctx),
             ));
         }
         Ok(Params {
@@ -117,13 +110,7 @@ pub fn prefill(
     super::check_groups(gpu, "attention", "queries", n_tokens)?;
     let pipeline = gpu.pipeline(&shaders::ATTENTION, "prefill", &[])?;
     let grid = [shape.n_kv_heads * shape.head_blocks(), n_tokens, 1];
-    gpu.dispatch_at(
-        "attention prefill",
-        pipeline,
-        &params,
-        &[(1, q), (2, k_cache), (3, v_cache), (4, out)],
-        grid,
-    )
+    gpu.dispatch_at("attention prefill", pipeline, &params, &[(1, q), (2, k_cache), (3, v_cache), (4, out)], grid)
 }
 
 /// Scratch for split-KV decoding: room for `n_splits` partial results of `n_tokens` queries.
@@ -139,10 +126,7 @@ impl Partials {
         let slots = n_tokens as u64 * shape.n_heads as u64 * n_splits as u64;
         Ok(Partials {
             ml: gpu.buffer("attention partial max/sum", slots * 8)?,
-            acc: gpu.buffer(
-                "attention partial output",
-                slots * shape.head_dim as u64 * 4,
-            )?,
+            acc: gpu.buffer("attention partial output", slots * shape.head_dim as u64 * 4)?,
             n_tokens,
             n_splits,
         })
@@ -194,19 +178,7 @@ pub fn decode(
     pos0: u32,
     splits: (u32, u32),
 ) -> Result<[Dispatch; 2]> {
-    decode_with(
-        gpu,
-        SplitKernel::for_device(gpu),
-        shape,
-        q,
-        k_cache,
-        v_cache,
-        out,
-        partials,
-        n_tokens,
-        pos0,
-        splits,
-    )
+    decode_with(gpu, SplitKernel::for_device(gpu), shape, q, k_cache, v_cache, out, partials, n_tokens, pos0, splits)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -232,16 +204,10 @@ pub fn decode_with(
             ),
         ));
     }
-    if split_len == 0
-        || split_len % BK != 0
-        || (n_splits as u64) * (split_len as u64) < (pos0 + n_tokens) as u64
-    {
+    if split_len == 0 || split_len % BK != 0 || (n_splits as u64) * (split_len as u64) < (pos0 + n_tokens) as u64 {
         return Err(KilnError::shape(
             "attention",
-            format!(
-                "{n_splits} splits of {split_len} keys do not cover {} keys",
-                pos0 + n_tokens
-            ),
+            format!("{n_splits} splits of {split_len} keys do not cover {} keys", pos0 + n_tokens),
         ));
     }
     let params = shape.params(n_tokens, pos0, n_splits, split_len)?;
@@ -249,10 +215,7 @@ pub fn decode_with(
     if kernel == SplitKernel::Lanes && !shape.head_dim.is_multiple_of(4) {
         return Err(KilnError::shape(
             "attention",
-            format!(
-                "decode_lanes needs head_dim % 4 == 0, got {}",
-                shape.head_dim
-            ),
+            format!("decode_lanes needs head_dim % 4 == 0, got {}", shape.head_dim),
         ));
     }
     let entry = match kernel {
@@ -261,9 +224,7 @@ pub fn decode_with(
     };
     let split = match kernel {
         SplitKernel::Workgroup => gpu.pipeline(&shaders::ATTENTION, entry, &[])?,
-        SplitKernel::Lanes => {
-            gpu.pipeline(&shaders::ATTENTION, entry, &[("HEAD_DIM", shape.head_dim)])?
-        }
+        SplitKernel::Lanes => gpu.pipeline(&shaders::ATTENTION, entry, &[("HEAD_DIM", shape.head_dim)])?,
     };
     let reduce = gpu.pipeline(&shaders::ATTENTION, "decode_reduce", &[])?;
     let grid = kernel.grid(shape, n_tokens, n_splits);
@@ -272,13 +233,7 @@ pub fn decode_with(
             "attention split",
             split,
             &params,
-            &[
-                (1, q),
-                (2, k_cache),
-                (3, v_cache),
-                (5, &partials.ml),
-                (6, &partials.acc),
-            ],
+            &[(1, q), (2, k_cache), (3, v_cache), (5, &partials.ml), (6, &partials.acc)],
             grid,
         )?,
         gpu.dispatch_at(
@@ -300,11 +255,7 @@ pub fn attention_cpu(
     n_tokens: usize,
     pos0: usize,
 ) -> Vec<f32> {
-    let (h_n, d, ctx) = (
-        shape.n_heads as usize,
-        shape.head_dim as usize,
-        shape.ctx as usize,
-    );
+    let (h_n, d, ctx) = (shape.n_heads as usize, shape.head_dim as usize, shape.ctx as usize);
     let group = (shape.n_heads / shape.n_kv_heads) as usize;
     let scale = 1.0 / (d as f64).sqrt();
     let mut out = vec![0f32; n_tokens * h_n * d];
@@ -316,20 +267,14 @@ pub fn attention_cpu(
             let scores: Vec<f64> = (0..kv_len)
                 .map(|j| {
                     let kr = &k[(kvh * ctx + j) * d..][..d];
-                    qv.iter()
-                        .zip(kr)
-                        .map(|(a, b)| *a as f64 * *b as f64)
-                        .sum::<f64>()
-                        * scale
+                    qv.iter().zip(kr).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>() * scale
                 })
                 .collect();
             let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
             let w: Vec<f64> = scores.iter().map(|s| (s - m).exp()).collect();
             let sum: f64 = w.iter().sum();
             for e in 0..d {
-                let o: f64 = (0..kv_len)
-                    .map(|j| w[j] * v[(kvh * ctx + j) * d + e] as f64)
-                    .sum();
+                let o: f64 = (0..kv_len).map(|j| w[j] * v[(kvh * ctx + j) * d + e] as f64).sum();
                 out[(t * h_n + h) * d + e] = (o / sum) as f32;
             }
         }

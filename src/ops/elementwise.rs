@@ -23,38 +23,16 @@ fn elementwise(
 ) -> Result<Dispatch> {
     let grid = super::flat_grid(gpu, n.div_ceil(WG));
     let pipeline = gpu.pipeline(&shaders::ELEMENTWISE, entry, &[])?;
-    gpu.dispatch(
-        entry,
-        pipeline,
-        &Params {
-            n,
-            groups_x: grid[0],
-            _pad: [0; 2],
-        },
-        &[a, b, y],
-        grid,
-    )
+    gpu.dispatch(entry, pipeline, &Params { n, groups_x: grid[0], _pad: [0; 2] }, &[a, b, y], grid)
 }
 
 /// y = silu(gate) · up over n elements (Llama/Qwen2 MLP: down(silu(gate(x)) * up(x))).
-pub fn swiglu(
-    gpu: &Gpu,
-    gate: &wgpu::Buffer,
-    up: &wgpu::Buffer,
-    y: &wgpu::Buffer,
-    n: u32,
-) -> Result<Dispatch> {
+pub fn swiglu(gpu: &Gpu, gate: &wgpu::Buffer, up: &wgpu::Buffer, y: &wgpu::Buffer, n: u32) -> Result<Dispatch> {
     elementwise(gpu, "swiglu", gate, up, y, n)
 }
 
 /// y = a + b over n elements.
-pub fn add(
-    gpu: &Gpu,
-    a: &wgpu::Buffer,
-    b: &wgpu::Buffer,
-    y: &wgpu::Buffer,
-    n: u32,
-) -> Result<Dispatch> {
+pub fn add(gpu: &Gpu, a: &wgpu::Buffer, b: &wgpu::Buffer, y: &wgpu::Buffer, n: u32) -> Result<Dispatch> {
     elementwise(gpu, "add", a, b, y, n)
 }
 
@@ -62,11 +40,7 @@ pub fn add(
 pub fn add_assign(gpu: &Gpu, y: &wgpu::Buffer, a: &wgpu::Buffer, n: u32) -> Result<Dispatch> {
     let grid = super::flat_grid(gpu, n.div_ceil(WG));
     let pipeline = gpu.pipeline(&shaders::ELEMENTWISE, "add_assign", &[])?;
-    let params = Params {
-        n,
-        groups_x: grid[0],
-        _pad: [0; 2],
-    };
+    let params = Params { n, groups_x: grid[0], _pad: [0; 2] };
     gpu.dispatch_at("add_assign", pipeline, &params, &[(1, a), (3, y)], grid)
 }
 
@@ -74,19 +48,12 @@ pub fn add_assign(gpu: &Gpu, y: &wgpu::Buffer, a: &wgpu::Buffer, n: u32) -> Resu
 /// benchmarks divide kernel bandwidth by.
 pub fn copy(gpu: &Gpu, a: &wgpu::Buffer, y: &wgpu::Buffer, bytes: u64) -> Result<Dispatch> {
     if !bytes.is_multiple_of(16) {
-        return Err(crate::KilnError::shape(
-            "copy",
-            format!("{bytes} bytes is not a multiple of 16"),
-        ));
+        return Err(crate::KilnError::shape("copy", format!("{bytes} bytes is not a multiple of 16")));
     }
     let n = (bytes / 16) as u32;
     let grid = super::flat_grid(gpu, n.div_ceil(WG));
     let pipeline = gpu.pipeline(&shaders::ELEMENTWISE, "copy", &[])?;
-    let params = Params {
-        n,
-        groups_x: grid[0],
-        _pad: [0; 2],
-    };
+    let params = Params { n, groups_x: grid[0], _pad: [0; 2] };
     gpu.dispatch_at("copy", pipeline, &params, &[(1, a), (3, y)], grid)
 }
 

@@ -22,21 +22,12 @@ pub fn embedding(
     n_tokens: u32,
 ) -> Result<Vec<Dispatch>> {
     super::check_groups(gpu, "embedding", "tokens", n_tokens)?;
-    let pipeline = gpu.pipeline(
-        &shaders::EMBEDDING,
-        "embedding",
-        &[("W_DTYPE", table.dtype.w_dtype())],
-    )?;
+    let pipeline = gpu.pipeline(&shaders::EMBEDDING, "embedding", &[("W_DTYPE", table.dtype.w_dtype())])?;
     table
         .chunks
         .iter()
         .map(|c| {
-            let params = Params {
-                n_tokens,
-                dim: table.cols,
-                first_row: c.first_row,
-                rows: c.rows,
-            };
+            let params = Params { n_tokens, dim: table.cols, first_row: c.first_row, rows: c.rows };
             gpu.dispatch(
                 format!("embedding {}", table.name),
                 pipeline.clone(),
@@ -49,11 +40,5 @@ pub fn embedding(
 }
 
 pub fn embedding_cpu(ids: &[u32], table: &[f32], dim: usize) -> Vec<f32> {
-    ids.iter()
-        .flat_map(|&id| {
-            table[id as usize * dim..(id as usize + 1) * dim]
-                .iter()
-                .copied()
-        })
-        .collect()
+    ids.iter().flat_map(|&id| table[id as usize * dim..(id as usize + 1) * dim].iter().copied()).collect()
 }

@@ -97,14 +97,7 @@ pub fn matmul_with(
 }
 
 /// y = x·Wᵀ (+ bias) with f64 accumulation: the reference for both matmul and gemv.
-pub fn matmul_cpu(
-    x: &[f32],
-    w: &[f32],
-    bias: Option<&[f32]>,
-    m: usize,
-    n: usize,
-    k: usize,
-) -> Vec<f32> {
+pub fn matmul_cpu(x: &[f32], w: &[f32], bias: Option<&[f32]>, m: usize, n: usize, k: usize) -> Vec<f32> {
     let mut y = vec![0f32; m * n];
     for i in 0..m {
         let xr = &x[i * k..(i + 1) * k];

@@ -23,12 +23,7 @@ pub(crate) fn flat_grid(gpu: &Gpu, groups: u32) -> [u32; 3] {
 }
 
 /// Check that a grid dimension fits the device.
-pub(crate) fn check_groups(
-    gpu: &Gpu,
-    op: &'static str,
-    what: &str,
-    groups: u32,
-) -> crate::Result<()> {
+pub(crate) fn check_groups(gpu: &Gpu, op: &'static str, what: &str, groups: u32) -> crate::Result<()> {
     let max = gpu.limits.max_compute_workgroups_per_dimension;
     if groups > max {
         return Err(crate::KilnError::shape(

@@ -25,18 +25,7 @@ pub fn rms_norm(
 ) -> Result<Dispatch> {
     super::check_groups(gpu, "rms_norm", "rows", rows)?;
     let pipeline = gpu.pipeline(&shaders::RMS_NORM, "rms_norm", &[])?;
-    gpu.dispatch(
-        "rms_norm",
-        pipeline,
-        &Params {
-            rows,
-            dim,
-            eps,
-            _pad: 0,
-        },
-        &[x, weight, y],
-        [rows, 1, 1],
-    )
+    gpu.dispatch("rms_norm", pipeline, &Params { rows, dim, eps, _pad: 0 }, &[x, weight, y], [rows, 1, 1])
 }
 
 pub fn rms_norm_cpu(x: &[f32], weight: &[f32], dim: usize, eps: f32) -> Vec<f32> {
@@ -44,9 +33,7 @@ pub fn rms_norm_cpu(x: &[f32], weight: &[f32], dim: usize, eps: f32) -> Vec<f32>
         .flat_map(|row| {
             let mean_sq = row.iter().map(|&v| v as f64 * v as f64).sum::<f64>() / dim as f64;
             let scale = 1.0 / (mean_sq + eps as f64).sqrt();
-            row.iter()
-                .zip(weight)
-                .map(move |(&v, &w)| (v as f64 * scale * w as f64) as f32)
+            row.iter().zip(weight).map(move |(&v, &w)| (v as f64 * scale * w as f64) as f32)
         })
         .collect()
 }

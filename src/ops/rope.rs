@@ -50,8 +50,7 @@ pub fn inv_freq(head_dim: usize, theta: f64, scaling: Option<&Llama3Scaling>) ->
                     } else if wavelen > low_wavelen {
                         f / s.factor
                     } else {
-                        let smooth = (s.original_max_position_embeddings / wavelen
-                            - s.low_freq_factor)
+                        let smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor)
                             / (s.high_freq_factor - s.low_freq_factor);
                         (1.0 - smooth) * f / s.factor + smooth * f
                     }
@@ -96,10 +95,7 @@ const WG: u32 = 64;
 impl RopeShape {
     fn params(&self, gpu: &Gpu, ctx: u32) -> Result<(Params, [u32; 3])> {
         if !self.head_dim.is_multiple_of(2) {
-            return Err(KilnError::shape(
-                "rope",
-                format!("head_dim {} is odd", self.head_dim),
-            ));
+            return Err(KilnError::shape("rope", format!("head_dim {} is odd", self.head_dim)));
         }
         let pairs = self.n_tokens * self.n_heads * self.head_dim / 2;
         let grid = super::flat_grid(gpu, pairs.div_ceil(WG));
@@ -118,12 +114,7 @@ impl RopeShape {
 }
 
 /// Rotate q (n_tokens, n_heads, head_dim) in place.
-pub fn rope_q(
-    gpu: &Gpu,
-    table: &wgpu::Buffer,
-    q: &wgpu::Buffer,
-    shape: RopeShape,
-) -> Result<Dispatch> {
+pub fn rope_q(gpu: &Gpu, table: &wgpu::Buffer, q: &wgpu::Buffer, shape: RopeShape) -> Result<Dispatch> {
     let (params, grid) = shape.params(gpu, 0)?;
     let pipeline = gpu.pipeline(&shaders::ROPE, "rope_q", &[])?;
     gpu.dispatch_at("rope_q", pipeline, &params, &[(1, table), (2, q)], grid)
@@ -144,21 +135,12 @@ pub fn rope_kv(
     if shape.pos0 + shape.n_tokens > ctx {
         return Err(KilnError::shape(
             "rope_kv",
-            format!(
-                "positions up to {} exceed the cache's {ctx}",
-                shape.pos0 + shape.n_tokens
-            ),
+            format!("positions up to {} exceed the cache's {ctx}", shape.pos0 + shape.n_tokens),
         ));
     }
     let (params, grid) = shape.params(gpu, ctx)?;
     let pipeline = gpu.pipeline(&shaders::ROPE, "rope_kv", &[])?;
-    gpu.dispatch_at(
-        "rope_kv",
-        pipeline,
-        &params,
-        &[(1, table), (2, k), (3, v), (4, k_cache), (5, v_cache)],
-        grid,
-    )
+    gpu.dispatch_at("rope_kv", pipeline, &params, &[(1, table), (2, k), (3, v), (4, k_cache), (5, v_cache)], grid)
 }
 
 /// Reference: rotate x (n_tokens, n_heads, head_dim) with angles computed from scratch in f64

@@ -12,18 +12,10 @@ use std::sync::{Arc, OnceLock};
 pub fn devices() -> Vec<(&'static str, Arc<Gpu>)> {
     static FAST: OnceLock<Arc<Gpu>> = OnceLock::new();
     static FALLBACK: OnceLock<Arc<Gpu>> = OnceLock::new();
-    let open = |o: GpuOptions| {
-        Gpu::with_options(&o).unwrap_or_else(|e| panic!("GPU tests need an adapter: {e}"))
-    };
+    let open = |o: GpuOptions| Gpu::with_options(&o).unwrap_or_else(|e| panic!("GPU tests need an adapter: {e}"));
     let fast = FAST.get_or_init(|| open(GpuOptions::default())).clone();
     let fallback = FALLBACK
-        .get_or_init(|| {
-            open(GpuOptions {
-                disable_subgroups: true,
-                disable_f16: true,
-                ..Default::default()
-            })
-        })
+        .get_or_init(|| open(GpuOptions { disable_subgroups: true, disable_f16: true, ..Default::default() }))
         .clone();
     vec![("fast", fast), ("fallback", fallback)]
 }
@@ -31,24 +23,15 @@ pub fn devices() -> Vec<(&'static str, Arc<Gpu>)> {
 /// A device whose storage bindings are capped at `max_binding` bytes, to split weights into
 /// several chunks with small test matrices.
 pub fn small_binding_device(max_binding: u64) -> Arc<Gpu> {
-    Gpu::with_options(&GpuOptions {
-        max_binding: Some(max_binding),
-        ..Default::default()
-    })
-    .unwrap_or_else(|e| panic!("GPU tests need an adapter: {e}"))
+    Gpu::with_options(&GpuOptions { max_binding: Some(max_binding), ..Default::default() })
+        .unwrap_or_else(|e| panic!("GPU tests need an adapter: {e}"))
 }
 
 /// A fresh seed per run (KILN_TEST_SEED pins one); printed so a failure can be replayed.
 pub fn rng(test: &str) -> StdRng {
-    let seed = std::env::var("KILN_TEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-        });
+    let seed = std::env::var("KILN_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
+    });
     eprintln!("{test}: KILN_TEST_SEED={seed}");
     StdRng::seed_from_u64(seed)
 }
@@ -59,8 +42,7 @@ pub fn uniform(rng: &mut StdRng, n: usize, lo: f32, hi: f32) -> Vec<f32> {
 
 /// A buffer of `n` f32 NaNs: a kernel that skips an element cannot pass.
 pub fn poisoned(gpu: &Gpu, label: &str, n: usize) -> wgpu::Buffer {
-    gpu.upload(label, bytemuck::cast_slice(&vec![f32::NAN; n]))
-        .unwrap()
+    gpu.upload(label, bytemuck::cast_slice(&vec![f32::NAN; n])).unwrap()
 }
 
 pub fn upload_f32(gpu: &Gpu, label: &str, data: &[f32]) -> wgpu::Buffer {
@@ -73,20 +55,12 @@ pub fn round_f16(v: &[f32]) -> Vec<f32> {
 }
 
 pub fn f16_bytes(v: &[f32]) -> Vec<u8> {
-    v.iter()
-        .flat_map(|&x| half::f16::from_f32(x).to_le_bytes())
-        .collect()
+    v.iter().flat_map(|&x| half::f16::from_f32(x).to_le_bytes()).collect()
 }
 
 /// Assert |actual − expected| ≤ tol[i] everywhere, with every value finite. `why` states where
 /// the tolerance comes from; a failure prints the first offending indices with both values.
-pub fn assert_close_each(
-    what: &str,
-    actual: &[f32],
-    expected: &[f32],
-    tol: impl Fn(usize) -> f64,
-    why: &str,
-) {
+pub fn assert_close_each(what: &str, actual: &[f32], expected: &[f32], tol: impl Fn(usize) -> f64, why: &str) {
     assert_eq!(actual.len(), expected.len(), "{what}: length");
     let mut bad = Vec::new();
     let mut worst = (0.0f64, 0usize);
@@ -114,12 +88,7 @@ pub fn assert_close_each(
                 )
             })
             .collect();
-        panic!(
-            "{what}: {} of {} elements out of tolerance ({why}):\n{}",
-            bad.len(),
-            actual.len(),
-            shown.join("\n")
-        );
+        panic!("{what}: {} of {} elements out of tolerance ({why}):\n{}", bad.len(), actual.len(), shown.join("\n"));
     }
 }
 
