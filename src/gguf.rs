@@ -520,6 +520,21 @@ impl GgufFile<Mmap> {
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| KilnError::io(path, e))?;
         Self::parse_from(mmap, path.display().to_string())
     }
+
+    /// Tell the OS it may drop the pages of `tensor`'s data (already uploaded), so resident
+    /// memory stays near one tensor however large the file is.
+    pub fn release(&self, tensor: &TensorInfo) {
+        let Ok(data) = self.tensor_data(tensor) else { return };
+        let offset = data.as_ptr() as usize - self.bytes.as_ptr() as usize;
+        #[cfg(unix)]
+        // SAFETY: the mapping is read-only and file-backed: dropping its pages only makes later
+        // reads fault them in again from the file; the data is unchanged.
+        unsafe {
+            let _ = self.bytes.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, offset, data.len());
+        }
+        #[cfg(not(unix))]
+        let _ = offset;
+    }
 }
 
 impl<B: AsRef<[u8]>> GgufFile<B> {

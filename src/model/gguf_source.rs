@@ -155,7 +155,9 @@ impl TensorSource for GgufSource {
         self.path.clone()
     }
 
-    fn release(&self, _name: &str) {
-        // PERF: GgufFile owns its map; dropping uploaded pages needs an advise hook there.
+    fn release(&self, name: &str) {
+        if let Some(info) = self.by_name.get(name).and_then(|&i| self.file.tensors.get(i)) {
+            self.file.release(info);
+        }
     }
 }
