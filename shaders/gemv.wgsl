@@ -39,6 +39,21 @@ fn dot8(j: u32, xa: vec4<f32>, xb: vec4<f32>) -> f32 {
     return dot(v[0], xa) + dot(v[1], xb);
 }
 
+// The epilogue shared by both kernels: y[m, first_row + row] = v (+ bias), for the rows
+// of this chunk that exist.
+fn store4(m: u32, row0: u32, v: vec4<f32>) {
+    for (var r = 0u; r < 4u; r++) {
+        let row = row0 + r;
+        if row < p.rows {
+            var out = v[r];
+            if p.has_bias != 0u {
+                out += bias[p.first_row + row];
+            }
+            y[m * p.n + p.first_row + row] = out;
+        }
+    }
+}
+
 @compute @workgroup_size(WG)
 fn gemv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let m = wid.y;
@@ -69,16 +84,7 @@ fn gemv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     }
     let total = workgroup_sum4(acc, lid);
     if lid == 0u {
-        for (var r = 0u; r < ROWS; r++) {
-            let row = row0 + r;
-            if row < p.rows {
-                var v = total[r];
-                if p.has_bias != 0u {
-                    v += bias[p.first_row + row];
-                }
-                y[m * p.n + p.first_row + row] = v;
-            }
-        }
+        store4(m, row0, total);
     }
 }
 
@@ -113,14 +119,5 @@ fn gemv_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_in
             acc += xv * vec4<f32>(w_at(r[0] * p.k + k), w_at(r[1] * p.k + k), w_at(r[2] * p.k + k), w_at(r[3] * p.k + k));
         }
     }
-    for (var i = 0u; i < LANE_ROWS; i++) {
-        let row = row0 + i;
-        if row < p.rows {
-            var v = acc[i];
-            if p.has_bias != 0u {
-                v += bias[p.first_row + row];
-            }
-            y[m * p.n + p.first_row + row] = v;
-        }
-    }
+    store4(m, row0, acc);
 }

@@ -32,6 +32,18 @@ fn w_at(i: u32) -> f32 {
     return weight_at(i);
 }
 
+// The epilogue shared by both kernels: y[row, first_row + col] = v (+ bias), masked to the
+// rows of x and the columns this chunk produces.
+fn store(row: u32, col: u32, v: f32) {
+    if row < p.m && col < p.rows {
+        var out = v;
+        if p.has_bias != 0u {
+            out += bias[p.first_row + col];
+        }
+        y[row * p.n + p.first_row + col] = out;
+    }
+}
+
 @compute @workgroup_size(16, 16)
 fn matmul(@builtin(workgroup_id) wid: vec3<u32>,
           @builtin(local_invocation_id) local: vec3<u32>,
@@ -77,13 +89,7 @@ fn matmul(@builtin(workgroup_id) wid: vec3<u32>,
         let row = m0 + local.y * 4u + i;
         for (var j = 0u; j < 4u; j++) {
             let col = n0 + local.x * 4u + j;
-            if row < p.m && col < p.rows {
-                var v = acc[i][j];
-                if p.has_bias != 0u {
-                    v += bias[p.first_row + col];
-                }
-                y[row * p.n + p.first_row + col] = v;
-            }
+            store(row, col, acc[i][j]);
         }
     }
 }
@@ -147,13 +153,7 @@ fn matmul_regs(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_
         let row = r0 + i;
         for (var j = 0u; j < 4u; j++) {
             let col = c0 + j;
-            if row < p.m && col < p.rows {
-                var v = acc[i][j];
-                if p.has_bias != 0u {
-                    v += bias[p.first_row + col];
-                }
-                y[row * p.n + p.first_row + col] = v;
-            }
+            store(row, col, acc[i][j]);
         }
     }
 }
