@@ -172,13 +172,20 @@ pub fn to_f32(dtype: DType, bytes: &[u8]) -> Option<Vec<f32>> {
 
 /// Check a source against the tensors a config implies: a missing, extra or mis-shaped tensor,
 /// or one of a type kiln cannot read, is an error naming it, before anything is uploaded.
-pub fn check_tensors(src: &dyn TensorSource, expected: &HashMap<String, Vec<usize>>, origin: &Path) -> Result<()> {
+/// Returns (total, largest) bytes of the tensors that will be uploaded.
+pub fn check_tensors(
+    src: &dyn TensorSource,
+    expected: &HashMap<String, Vec<usize>>,
+    origin: &Path,
+) -> Result<(u64, u64)> {
     let names = src.names();
-    let mut missing: Vec<&String> = expected.keys().filter(|n| !names.contains(n)).collect();
+    let present: std::collections::HashSet<&String> = names.iter().collect();
+    let mut missing: Vec<&String> = expected.keys().filter(|n| !present.contains(n)).collect();
     missing.sort();
     if let Some(name) = missing.first() {
         return Err(KilnError::model(origin, format!("missing tensor `{name}` ({} missing in all)", missing.len())));
     }
+    let (mut total, mut largest) = (0u64, 0u64);
     for name in &names {
         let path = src.path_of(name);
         match expected.get(name) {
@@ -186,7 +193,9 @@ pub fn check_tensors(src: &dyn TensorSource, expected: &HashMap<String, Vec<usiz
             None if name.ends_with("rotary_emb.inv_freq") => {}
             None => return Err(KilnError::model(path, format!("unexpected tensor `{name}` for this config"))),
             Some(shape) => {
-                let (_, actual, _) = src.tensor(name)?;
+                let (_, actual, bytes) = src.tensor(name)?;
+                total += bytes.len() as u64;
+                largest = largest.max(bytes.len() as u64);
                 if *shape != actual {
                     return Err(KilnError::model(
                         path,
@@ -196,5 +205,5 @@ pub fn check_tensors(src: &dyn TensorSource, expected: &HashMap<String, Vec<usiz
             }
         }
     }
-    Ok(())
+    Ok((total, largest))
 }

@@ -115,10 +115,7 @@ fn upload(
     origin: &Path,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<(weights::Weights, u64, u64)> {
-    checkpoint::check_tensors(src, &weights::expected_tensors(config), origin)?;
-    let sizes: Vec<u64> =
-        src.names().iter().filter_map(|n| src.tensor(n).ok()).map(|(_, _, b)| b.len() as u64).collect();
-    let (total, largest) = (sizes.iter().sum(), sizes.iter().copied().max().unwrap_or(0));
+    let (total, largest) = checkpoint::check_tensors(src, &weights::expected_tensors(config), origin)?;
     let mut done = 0u64;
     let mut on_bytes = |b: u64| {
         done += b;
