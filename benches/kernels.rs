@@ -172,7 +172,7 @@ fn main() -> Result<()> {
             head_dim: model.head_dim,
             ctx,
         };
-        let elem = if gpu.caps.f16 { 2 } else { 4 };
+        let elem = gpu.kv_element_bytes() as u64;
         let cache = (kv_dim as u64) * ctx as u64 * elem;
         let (kc, vc) = (gpu.buffer("k cache", cache)?, gpu.buffer("v cache", cache)?);
         let q_len = (prefill_m * model.heads * model.head_dim) as u64 * 4;

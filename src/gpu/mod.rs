@@ -100,6 +100,16 @@ impl Gpu {
         self.submit_and_wait(label, encoder)
     }
 
+    /// Bytes of one KV-cache element: f16 where the adapter has SHADER_F16 (`kv_t` in the
+    /// shaders), else f32.
+    pub fn kv_element_bytes(&self) -> u32 {
+        if self.caps.f16 {
+            2
+        } else {
+            4
+        }
+    }
+
     /// A software adapter (lavapipe, WARP, SwiftShader): workgroups run as SIMD loops on CPU
     /// cores, where barriers and cross-lane shared memory cost more than re-reading memory, so
     /// ops pick their barrier-free kernel variants (benches/RESULTS.md).

@@ -34,7 +34,7 @@ pub struct KvCache {
 
 impl KvCache {
     pub fn new(gpu: &Gpu, c: &ModelConfig, ctx: u32) -> Result<KvCache> {
-        let element_bytes = if gpu.caps.f16 { 2 } else { 4 };
+        let element_bytes = gpu.kv_element_bytes();
         let layer_bytes = c.kv_dim() as u64 * ctx as u64 * element_bytes as u64;
         if layer_bytes > gpu.max_binding {
             let max_ctx = gpu.max_binding / (c.kv_dim() as u64 * element_bytes as u64);

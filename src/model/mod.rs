@@ -197,15 +197,6 @@ impl Model {
         self.config.max_position_embeddings.min(4096)
     }
 
-    /// KV cache element size on this device.
-    pub fn kv_element_bytes(&self) -> usize {
-        if self.gpu.caps.f16 {
-            2
-        } else {
-            4
-        }
-    }
-
     /// Human-readable summary for `kiln info`.
     pub fn info(&self) -> String {
         let c = &self.config;
@@ -229,7 +220,7 @@ impl Model {
             let name = format!("{dtype:?}").to_lowercase();
             s += &format!("weights {name:5}   {bytes} bytes ({:.3} GiB)\n", gib(bytes));
         }
-        let e = self.kv_element_bytes();
+        let e = self.gpu.kv_element_bytes() as usize;
         let per_token = c.kv_bytes_per_token(e) as u64;
         let ctx = self.default_context() as u64;
         s += &format!(
