@@ -4,6 +4,8 @@
 //!     cargo bench --bench kernels                 # all three models
 //!     KILN_BENCH_MODELS=smollm2,qwen2.5 cargo bench --bench kernels
 //!     KILN_BENCH_ALL_KERNELS=1 ...                # also the kernels not chosen for this device
+//!     KILN_BENCH_DTYPE=q4_1 ...                   # weight encoding (default f16)
+//!     KILN_BENCH_GEMV_ONLY=1 ...                  # decode projections only
 //!
 //! GPU time comes from timestamp queries where the adapter has them, else from the host
 //! after a full sync. Each figure is the best of 3 runs of a batch of repetitions recorded
@@ -78,7 +80,9 @@ fn gemv_kernels(gpu: &Gpu) -> Vec<GemvKernel> {
     let own = GemvKernel::for_device(gpu);
     let mut v = vec![own];
     if all_kernels() {
-        v.extend([GemvKernel::Reduce, GemvKernel::RowPerInvocation].into_iter().filter(|k| *k != own));
+        v.extend(
+            [GemvKernel::Reduce, GemvKernel::RowPerInvocation, GemvKernel::Blocks].into_iter().filter(|k| *k != own),
+        );
     }
     v
 }
@@ -99,6 +103,18 @@ fn all_kernels() -> bool {
 fn main() -> Result<()> {
     let gpu = Gpu::new()?;
     let wanted = std::env::var("KILN_BENCH_MODELS").unwrap_or_default();
+    let dtype = match std::env::var("KILN_BENCH_DTYPE").as_deref().unwrap_or("f16") {
+        "f32" => DType::F32,
+        "f16" => DType::F16,
+        "q8_0" => DType::Q8_0,
+        "q4_0" => DType::Q4_0,
+        "q4_1" => DType::Q4_1,
+        "q5_0" => DType::Q5_0,
+        "q4_k" => DType::Q4K,
+        "q6_k" => DType::Q6K,
+        other => panic!("KILN_BENCH_DTYPE={other}: f32, f16, q8_0, q4_0, q4_1, q5_0, q4_k, q6_k"),
+    };
+    let gemv_only = std::env::var("KILN_BENCH_GEMV_ONLY").is_ok_and(|v| v == "1");
     let prefill_m: u32 = std::env::var("KILN_BENCH_M").ok().and_then(|s| s.parse().ok()).unwrap_or(128);
     println!("device: {}", gpu.describe());
     println!("timing: {:?}", gpu.timer());
@@ -124,13 +140,7 @@ fn main() -> Result<()> {
             ("lm_head", model.vocab, model.hidden),
         ];
         for (name, n, k) in projections {
-            let w = Weight::zeroed(
-                &gpu,
-                name,
-                n,
-                k,
-                if std::env::var("KILN_BENCH_F32").is_ok() { DType::F32 } else { DType::F16 },
-            )?;
+            let w = Weight::zeroed(&gpu, name, n, k, dtype)?;
             // Decode: one token.
             let (x, y) = (gpu.buffer("x", k as u64 * 4)?, gpu.buffer("y", n as u64 * 4)?);
             for kind in gemv_kernels(&gpu) {
@@ -138,14 +148,14 @@ fn main() -> Result<()> {
                 let t = seconds(&gpu, name, &ds.iter().collect::<Vec<_>>(), 0.3)?;
                 let gbs = (w.bytes() + k as u64 * 4 + n as u64 * 4) as f64 / t / 1e9;
                 println!(
-                    "| {} | gemv f16 {kind:?} | {name} {n}×{k} | {:.3} ms | {gbs:.2} GB/s | {:.0}% of copy |",
+                    "| {} | gemv {dtype:?} {kind:?} | {name} {n}×{k} | {:.3} ms | {gbs:.2} GB/s | {:.0}% of copy |",
                     model.name,
                     t * 1e3,
                     100.0 * gbs / copy_gbs
                 );
             }
             // Prefill: a batch of tokens (the lm-head is applied to the last token only).
-            if name != "lm_head" {
+            if name != "lm_head" && !gemv_only {
                 let (x, y) =
                     (gpu.buffer("x", (prefill_m * k) as u64 * 4)?, gpu.buffer("y", (prefill_m * n) as u64 * 4)?);
                 for kind in matmul_kernels(&gpu) {
@@ -154,7 +164,7 @@ fn main() -> Result<()> {
                     let gflops = 2.0 * prefill_m as f64 * n as f64 * k as f64 / t / 1e9;
                     matmul_rows.push((
                         format!(
-                            "| {} | matmul f16 {kind:?} | {name} M={prefill_m} {n}×{k} | {:.2} ms",
+                            "| {} | matmul {dtype:?} {kind:?} | {name} M={prefill_m} {n}×{k} | {:.2} ms",
                             model.name,
                             t * 1e3
                         ),
@@ -164,6 +174,9 @@ fn main() -> Result<()> {
             }
         }
 
+        if gemv_only {
+            continue;
+        }
         // Attention: prefill of prefill_m tokens, and one decode step at several cache fills.
         let ctx = 4096u32;
         let shape = attention::AttentionShape {

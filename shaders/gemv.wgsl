@@ -121,3 +121,47 @@ fn gemv_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_in
     }
     store4(m, row0, acc);
 }
+
+// ---- gemv_blocks: gemv_rows for rows of whole 32-element blocks (every GGUF type; f16/f32 with
+// K % 32 == 0): BLOCK_ROWS rows per invocation, each block's weight words loaded once (dot32).
+// On CPU adapters every x load is a per-lane gather too, 8 vec4 per block, so each is shared
+// by BLOCK_ROWS rows (benches/RESULTS.md).
+
+// Rows per invocation (≤ 16): each x load serves them all. Invocations per workgroup, chosen
+// per matrix so that small matrices still spread over the cores (ops/gemv.rs).
+const BLOCK_ROWS: u32 = 16u;
+override BLOCKS_WG: u32 = 16u;
+
+@compute @workgroup_size(BLOCKS_WG)
+fn gemv_blocks(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let m = wid.y;
+    let row0 = (wid.x * BLOCKS_WG + lid) * BLOCK_ROWS;
+    let nb = p.k / 32u;
+    let x0 = (p.x_row + m) * (p.k / 4u);
+    var acc: array<f32, BLOCK_ROWS>;
+    for (var b = 0u; b < nb; b++) {
+        let xb = x0 + 8u * b;
+        let xa = x[xb];
+        let xc = x[xb + 1u];
+        let xd = x[xb + 2u];
+        let xe = x[xb + 3u];
+        let xf = x[xb + 4u];
+        let xg = x[xb + 5u];
+        let xh = x[xb + 6u];
+        let xi = x[xb + 7u];
+        for (var i = 0u; i < BLOCK_ROWS; i++) {
+            let r = min(row0 + i, p.rows - 1u);   // reads stay in range, the store is masked
+            acc[i] += dot32(r * nb + b, xa, xc, xd, xe, xf, xg, xh, xi);
+        }
+    }
+    for (var i = 0u; i < BLOCK_ROWS; i++) {
+        let row = row0 + i;
+        if row < p.rows {
+            var out = acc[i];
+            if p.has_bias != 0u {
+                out += bias[p.first_row + row];
+            }
+            y[m * p.n + p.first_row + row] = out;
+        }
+    }
+}

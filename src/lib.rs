@@ -6,6 +6,7 @@
 //! - [`model`]: config, checkpoint loading, weights on the GPU, the forward pass.
 //! - [`session`]: a conversation's KV cache; feed tokens, get logits or stream new text.
 
+pub mod bench;
 pub mod error;
 pub mod gguf;
 pub mod gguf_tokenizer;

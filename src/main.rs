@@ -50,6 +50,33 @@ enum Command {
         #[command(flatten)]
         model: ModelArgs,
     },
+    /// Prefill and decode speed, time to first token, GPU time per op, and decode bandwidth
+    /// against the device's copy bandwidth, measured in one run.
+    Bench {
+        /// A model directory, .gguf file or hub repo id.
+        #[arg(long, conflicts_with = "synthetic", required_unless_present = "synthetic")]
+        model: Option<PathBuf>,
+        /// A synthetic model with random weights made on the device: smollm2-135m-q4_1,
+        /// qwen2.5-0.5b-q4_k, qwen2.5-0.5b-q8_0, llama3-8b-q4_0, llama3-8b-f16.
+        #[arg(long)]
+        synthetic: Option<String>,
+        /// Keep only the first N layers of a synthetic model (a big preset on a small machine).
+        #[arg(long, requires = "synthetic")]
+        layers: Option<usize>,
+        #[arg(long, default_value_t = 128)]
+        prompt_tokens: usize,
+        #[arg(long, default_value_t = 32)]
+        gen_tokens: usize,
+        /// KV-cache fills at which to measure decoding.
+        #[arg(long, value_delimiter = ',', default_value = "0,512,2048")]
+        fills: Vec<usize>,
+        /// Skip the op-by-op profile of a prefill step.
+        #[arg(long)]
+        no_prefill_profile: bool,
+        /// One JSON object on stdout instead of tables.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Args)]
@@ -241,6 +268,30 @@ fn run(cli: Cli) -> kiln::Result<()> {
         Command::Info { model: args } => {
             let model = load(&args)?;
             print!("{}", model.info());
+        }
+        Command::Bench { model, synthetic, layers, prompt_tokens, gen_tokens, fills, no_prefill_profile, json } => {
+            let model = match (model, synthetic) {
+                (Some(path), _) => load(&ModelArgs { model: path, ctx: None })?,
+                (None, Some(name)) => {
+                    eprintln!("making synthetic model {name} on the device");
+                    let m = Model::synthetic(&name, layers, Gpu::new()?, 0)?;
+                    eprintln!(
+                        "made {:.1} MiB of weights in {:.2} s",
+                        m.load_stats.weight_bytes as f64 / 1048576.0,
+                        m.load_stats.seconds
+                    );
+                    m
+                }
+                (None, None) => unreachable!("clap requires --model or --synthetic"),
+            };
+            let options =
+                kiln::bench::BenchOptions { prompt_tokens, gen_tokens, fills, profile_prefill: !no_prefill_profile };
+            let report = kiln::bench::run(&model, &options, |step| eprintln!("bench: {step}"))?;
+            if json {
+                println!("{}", report.to_json());
+            } else {
+                print!("{}", report.to_table());
+            }
         }
     }
     Ok(())

@@ -146,15 +146,15 @@ impl<'m> Session<'m> {
         Ok(())
     }
 
-    /// Run one step of `ids` (≤ MAX_STEP_TOKENS) and append them.
-    fn step(&mut self, ids: &[u32], logits: Logits) -> Result<()> {
+    /// The recorded plan of a step of `ids` (≤ the step size), with the ids uploaded and the
+    /// plan pointed at the current position.
+    fn prepared_plan(&mut self, ids: &[u32], logits: Logits) -> Result<&mut StepPlan> {
         let vocab = self.model.config.vocab_size as u32;
         if let Some(t) = ids.iter().find(|&&t| t >= vocab) {
             return Err(KilnError::Request(format!("token id {t} is outside the vocabulary of {vocab}")));
         }
         let gpu = &self.model.gpu;
-        let n = ids.len() as u32;
-        let key = (n, logits);
+        let key = (ids.len() as u32, logits);
         if !self.plans.contains_key(&key) {
             // Keep the decode plans; prompt-sized plans are rebuilt as needed.
             if self.plans.len() > 8 {
@@ -167,23 +167,65 @@ impl<'m> Session<'m> {
                 &self.cache,
                 &self.act,
                 &self.rope_table,
-                n,
+                key.0,
                 logits,
             )?;
             self.plans.insert(key, plan);
         }
         gpu.queue.write_buffer(&self.act.ids, 0, bytemuck::cast_slice(ids));
-        let pos0 = self.tokens.len() as u32;
         let plan = self.plans.get_mut(&key).expect("inserted above");
+        plan.prepare(gpu, &self.act, self.tokens.len() as u32);
+        Ok(plan)
+    }
+
+    /// Run one step of `ids` (≤ the step size) and append them.
+    fn step(&mut self, ids: &[u32], logits: Logits) -> Result<()> {
+        let gpu = self.model.gpu.clone();
+        let plan = self.prepared_plan(ids, logits)?;
         let mut encoder = gpu.encoder("forward");
         {
             let mut pass = encoder
                 .begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("forward"), timestamp_writes: None });
-            plan.record(gpu, &self.act, pos0, &mut pass);
+            plan.record(&mut pass);
         }
         gpu.submit_and_wait("forward", encoder)?;
         self.tokens.extend_from_slice(ids);
         Ok(())
+    }
+
+    /// Run one step of `ids` (at most the step size) with a GPU timestamp around every dispatch,
+    /// and append them: (dispatch label, seconds) in execution order. For `kiln bench`.
+    pub fn profile_step(&mut self, ids: &[u32], logits: Logits) -> Result<Vec<(String, f64)>> {
+        self.check_room(ids.len())?;
+        if ids.len() > self.act.max_tokens as usize {
+            return Err(KilnError::Request(format!("a step holds at most {} tokens", self.act.max_tokens)));
+        }
+        let gpu = self.model.gpu.clone();
+        let times = self.prepared_plan(ids, logits)?.profile(&gpu)?;
+        self.tokens.extend_from_slice(ids);
+        Ok(times)
+    }
+
+    /// Take the cache as holding `len` tokens without computing them: positions past what was
+    /// fed keep whatever the cache held. Attention then reads `len` positions, as it would after
+    /// a real prompt of that length, so decode speed can be measured at any fill without
+    /// prefilling it (`kiln bench`). The token ids recorded for them are 0.
+    pub fn assume_filled(&mut self, len: usize) -> Result<()> {
+        if len > self.context() {
+            return Err(KilnError::Request(format!("a fill of {len} exceeds the context of {}", self.context())));
+        }
+        self.tokens.resize(len, 0);
+        Ok(())
+    }
+
+    /// Dispatches in a greedy decode step, once one has run.
+    pub fn decode_dispatches(&self) -> Option<usize> {
+        self.plans.get(&(1, Logits::LastArgmax)).map(StepPlan::dispatch_count)
+    }
+
+    /// Bytes of GPU memory this session's activations hold (the KV cache aside).
+    pub fn activation_bytes(&self) -> u64 {
+        self.act.bytes()
     }
 
     /// Feed `ids` and return the logits after the last one (vocab floats).

@@ -279,7 +279,7 @@ fn check_linear(
 fn gemv_matches_reference_at_odd_shapes() {
     let mut rng = rng("gemv");
     for (name, gpu) in devices() {
-        for kind in [gemv::GemvKernel::Reduce, gemv::GemvKernel::RowPerInvocation] {
+        for kind in [gemv::GemvKernel::Reduce, gemv::GemvKernel::RowPerInvocation, gemv::GemvKernel::Blocks] {
             for dtype in [DType::F32, DType::F16, DType::BF16] {
                 // K % 8 == 0 takes the 16-byte-load path, other K the scalar path; N not a multiple of the rows per workgroup.
                 for (m, n, k) in
@@ -661,7 +661,7 @@ fn gemv_can_start_at_a_later_row_of_x() {
     // The lm-head of a prefill reads only the last token's row of the normed activations.
     let mut rng = rng("gemv x_row");
     for (name, gpu) in devices() {
-        for kind in [gemv::GemvKernel::Reduce, gemv::GemvKernel::RowPerInvocation] {
+        for kind in [gemv::GemvKernel::Reduce, gemv::GemvKernel::RowPerInvocation, gemv::GemvKernel::Blocks] {
             for k in [64usize, 67] {
                 let (rows_x, n) = (5usize, 23usize);
                 let x = uniform(&mut rng, rows_x * k, -1.0, 1.0);
@@ -750,13 +750,14 @@ fn quantized_weights_decode_inside_gemv_matmul_and_embedding() {
                 n,
                 cols,
             );
-            for kind in ["gemv Reduce", "gemv RowPerInvocation", "matmul Tiled", "matmul Registers"] {
+            for kind in ["gemv Reduce", "gemv RowPerInvocation", "gemv Blocks", "matmul Tiled", "matmul Registers"] {
                 let y = poisoned(g, "y", m * n);
                 let ds = match kind {
                     "gemv Reduce" => gemv::gemv_with(g, gemv::GemvKernel::Reduce, &xb, &w, None, &y, m as u32, 0),
                     "gemv RowPerInvocation" => {
                         gemv::gemv_with(g, gemv::GemvKernel::RowPerInvocation, &xb, &w, None, &y, m as u32, 0)
                     }
+                    "gemv Blocks" => gemv::gemv_with(g, gemv::GemvKernel::Blocks, &xb, &w, None, &y, m as u32, 0),
                     "matmul Tiled" => matmul::matmul_with(g, matmul::MatmulKernel::Tiled, &xb, &w, None, &y, m as u32),
                     _ => matmul::matmul_with(g, matmul::MatmulKernel::Registers, &xb, &w, None, &y, m as u32),
                 }

@@ -2,7 +2,7 @@
 //! TIMESTAMP_QUERY, otherwise host wall-clock time from submit to completion.
 
 use super::{Dispatch, Gpu};
-use crate::error::Result;
+use crate::error::{KilnError, Result};
 use std::time::Instant;
 
 /// How a duration was measured.
@@ -32,7 +32,7 @@ impl Gpu {
                 count: 2,
             })
         });
-        let resolve = if timestamps { Some(self.alloc_resolve()?) } else { None };
+        let resolve = if timestamps { Some(self.alloc_resolve(2)?) } else { None };
         let mut encoder = self.encoder(label);
         {
             let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
@@ -65,11 +65,55 @@ impl Gpu {
         }
     }
 
-    fn alloc_resolve(&self) -> Result<wgpu::Buffer> {
+    /// GPU seconds of each dispatch of `dispatches`, run once in order, each in its own compute
+    /// pass with timestamps at its start and end (a profile: the per-pass boundaries add a
+    /// little time of their own). Needs TIMESTAMP_QUERY.
+    pub fn profile(&self, label: &str, dispatches: &[&Dispatch]) -> Result<Vec<f64>> {
+        if !self.caps.timestamps {
+            return Err(KilnError::Unsupported(format!(
+                "a per-dispatch profile needs TIMESTAMP_QUERY, which {} does not offer",
+                self.info.name
+            )));
+        }
+        let count = 2 * dispatches.len() as u32;
+        if count > wgpu::QUERY_SET_MAX_QUERIES {
+            return Err(KilnError::Unsupported(format!(
+                "{label}: {} dispatches are more than one query set can time",
+                dispatches.len()
+            )));
+        }
+        let query_set = self.device.create_query_set(&wgpu::QuerySetDescriptor {
+            label: Some("kiln profile"),
+            ty: wgpu::QueryType::Timestamp,
+            count: count.max(2),
+        });
+        let resolve = self.alloc_resolve(count.max(2))?;
+        let mut encoder = self.encoder(label);
+        for (i, d) in dispatches.iter().enumerate() {
+            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some(&d.label),
+                timestamp_writes: Some(wgpu::ComputePassTimestampWrites {
+                    query_set: &query_set,
+                    beginning_of_pass_write_index: Some(2 * i as u32),
+                    end_of_pass_write_index: Some(2 * i as u32 + 1),
+                }),
+            });
+            d.record(&mut pass);
+        }
+        if count > 0 {
+            encoder.resolve_query_set(&query_set, 0..count, &resolve, 0);
+        }
+        self.submit_and_wait(label, encoder)?;
+        let ticks: Vec<u64> = bytemuck::pod_collect_to_vec(&self.read_bytes(&resolve, count as u64 * 8)?);
+        let period = self.queue.get_timestamp_period() as f64;
+        Ok(ticks.chunks_exact(2).map(|t| t[1].saturating_sub(t[0]) as f64 * period * 1e-9).collect())
+    }
+
+    fn alloc_resolve(&self, queries: u32) -> Result<wgpu::Buffer> {
         let scope = super::ErrorScope::push(self);
         let b = self.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("kiln timer resolve"),
-            size: 16,
+            size: queries as u64 * 8,
             usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
             mapped_at_creation: false,
         });

@@ -94,6 +94,31 @@ pub struct Activations {
     max_splits: u32,
 }
 
+impl Activations {
+    /// Bytes of GPU memory held.
+    pub fn bytes(&self) -> u64 {
+        let mut all = vec![
+            &self.ids,
+            &self.x,
+            &self.xn,
+            &self.q,
+            &self.k,
+            &self.v,
+            &self.attn,
+            &self.proj,
+            &self.gate,
+            &self.up,
+            &self.act,
+            &self.logits,
+            &self.token,
+        ];
+        for p in std::iter::once(&self.partials).chain(&self.prefill_partials) {
+            all.extend([&p.ml, &p.acc]);
+        }
+        all.iter().map(|b| b.size()).sum()
+    }
+}
+
 /// Workgroups a decode step's attention aims to fill (KV split across them).
 const ATTENTION_TARGET_GROUPS: u32 = 64;
 
@@ -288,8 +313,8 @@ fn attention_params(d: &Dispatch) -> attention::Params {
 }
 
 impl StepPlan {
-    /// Point the plan at position `pos0` and record it.
-    pub fn record(&mut self, gpu: &Gpu, act: &Activations, pos0: u32, pass: &mut wgpu::ComputePass<'_>) {
+    /// Point the plan at position `pos0`: patch the positional params and grids.
+    pub fn prepare(&mut self, gpu: &Gpu, act: &Activations, pos0: u32) {
         let kv_len = pos0 + self.n_tokens;
         for (i, p) in self.positional.iter_mut() {
             match p {
@@ -319,9 +344,20 @@ impl StepPlan {
                 }
             }
         }
+    }
+
+    /// Record the (prepared) step into `pass`.
+    pub fn record(&self, pass: &mut wgpu::ComputePass<'_>) {
         for d in &self.dispatches {
             d.record(pass);
         }
+    }
+
+    /// Run the (prepared) step once with a timestamp around each dispatch: (label, seconds).
+    pub fn profile(&self, gpu: &Gpu) -> Result<Vec<(String, f64)>> {
+        let dispatches: Vec<&Dispatch> = self.dispatches.iter().collect();
+        let times = gpu.profile("forward profile", &dispatches)?;
+        Ok(self.dispatches.iter().map(|d| d.label.clone()).zip(times).collect())
     }
 
     pub fn dispatch_count(&self) -> usize {

@@ -9,6 +9,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod forward;
 pub mod gguf_source;
+pub mod synthetic;
 pub mod weights;
 
 pub use config::{Architecture, ModelConfig};
@@ -121,7 +122,7 @@ fn upload(
         done += b;
         progress(done, total);
     };
-    let weights = weights::Uploader { gpu, src, on_bytes: &mut on_bytes }.weights(config)?;
+    let weights = weights::build(&mut weights::Uploader { gpu, src, on_bytes: &mut on_bytes }, config)?;
     Ok((weights, total, largest))
 }
 

@@ -88,6 +88,15 @@ pub fn expected_tensors(c: &ModelConfig) -> HashMap<String, Vec<usize>> {
     t
 }
 
+/// Where a model's parameters come from, by Hugging Face name: a checkpoint (`Uploader`) or
+/// random values made on the device (`synthetic`).
+pub trait Parameters {
+    /// A matrix of the shape `expected_tensors` gives, in its stored encoding.
+    fn matrix(&mut self, name: &str) -> Result<Weight>;
+    /// A vector (norm weight, bias) as f32.
+    fn vector(&mut self, name: &str) -> Result<wgpu::Buffer>;
+}
+
 /// Uploads tensors one at a time, releasing each one's pages after, and reports progress.
 pub struct Uploader<'a> {
     pub gpu: &'a Gpu,
@@ -95,9 +104,9 @@ pub struct Uploader<'a> {
     pub on_bytes: &'a mut dyn FnMut(u64),
 }
 
-impl Uploader<'_> {
+impl Parameters for Uploader<'_> {
     /// A matrix, kept in its stored encoding (f32, f16, bf16 or a GGUF block format).
-    pub fn matrix(&mut self, name: &str) -> Result<Weight> {
+    fn matrix(&mut self, name: &str) -> Result<Weight> {
         let (dtype, shape, bytes) = self.src.tensor(name)?;
         let w = Weight::upload(self.gpu, name, shape[0] as u32, shape[1] as u32, dtype, bytes)?;
         (self.on_bytes)(bytes.len() as u64);
@@ -106,7 +115,7 @@ impl Uploader<'_> {
     }
 
     /// A vector (norm weight, bias), converted to f32.
-    pub fn vector(&mut self, name: &str) -> Result<wgpu::Buffer> {
+    fn vector(&mut self, name: &str) -> Result<wgpu::Buffer> {
         let (dtype, _, bytes) = self.src.tensor(name)?;
         let values = checkpoint::to_f32(dtype, bytes).ok_or_else(|| {
             KilnError::model(
@@ -119,37 +128,38 @@ impl Uploader<'_> {
         self.src.release(name);
         Ok(buf)
     }
+}
 
-    pub fn weights(&mut self, c: &ModelConfig) -> Result<Weights> {
-        let mut layers = Vec::with_capacity(c.n_layers);
-        let embed_tokens = self.matrix("model.embed_tokens.weight")?;
-        for i in 0..c.n_layers {
-            let p = format!("model.layers.{i}");
-            let opt = |this: &mut Self, on: bool, name: String| {
-                if on {
-                    this.vector(&name).map(Some)
-                } else {
-                    Ok(None)
-                }
-            };
-            layers.push(LayerWeights {
-                input_layernorm: self.vector(&format!("{p}.input_layernorm.weight"))?,
-                q_proj: self.matrix(&format!("{p}.self_attn.q_proj.weight"))?,
-                k_proj: self.matrix(&format!("{p}.self_attn.k_proj.weight"))?,
-                v_proj: self.matrix(&format!("{p}.self_attn.v_proj.weight"))?,
-                o_proj: self.matrix(&format!("{p}.self_attn.o_proj.weight"))?,
-                q_bias: opt(self, c.qkv_bias, format!("{p}.self_attn.q_proj.bias"))?,
-                k_bias: opt(self, c.qkv_bias, format!("{p}.self_attn.k_proj.bias"))?,
-                v_bias: opt(self, c.qkv_bias, format!("{p}.self_attn.v_proj.bias"))?,
-                o_bias: opt(self, c.o_bias, format!("{p}.self_attn.o_proj.bias"))?,
-                post_attention_layernorm: self.vector(&format!("{p}.post_attention_layernorm.weight"))?,
-                gate_proj: self.matrix(&format!("{p}.mlp.gate_proj.weight"))?,
-                up_proj: self.matrix(&format!("{p}.mlp.up_proj.weight"))?,
-                down_proj: self.matrix(&format!("{p}.mlp.down_proj.weight"))?,
-            });
-        }
-        let norm = self.vector("model.norm.weight")?;
-        let lm_head = if c.tie_word_embeddings { None } else { Some(self.matrix("lm_head.weight")?) };
-        Ok(Weights { embed_tokens, layers, norm, lm_head })
+/// Every parameter of the model `c` describes, from `p`, in checkpoint order.
+pub fn build(src: &mut dyn Parameters, c: &ModelConfig) -> Result<Weights> {
+    let mut layers = Vec::with_capacity(c.n_layers);
+    let embed_tokens = src.matrix("model.embed_tokens.weight")?;
+    for i in 0..c.n_layers {
+        let l = format!("model.layers.{i}");
+        let opt = |p: &mut dyn Parameters, on: bool, name: String| {
+            if on {
+                p.vector(&name).map(Some)
+            } else {
+                Ok(None)
+            }
+        };
+        layers.push(LayerWeights {
+            input_layernorm: src.vector(&format!("{l}.input_layernorm.weight"))?,
+            q_proj: src.matrix(&format!("{l}.self_attn.q_proj.weight"))?,
+            k_proj: src.matrix(&format!("{l}.self_attn.k_proj.weight"))?,
+            v_proj: src.matrix(&format!("{l}.self_attn.v_proj.weight"))?,
+            o_proj: src.matrix(&format!("{l}.self_attn.o_proj.weight"))?,
+            q_bias: opt(src, c.qkv_bias, format!("{l}.self_attn.q_proj.bias"))?,
+            k_bias: opt(src, c.qkv_bias, format!("{l}.self_attn.k_proj.bias"))?,
+            v_bias: opt(src, c.qkv_bias, format!("{l}.self_attn.v_proj.bias"))?,
+            o_bias: opt(src, c.o_bias, format!("{l}.self_attn.o_proj.bias"))?,
+            post_attention_layernorm: src.vector(&format!("{l}.post_attention_layernorm.weight"))?,
+            gate_proj: src.matrix(&format!("{l}.mlp.gate_proj.weight"))?,
+            up_proj: src.matrix(&format!("{l}.mlp.up_proj.weight"))?,
+            down_proj: src.matrix(&format!("{l}.mlp.down_proj.weight"))?,
+        });
     }
+    let norm = src.vector("model.norm.weight")?;
+    let lm_head = if c.tie_word_embeddings { None } else { Some(src.matrix("lm_head.weight")?) };
+    Ok(Weights { embed_tokens, layers, norm, lm_head })
 }

@@ -22,23 +22,48 @@ pub enum GemvKernel {
     Reduce,
     /// Each invocation computes 4 whole rows, no reduction: for CPU adapters.
     RowPerInvocation,
+    /// One whole row per invocation, decoded a 32-element block at a time with each weight
+    /// word loaded once; rows that are not whole blocks take `RowPerInvocation`.
+    Blocks,
 }
 
 impl GemvKernel {
     pub fn for_device(gpu: &Gpu) -> Self {
         if gpu.is_cpu_adapter() {
-            GemvKernel::RowPerInvocation
+            GemvKernel::Blocks
         } else {
             GemvKernel::Reduce
         }
     }
 
-    /// Entry point and weight rows per workgroup.
-    fn entry_and_rows(self) -> (&'static str, u32) {
+    /// Entry point, weight rows per workgroup and (for `gemv_blocks`) its workgroup size, for
+    /// a matrix of `rows` × `cols`.
+    fn entry_and_rows(self, rows: u32, cols: u32) -> (&'static str, u32, u32) {
         match self {
-            GemvKernel::Reduce => ("gemv", 4),
-            GemvKernel::RowPerInvocation => ("gemv_rows", 16 * 4),
+            GemvKernel::Reduce => ("gemv", 4, 0),
+            GemvKernel::Blocks if cols.is_multiple_of(32) => {
+                let wg = blocks_workgroup_size(rows);
+                ("gemv_blocks", wg * BLOCK_ROWS, wg)
+            }
+            GemvKernel::RowPerInvocation | GemvKernel::Blocks => ("gemv_rows", 16 * 4, 0),
         }
+    }
+}
+
+/// Rows per invocation of `gemv_blocks`.
+const BLOCK_ROWS: u32 = 16;
+
+/// Invocations per workgroup of `gemv_blocks` (4, 8 or 16): the most that still gives every core
+/// two workgroups.
+fn blocks_workgroup_size(rows: u32) -> u32 {
+    let cores = std::thread::available_parallelism().map_or(4, |n| n.get()) as u32;
+    let wg = rows / (BLOCK_ROWS * 2 * cores);
+    if wg >= 16 {
+        16
+    } else if wg >= 8 {
+        8
+    } else {
+        4
     }
 }
 
@@ -71,8 +96,12 @@ pub fn gemv_with(
         return Err(KilnError::shape("gemv", "no input rows"));
     }
     super::check_groups(gpu, "gemv", "input rows", m)?;
-    let (entry, rows_per_group) = kernel.entry_and_rows();
-    let pipeline = gpu.pipeline(&shaders::GEMV, entry, &[("W_DTYPE", w.dtype.w_dtype())])?;
+    let (entry, rows_per_group, wg) = kernel.entry_and_rows(w.chunks[0].rows, w.cols);
+    let mut constants = vec![("W_DTYPE", w.dtype.w_dtype())];
+    if wg > 0 {
+        constants.push(("BLOCKS_WG", wg));
+    }
+    let pipeline = gpu.pipeline(&shaders::GEMV, entry, &constants)?;
     w.chunks
         .iter()
         .map(|c| {

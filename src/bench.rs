@@ -1,0 +1,338 @@
+//! Whole-model benchmarks (`kiln bench`): prefill and decode speed, time to first token, where
+//! the GPU time goes, and how close decoding comes to the device's memory bandwidth, all
+//! measured in one run so the ratios mean something on any machine.
+
+use crate::gpu::{Dispatch, Gpu};
+use crate::model::forward::Logits;
+use crate::model::Model;
+use crate::ops::elementwise;
+use crate::{Result, Session};
+use rand::{Rng, SeedableRng};
+use serde_json::{json, Value};
+use std::time::Instant;
+
+/// Best-of-3 seconds per repetition of `dispatches` recorded into one pass, repetitions sized
+/// to about `budget` seconds, after a warm-up (GPU time where the adapter has timestamps).
+pub fn best_seconds(gpu: &Gpu, label: &str, dispatches: &[&Dispatch], budget: f64) -> Result<f64> {
+    let once = gpu.time(label, dispatches, 1)?;
+    let reps = ((budget / once.max(1e-6)) as u32).clamp(1, 200);
+    // Kernels slower than the budget (seconds on a software adapter) are measured once more.
+    let runs = if once > budget { 1 } else { 3 };
+    let mut best = f64::MAX;
+    for _ in 0..runs {
+        best = best.min(gpu.time(label, dispatches, reps)? / reps as f64);
+    }
+    Ok(best)
+}
+
+/// The device's copy bandwidth in GB/s (bytes read + bytes written per second), from a vec4
+/// copy kernel over 64 MiB: the yardstick for every bandwidth-bound kernel.
+pub fn copy_bandwidth(gpu: &Gpu) -> Result<f64> {
+    let bytes = (64u64 << 20).min(gpu.max_binding / 16 * 16);
+    let (src, dst) = (gpu.buffer("copy src", bytes)?, gpu.buffer("copy dst", bytes)?);
+    let copy = elementwise::copy(gpu, &src, &dst, bytes)?;
+    Ok(2.0 * bytes as f64 / best_seconds(gpu, "copy", &[&copy], 0.5)? / 1e9)
+}
+
+#[derive(Clone, Debug)]
+pub struct BenchOptions {
+    pub prompt_tokens: usize,
+    pub gen_tokens: usize,
+    /// KV-cache fills at which decode speed is measured.
+    pub fills: Vec<usize>,
+    /// Also profile a prefill step op by op (one more prompt's worth of time).
+    pub profile_prefill: bool,
+}
+
+impl Default for BenchOptions {
+    fn default() -> Self {
+        BenchOptions { prompt_tokens: 128, gen_tokens: 32, fills: vec![0, 512, 2048], profile_prefill: true }
+    }
+}
+
+/// Decode speed at one cache fill.
+#[derive(Clone, Debug)]
+pub struct DecodeRun {
+    pub fill: usize,
+    pub tokens_per_second: f64,
+    /// Bytes a decode step must read: every weight once, the KV cache at this fill.
+    pub bytes_per_token: u64,
+    pub gb_per_second: f64,
+}
+
+/// GPU time of one kind of dispatch within a step.
+#[derive(Clone, Debug)]
+pub struct OpTime {
+    pub op: String,
+    pub count: usize,
+    pub seconds: f64,
+}
+
+#[derive(Clone, Debug)]
+pub struct BenchReport {
+    pub model: String,
+    pub adapter: String,
+    pub copy_gb_s: f64,
+    pub prompt_tokens: usize,
+    pub prefill_tok_s: f64,
+    pub ttft_s: f64,
+    pub decode: Vec<DecodeRun>,
+    pub dispatches_per_token: usize,
+    /// Op-by-op GPU time of one decode step at the first fill, and of one prefill step.
+    pub decode_ops: Vec<OpTime>,
+    pub prefill_ops: Vec<OpTime>,
+    pub weight_bytes: u64,
+    pub kv_cache_bytes: u64,
+    pub activation_bytes: u64,
+    pub peak_rss_bytes: Option<u64>,
+    /// Why a part could not be measured (no timestamps, a fill beyond the context).
+    pub notes: Vec<String>,
+}
+
+/// The op a dispatch label names, without its layer: "gemv_rows model.layers.3.mlp.up_proj.weight"
+/// → "gemv_rows up_proj".
+fn op_name(label: &str) -> String {
+    let mut words = label.split_whitespace();
+    let kernel = words.next().unwrap_or("");
+    match words.next() {
+        None => kernel.to_string(),
+        Some(tensor) => {
+            let tensor = tensor.split('[').next().unwrap_or(tensor).trim_end_matches(".weight");
+            let short = tensor.rsplit('.').next().unwrap_or(tensor);
+            format!("{kernel} {short}")
+        }
+    }
+}
+
+/// Sum a profile by op, largest first.
+fn by_op(profile: &[(String, f64)]) -> Vec<OpTime> {
+    let mut ops: Vec<OpTime> = Vec::new();
+    for (label, t) in profile {
+        let op = op_name(label);
+        match ops.iter_mut().find(|o| o.op == op) {
+            Some(o) => {
+                o.count += 1;
+                o.seconds += t;
+            }
+            None => ops.push(OpTime { op, count: 1, seconds: *t }),
+        }
+    }
+    ops.sort_by(|a, b| b.seconds.total_cmp(&a.seconds));
+    ops
+}
+
+/// Bytes one decode step reads at a cache of `fill` tokens: every layer's weights, the final
+/// norm, the lm-head, one embedding row (the whole table when it is the tied lm-head), and K
+/// and V of `fill + 1` positions per layer.
+pub fn decode_bytes_per_token(model: &Model, fill: usize) -> u64 {
+    let c = &model.config;
+    let w = &model.weights;
+    let vector = |b: &wgpu::Buffer| b.size();
+    let mut bytes = vector(&w.norm) + w.lm_head().bytes();
+    if w.lm_head.is_some() {
+        bytes += w.embed_tokens.bytes() / w.embed_tokens.rows as u64;
+    }
+    for l in &w.layers {
+        bytes += [&l.q_proj, &l.k_proj, &l.v_proj, &l.o_proj, &l.gate_proj, &l.up_proj, &l.down_proj]
+            .iter()
+            .map(|m| m.bytes())
+            .sum::<u64>();
+        bytes += vector(&l.input_layernorm) + vector(&l.post_attention_layernorm);
+        bytes +=
+            [&l.q_bias, &l.k_bias, &l.v_bias, &l.o_bias].iter().filter_map(|b| b.as_ref()).map(vector).sum::<u64>();
+    }
+    bytes + c.kv_bytes_per_token(model.gpu.kv_element_bytes() as usize) as u64 * (fill as u64 + 1)
+}
+
+/// Benchmark `model`: copy bandwidth, prefill of `prompt_tokens` random tokens (after a
+/// warm-up), greedy decoding of `gen_tokens` at each fill, and op-by-op profiles.
+pub fn run(model: &Model, options: &BenchOptions, mut log: impl FnMut(&str)) -> Result<BenchReport> {
+    let gpu = &model.gpu;
+    let c = &model.config;
+    let mut notes = Vec::new();
+    log("measuring copy bandwidth");
+    let copy_gb_s = copy_bandwidth(gpu)?;
+
+    let max_fill = options.fills.iter().copied().max().unwrap_or(0);
+    let want_ctx = options.prompt_tokens.max(max_fill) + options.gen_tokens + 2;
+    let ctx = want_ctx.min(c.max_position_embeddings);
+    let fills: Vec<usize> = options
+        .fills
+        .iter()
+        .copied()
+        .filter(|&f| {
+            let fits = f + options.gen_tokens + 2 <= ctx;
+            if !fits {
+                notes.push(format!("fill {f} skipped: beyond the model's context of {}", c.max_position_embeddings));
+            }
+            fits
+        })
+        .collect();
+    let mut session = Session::new(model, Some(ctx))?;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x6b696c6e);
+    let mut random_ids = |n: usize| -> Vec<u32> { (0..n).map(|_| rng.random_range(0..c.vocab_size as u32)).collect() };
+
+    // Prefill: the first run compiles pipelines and records the plan; the second is timed.
+    let prompt = random_ids(options.prompt_tokens.clamp(1, ctx - 1));
+    log(&format!("prefill of {} tokens (warm-up, then timed)", prompt.len()));
+    session.feed_greedy(&prompt)?;
+    session.rollback(0);
+    let start = Instant::now();
+    let mut next = session.feed_greedy(&prompt)?;
+    let ttft_s = start.elapsed().as_secs_f64();
+    let prefill_tok_s = prompt.len() as f64 / ttft_s;
+
+    let mut decode = Vec::new();
+    for &fill in &fills {
+        log(&format!("decode of {} tokens at a fill of {fill}", options.gen_tokens));
+        session.rollback(fill.min(session.tokens().len()));
+        session.assume_filled(fill)?;
+        next = session.feed_greedy(&[next])?; // warm-up at this fill
+        let start = Instant::now();
+        for _ in 0..options.gen_tokens {
+            next = session.feed_greedy(&[next])?;
+        }
+        let tokens_per_second = options.gen_tokens as f64 / start.elapsed().as_secs_f64();
+        // The timed steps ran at fills fill + 1 ..= fill + gen; take the middle.
+        let bytes_per_token = decode_bytes_per_token(model, fill + 1 + options.gen_tokens / 2);
+        decode.push(DecodeRun {
+            fill,
+            tokens_per_second,
+            bytes_per_token,
+            gb_per_second: bytes_per_token as f64 * tokens_per_second / 1e9,
+        });
+    }
+
+    let (mut decode_ops, mut prefill_ops) = (Vec::new(), Vec::new());
+    if gpu.caps.timestamps {
+        log("profiling a decode step");
+        session.rollback(fills.first().copied().unwrap_or(0).min(session.tokens().len()));
+        session.assume_filled(fills.first().copied().unwrap_or(0))?;
+        decode_ops = by_op(&session.profile_step(&[next], Logits::LastArgmax)?);
+        if options.profile_prefill {
+            log("profiling a prefill step");
+            session.rollback(0);
+            let step = &prompt[..prompt.len().min(crate::session::MAX_STEP_TOKENS)];
+            prefill_ops = by_op(&session.profile_step(step, Logits::LastArgmax)?);
+        }
+    } else {
+        notes.push(format!("no op-by-op profile: {} has no TIMESTAMP_QUERY", gpu.info.name));
+    }
+    let dispatches_per_token = session.decode_dispatches().unwrap_or(0);
+
+    Ok(BenchReport {
+        model: model.dir.display().to_string(),
+        adapter: gpu.describe(),
+        copy_gb_s,
+        prompt_tokens: prompt.len(),
+        prefill_tok_s,
+        ttft_s,
+        decode,
+        dispatches_per_token,
+        decode_ops,
+        prefill_ops,
+        weight_bytes: model.load_stats.weight_bytes,
+        kv_cache_bytes: session.kv_cache_bytes(),
+        activation_bytes: session.activation_bytes(),
+        peak_rss_bytes: crate::model::peak_rss_bytes(),
+        notes,
+    })
+}
+
+impl BenchReport {
+    /// The first fill's decode speed (the headline number).
+    pub fn decode_tok_s(&self) -> f64 {
+        self.decode.first().map_or(0.0, |d| d.tokens_per_second)
+    }
+
+    pub fn decode_gb_s(&self) -> f64 {
+        self.decode.first().map_or(0.0, |d| d.gb_per_second)
+    }
+
+    pub fn to_json(&self) -> Value {
+        let ops = |ops: &[OpTime]| -> Value {
+            ops.iter().map(|o| json!({"op": o.op, "count": o.count, "seconds": o.seconds})).collect()
+        };
+        json!({
+            "model": self.model,
+            "adapter": self.adapter,
+            "copy_gb_s": self.copy_gb_s,
+            "prompt_tokens": self.prompt_tokens,
+            "prefill_tok_s": self.prefill_tok_s,
+            "ttft_s": self.ttft_s,
+            "decode_tok_s": self.decode_tok_s(),
+            "decode_gb_s": self.decode_gb_s(),
+            "decode_fraction_of_copy": self.decode_gb_s() / self.copy_gb_s,
+            "decode": self.decode.iter().map(|d| json!({
+                "fill": d.fill,
+                "tok_s": d.tokens_per_second,
+                "bytes_per_token": d.bytes_per_token,
+                "gb_s": d.gb_per_second,
+            })).collect::<Value>(),
+            "dispatches_per_token": self.dispatches_per_token,
+            "decode_ops": ops(&self.decode_ops),
+            "prefill_ops": ops(&self.prefill_ops),
+            "gpu_memory": {
+                "weights": self.weight_bytes,
+                "kv_cache": self.kv_cache_bytes,
+                "activations": self.activation_bytes,
+            },
+            "peak_rss_bytes": self.peak_rss_bytes,
+            "notes": self.notes,
+        })
+    }
+
+    /// Tables for people.
+    pub fn to_table(&self) -> String {
+        let mib = |b: u64| b as f64 / 1048576.0;
+        let mut s = format!("model:    {}\nadapter:  {}\n", self.model, self.adapter);
+        s += &format!("copy bandwidth (read + write): {:.2} GB/s\n", self.copy_gb_s);
+        s += &format!(
+            "GPU memory: weights {:.1} MiB, KV cache {:.1} MiB, activations {:.1} MiB; host peak RSS {}\n\n",
+            mib(self.weight_bytes),
+            mib(self.kv_cache_bytes),
+            mib(self.activation_bytes),
+            self.peak_rss_bytes.map_or("n/a".into(), |b| format!("{:.1} MiB", mib(b)))
+        );
+        s += &format!(
+            "prefill: {} tokens, {:.2} tok/s, time to first token {:.3} s\n\n",
+            self.prompt_tokens, self.prefill_tok_s, self.ttft_s
+        );
+        s += "| KV fill | decode tok/s | ms/token | MB read/token | GB/s | of copy bandwidth |\n|---|---|---|---|---|---|\n";
+        for d in &self.decode {
+            s += &format!(
+                "| {} | {:.2} | {:.1} | {:.1} | {:.2} | {:.0}% |\n",
+                d.fill,
+                d.tokens_per_second,
+                1e3 / d.tokens_per_second,
+                d.bytes_per_token as f64 / 1e6,
+                d.gb_per_second,
+                100.0 * d.gb_per_second / self.copy_gb_s
+            );
+        }
+        s += &format!("\n{} dispatches per decoded token\n", self.dispatches_per_token);
+        for (title, ops) in [("decode step", &self.decode_ops), ("prefill step", &self.prefill_ops)] {
+            if ops.is_empty() {
+                continue;
+            }
+            let total: f64 = ops.iter().map(|o| o.seconds).sum();
+            s += &format!(
+                "\nGPU time of one {title}: {:.2} ms\n| op | dispatches | ms | share |\n|---|---|---|---|\n",
+                total * 1e3
+            );
+            for o in ops.iter() {
+                s += &format!(
+                    "| {} | {} | {:.3} | {:.1}% |\n",
+                    o.op,
+                    o.count,
+                    o.seconds * 1e3,
+                    100.0 * o.seconds / total
+                );
+            }
+        }
+        for n in &self.notes {
+            s += &format!("note: {n}\n");
+        }
+        s
+    }
+}
