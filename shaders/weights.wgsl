@@ -196,16 +196,76 @@ fn weight8(j: u32) -> array<vec4<f32>, 2> {
             let m = w_half(base + 2u);
             return array<vec4<f32>, 2>(a * d + m, b * d + m);
         }
-        default: {
-            // Element by element: prefill's matmul reads 8 at a time; decode's gemv reads whole
-            // blocks (weights32).
-            let bs = block_elems();
-            let i = 8u * j;
-            let base = (i / bs) * block_bytes();
-            let e = i % bs;
-            return array<vec4<f32>, 2>(
-                vec4<f32>(block_elem(base, e), block_elem(base, e + 1u), block_elem(base, e + 2u), block_elem(base, e + 3u)),
-                vec4<f32>(block_elem(base, e + 4u), block_elem(base, e + 5u), block_elem(base, e + 6u), block_elem(base, e + 7u)));
+        case 6u, 7u: {   // Q5_0 / Q5_1: as Q4_0 / Q4_1, plus the 5th bits of elements e0 .. e0 + 7 from qh
+            let sub = j % 4u;
+            let e0 = 8u * sub;
+            let shift = 4u * (sub >> 1u);
+            var d: f32;
+            var m: f32;
+            var qh: u32;
+            var w0: u32;
+            var w1: u32;
+            if W_DTYPE == DT_Q5_0 {
+                let base = (j / 4u) * 22u;
+                d = w_half(base);
+                m = -16.0 * d;
+                qh = w_u32_even(base + 2u);
+                w0 = w_u32_even(base + 6u + 8u * (sub & 1u));
+                w1 = w_u32_even(base + 10u + 8u * (sub & 1u));
+            } else {
+                let i = (j / 4u) * 6u;
+                let dm = unpack2x16float(w_word(i));
+                d = dm.x;
+                m = dm.y;
+                qh = w_word(i + 1u);
+                w0 = w_word(i + 2u + 2u * (sub & 1u));
+                w1 = w_word(i + 3u + 2u * (sub & 1u));
+            }
+            return array<vec4<f32>, 2>((nib4(w0, shift) + 16.0 * seq4(qh, e0)) * d + m,
+                                       (nib4(w1, shift) + 16.0 * seq4(qh, e0 + 4u)) * d + m);
+        }
+        case 8u, 9u: {   // Q4_K / Q5_K: 8 elements of one 32-element sub-block
+            let base = (j / 32u) * block_bytes();
+            let sb = (j % 32u) / 4u;
+            let pair = sb >> 1u;
+            let high = sb & 1u;
+            let l0 = 8u * (j % 4u);
+            let dm = unpack2x16float(w_word(base >> 2u));
+            let s = vec3<u32>(w_word((base >> 2u) + 1u), w_word((base >> 2u) + 2u), w_word((base >> 2u) + 3u));
+            var sc: u32;
+            var mn: u32;
+            if sb < 4u {
+                sc = byte12(s, sb) & 63u;
+                mn = byte12(s, sb + 4u) & 63u;
+            } else {
+                sc = (byte12(s, sb + 4u) & 0xfu) | ((byte12(s, sb - 4u) >> 6u) << 4u);
+                mn = (byte12(s, sb + 4u) >> 4u) | ((byte12(s, sb) >> 6u) << 4u);
+            }
+            let d = dm.x * f32(sc);
+            let m = dm.y * f32(mn);
+            let q = (base + select(16u, 48u, W_DTYPE == DT_Q5_K) + 32u * pair + l0) >> 2u;
+            var a = nib4(w_word(q), 4u * high);
+            var b = nib4(w_word(q + 1u), 4u * high);
+            if W_DTYPE == DT_Q5_K {
+                let h = (base + 16u + l0) >> 2u;
+                a += 16.0 * bits4(w_word(h), 2u * pair + high);
+                b += 16.0 * bits4(w_word(h + 1u), 2u * pair + high);
+            }
+            return array<vec4<f32>, 2>(a * d - m, b * d - m);
+        }
+        default: {   // Q6_K: 8 elements of 32-group g of half n
+            let base = (j / 32u) * 210u;
+            let e0 = 8u * (j % 32u);
+            let n = e0 / 128u;
+            let g = (e0 % 128u) / 32u;
+            let l0 = e0 % 32u;
+            let ql = base + 64u * n + l0 + 32u * (g & 1u);
+            let qh = base + 128u + 32u * n + l0;
+            let d = w_half(base + 208u) * w_sbyte(base + 192u + 8u * n + l0 / 16u + 2u * g);
+            let lo_shift = 4u * (g >> 1u);
+            let a = nib4(w_u32_even(ql), lo_shift) + 16.0 * crumb4(w_u32_even(qh), 2u * g) - 32.0;
+            let b = nib4(w_u32_even(ql + 4u), lo_shift) + 16.0 * crumb4(w_u32_even(qh + 4u), 2u * g) - 32.0;
+            return array<vec4<f32>, 2>(a * d, b * d);
         }
     }
 }

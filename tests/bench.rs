@@ -29,8 +29,7 @@ fn ggml(dtype: DType) -> Option<GgmlType> {
 #[test]
 fn random_blocks_decode_to_finite_weights_of_a_trained_models_scale() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
-    for dtype in [DType::Q8_0, DType::Q4_0, DType::Q4_1, DType::Q5_0, DType::Q5_1, DType::Q4K, DType::Q5K, DType::Q6K]
-    {
+    for dtype in [DType::Q8_0, DType::Q4_0, DType::Q4_1, DType::Q5_0, DType::Q5_1, DType::Q4K, DType::Q5K, DType::Q6K] {
         let blocks = 64;
         let bytes = random_blocks(dtype, blocks, &mut rng);
         let n = blocks * dtype.block().0 as usize;
