@@ -102,7 +102,12 @@ impl<'m> Session<'m> {
         let gpu = &model.gpu;
         let cache = KvCache::new(gpu, c, ctx as u32)?;
         let act = Activations::new(gpu, c, max_step_tokens.clamp(1, ctx) as u32, ctx as u32)?;
-        let inv = rope::inv_freq(c.head_dim, c.rope_theta, c.rope_scaling.as_ref());
+        let inv = rope::inv_freq_with_factors(
+            c.head_dim,
+            c.rope_theta,
+            c.rope_scaling.as_ref(),
+            c.rope_freq_factors.as_deref(),
+        );
         let rope_table = rope::upload_table(gpu, &rope::cos_sin_table(&inv, ctx))?;
         Ok(Session { model, cache, act, rope_table, plans: HashMap::new(), tokens: Vec::new() })
     }

@@ -673,3 +673,71 @@ fn parses_real_gguf_files() {
         );
     }
 }
+
+// ---------------------------------------------------------------- rope_freqs (Llama 3.1+)
+
+/// A llama GGUF header with `rope_freqs.weight` holding `factors`, written to a temp file.
+fn llama_with_rope_freqs(name: &str, factors: &[f32], dims: &[u64]) -> PathBuf {
+    let kvs = vec![
+        ("general.architecture", Value::String("llama".into())),
+        ("llama.embedding_length", Value::U32(256)),
+        ("llama.feed_forward_length", Value::U32(512)),
+        ("llama.block_count", Value::U32(1)),
+        ("llama.attention.head_count", Value::U32(2)),
+        ("llama.attention.head_count_kv", Value::U32(1)),
+        ("llama.rope.freq_base", Value::F32(500000.0)),
+        ("llama.context_length", Value::U32(131072)),
+        ("llama.vocab_size", Value::U32(64)),
+    ];
+    let data: Vec<u8> = factors.iter().flat_map(|f| f.to_le_bytes()).collect();
+    let bytes = write_gguf(3, &kvs, &[tensor("rope_freqs.weight", dims, GgmlType::F32, data)], 32);
+    let path = std::env::temp_dir().join(format!("kiln-rope-freqs-{}-{name}.gguf", std::process::id()));
+    std::fs::write(&path, bytes).unwrap();
+    path
+}
+
+#[test]
+fn rope_freqs_carry_llama31_scaling_into_the_rope_frequencies() {
+    use kiln::model::gguf_source::GgufSource;
+    use kiln::ops::rope::{inv_freq, inv_freq_with_factors, Llama3Scaling};
+    // llama.cpp's converter stores Llama 3.1's scaling as per-frequency divisors:
+    // factor[j] = unscaled[j] / scaled[j]. Reading them back must give the scaled frequencies.
+    let scaling = Llama3Scaling {
+        factor: 8.0,
+        low_freq_factor: 1.0,
+        high_freq_factor: 4.0,
+        original_max_position_embeddings: 8192.0,
+    };
+    let head_dim = 128;
+    let plain = inv_freq(head_dim, 500000.0, None);
+    let scaled = inv_freq(head_dim, 500000.0, Some(&scaling));
+    let factors: Vec<f32> = plain.iter().zip(&scaled).map(|(p, s)| (*p as f64 / *s as f64) as f32).collect();
+    assert!(factors.iter().any(|f| *f > 7.9) && factors.iter().any(|f| *f == 1.0), "a real mix of scaled bands");
+
+    let path = llama_with_rope_freqs("ok", &factors, &[64]);
+    let config = GgufSource::open(&path).unwrap().config().unwrap();
+    std::fs::remove_file(&path).unwrap();
+    assert_eq!(config.head_dim, 128);
+    assert_eq!(config.rope_freq_factors.as_deref(), Some(&factors[..]));
+    let got = inv_freq_with_factors(head_dim, config.rope_theta, None, config.rope_freq_factors.as_deref());
+    for (j, (g, s)) in got.iter().zip(&scaled).enumerate() {
+        // f32 factors and f32 results: within 2 ulps of the directly scaled frequency.
+        assert!((g - s).abs() <= 2.0 * f32::EPSILON * s.abs(), "frequency {j}: {g} vs {s}");
+    }
+}
+
+#[test]
+fn bad_rope_freqs_are_clear_errors() {
+    use kiln::model::gguf_source::GgufSource;
+    for (name, factors, dims, needle) in [
+        ("short", vec![1.0f32; 32], vec![32u64], "expected F32 [64]"),
+        ("zero", [vec![0.0f32], vec![1.0; 63]].concat(), vec![64], "not a positive factor"),
+        ("nan", [vec![f32::NAN], vec![1.0; 63]].concat(), vec![64], "not a positive factor"),
+    ] {
+        let path = llama_with_rope_freqs(name, &factors, &dims);
+        let e = GgufSource::open(&path).unwrap().config().err().map(|e| e.to_string());
+        std::fs::remove_file(&path).unwrap();
+        let e = e.unwrap_or_else(|| panic!("{name}: accepted"));
+        assert!(e.contains("rope_freqs.weight") && e.contains(needle), "{name}: {e}");
+    }
+}

@@ -142,6 +142,16 @@ fn qwen25_coder_gguf_matches_the_reference_forward() {
     let c = &model.config;
     assert_eq!((c.n_layers, c.hidden_size, c.n_heads, c.n_kv_heads), (24, 896, 14, 2));
     assert!(c.qkv_bias && !c.tie_word_embeddings && !c.rope_interleaved);
+    // Resident weights: the file's tensor bytes, kept packed (norms and biases are F32 in the file).
+    let file = kiln::gguf::GgufFile::open(&qwen_coder()).unwrap();
+    let file_bytes: u64 = file.tensors.iter().map(|t| file.tensor_data(t).unwrap().len() as u64).sum();
+    let on_gpu = model.weights.resident_bytes();
+    eprintln!("qwen2.5-coder: {on_gpu} bytes of parameters on the GPU for {file_bytes} tensor bytes in the file");
+    assert!(
+        on_gpu >= file_bytes && on_gpu <= file_bytes * 101 / 100,
+        "{on_gpu} on the GPU for {file_bytes} in the file"
+    );
+    assert_eq!(model.load_stats.weight_bytes, file_bytes, "bytes uploaded");
     let g = qwen_golden();
     let mut worst = 0f64;
     for case in g["cases"].as_array().unwrap() {

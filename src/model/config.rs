@@ -57,6 +57,9 @@ pub struct ModelConfig {
     pub rms_norm_eps: f32,
     pub rope_theta: f64,
     pub rope_scaling: Option<Llama3Scaling>,
+    /// Per-frequency divisors of the RoPE frequencies (head_dim / 2 of them): GGUF's
+    /// `rope_freqs.weight`, where llama.cpp's converter stores Llama 3.1's scaling.
+    pub rope_freq_factors: Option<Vec<f32>>,
     /// Rotate pairs (2i, 2i+1) instead of HF's (i, i + d/2): GGUF llama files, whose q/k rows
     /// llama.cpp's converter permuted.
     pub rope_interleaved: bool,
@@ -191,6 +194,7 @@ impl ModelConfig {
             rms_norm_eps: raw.rms_norm_eps.unwrap_or(1e-6) as f32,
             rope_theta,
             rope_scaling,
+            rope_freq_factors: None,
             rope_interleaved: false,
             max_position_embeddings: raw.max_position_embeddings.unwrap_or(4096),
             tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),

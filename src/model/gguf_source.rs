@@ -112,6 +112,7 @@ impl GgufSource {
         let vocab_size =
             usize_of("vocab_size").or_else(|_| f.get_str_array("tokenizer.ggml.tokens").map(|t| t.len()))?;
         let eos: Vec<u32> = f.get_u32("tokenizer.ggml.eos_token_id").ok().into_iter().collect();
+        let rope_freq_factors = self.rope_freq_factors(head_dim)?;
         Ok(ModelConfig {
             architecture,
             hidden_size,
@@ -124,6 +125,7 @@ impl GgufSource {
             rms_norm_eps: f.get_f32(&key("attention.layer_norm_rms_epsilon")).unwrap_or(1e-6),
             rope_theta: f.get_f32(&key("rope.freq_base")).map(f64::from).unwrap_or(10000.0),
             rope_scaling: None,
+            rope_freq_factors,
             rope_interleaved: architecture == Architecture::Llama,
             max_position_embeddings: usize_of("context_length").unwrap_or(4096),
             tie_word_embeddings: !self.by_name.contains_key("lm_head.weight"),
@@ -134,6 +136,31 @@ impl GgufSource {
         })
     }
 }
+
+impl GgufSource {
+    /// `rope_freqs.weight`: head_dim / 2 positive f32 divisors of the RoPE frequencies (Llama
+    /// 3.1+ files carry their frequency scaling this way), or None.
+    fn rope_freq_factors(&self, head_dim: usize) -> Result<Option<Vec<f32>>> {
+        if !self.by_name.contains_key(ROPE_FREQS) {
+            return Ok(None);
+        }
+        let (dtype, shape, bytes) = self.tensor(ROPE_FREQS)?;
+        if dtype != DType::F32 || shape != [head_dim / 2] {
+            return Err(KilnError::model(
+                &self.path,
+                format!("{ROPE_FREQS} is {dtype:?} {shape:?}; expected F32 [{}] (head_dim / 2)", head_dim / 2),
+            ));
+        }
+        let factors: Vec<f32> = bytemuck::pod_collect_to_vec(bytes);
+        if let Some(bad) = factors.iter().find(|f| !(f.is_finite() && **f > 0.0)) {
+            return Err(KilnError::model(&self.path, format!("{ROPE_FREQS} holds {bad}, not a positive factor")));
+        }
+        Ok(Some(factors))
+    }
+}
+
+/// The GGUF tensor of RoPE frequency factors (read into the config, not uploaded).
+pub const ROPE_FREQS: &str = "rope_freqs.weight";
 
 impl TensorSource for GgufSource {
     fn names(&self) -> Vec<String> {

@@ -213,7 +213,13 @@ impl Model {
         s += &format!(
             "rope:           theta {}{}, tied embeddings: {}, qkv bias: {}\n",
             c.rope_theta,
-            if c.rope_scaling.is_some() { ", llama3 scaling" } else { "" },
+            if c.rope_scaling.is_some() {
+                ", llama3 scaling"
+            } else if c.rope_freq_factors.is_some() {
+                ", rope_freqs factors"
+            } else {
+                ""
+            },
             c.tie_word_embeddings,
             c.qkv_bias
         );
@@ -221,6 +227,11 @@ impl Model {
             let name = format!("{dtype:?}").to_lowercase();
             s += &format!("weights {name:5}   {bytes} bytes ({:.3} GiB)\n", gib(bytes));
         }
+        let resident = self.weights.resident_bytes();
+        s += &format!(
+            "weights on GPU: {resident} bytes ({:.3} GiB, every matrix kept in its stored encoding)\n",
+            gib(resident)
+        );
         let e = self.gpu.kv_element_bytes() as usize;
         let per_token = c.kv_bytes_per_token(e) as u64;
         let ctx = self.default_context() as u64;

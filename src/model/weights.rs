@@ -38,6 +38,21 @@ impl Weights {
         self.lm_head.as_ref().unwrap_or(&self.embed_tokens)
     }
 
+    /// Bytes of GPU memory the parameters hold: every matrix chunk and vector buffer, padding
+    /// included.
+    pub fn resident_bytes(&self) -> u64 {
+        let mut matrices: Vec<&Weight> = vec![&self.embed_tokens];
+        matrices.extend(self.lm_head.iter());
+        let mut vectors: Vec<&wgpu::Buffer> = vec![&self.norm];
+        for l in &self.layers {
+            matrices.extend([&l.q_proj, &l.k_proj, &l.v_proj, &l.o_proj, &l.gate_proj, &l.up_proj, &l.down_proj]);
+            vectors.extend([&l.input_layernorm, &l.post_attention_layernorm]);
+            vectors.extend([&l.q_bias, &l.k_bias, &l.v_bias, &l.o_bias].into_iter().flatten());
+        }
+        let chunks: u64 = matrices.iter().flat_map(|w| &w.chunks).map(|c| c.buffer.size()).sum();
+        chunks + vectors.iter().map(|b| b.size()).sum::<u64>()
+    }
+
     /// Bytes of weight data resident on the GPU, by dtype.
     pub fn bytes_by_dtype(&self) -> Vec<(DType, u64)> {
         let mut all: Vec<&Weight> = vec![&self.embed_tokens];
@@ -64,6 +79,10 @@ pub fn expected_tensors(c: &ModelConfig) -> HashMap<String, Vec<usize>> {
     t.insert("model.norm.weight".into(), vec![h]);
     if !c.tie_word_embeddings {
         t.insert("lm_head.weight".into(), vec![c.vocab_size, h]);
+    }
+    if c.rope_freq_factors.is_some() {
+        // Read into the config; listed so the check does not call it an unknown tensor.
+        t.insert(super::gguf_source::ROPE_FREQS.into(), vec![c.head_dim / 2]);
     }
     for i in 0..c.n_layers {
         let p = format!("model.layers.{i}");

@@ -36,6 +36,17 @@ pub struct Llama3Scaling {
 
 /// inv_freq[j] = 1 / theta^(2j / head_dim), rescaled as HF's `_compute_llama3_parameters`.
 pub fn inv_freq(head_dim: usize, theta: f64, scaling: Option<&Llama3Scaling>) -> Vec<f32> {
+    inv_freq_with_factors(head_dim, theta, scaling, None)
+}
+
+/// As `inv_freq`, each frequency then divided by its factor (GGUF `rope_freqs`, as llama.cpp
+/// applies it).
+pub fn inv_freq_with_factors(
+    head_dim: usize,
+    theta: f64,
+    scaling: Option<&Llama3Scaling>,
+    factors: Option<&[f32]>,
+) -> Vec<f32> {
     (0..head_dim / 2)
         .map(|j| {
             let f = 1.0 / theta.powf(2.0 * j as f64 / head_dim as f64);
@@ -55,6 +66,10 @@ pub fn inv_freq(head_dim: usize, theta: f64, scaling: Option<&Llama3Scaling>) ->
                         (1.0 - smooth) * f / s.factor + smooth * f
                     }
                 }
+            };
+            let f = match factors {
+                Some(d) => f / d[j] as f64,
+                None => f,
             };
             f as f32
         })
