@@ -91,7 +91,9 @@ fn matmul_kernels(gpu: &Gpu) -> Vec<MatmulKernel> {
     let own = MatmulKernel::for_device(gpu);
     let mut v = vec![own];
     if all_kernels() {
-        v.extend([MatmulKernel::Tiled, MatmulKernel::Registers].into_iter().filter(|k| *k != own));
+        v.extend(
+            [MatmulKernel::Tiled, MatmulKernel::Registers, MatmulKernel::Blocks].into_iter().filter(|k| *k != own),
+        );
     }
     v
 }

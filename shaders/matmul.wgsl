@@ -157,3 +157,43 @@ fn matmul_regs(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_
         }
     }
 }
+
+// ---- matmul_blocks: for CPU adapters and weights in rows of whole 32-element blocks. Each
+// invocation computes MB_ROWS weight rows × MB_TOKENS tokens with no shared memory and no
+// barrier; per block, each token's 32 x values are loaded once and serve MB_ROWS rows, and
+// dot32 (weights.wgsl) loads each block's weight words once per token. On lavapipe every
+// storage load is a per-lane gather, so loads per FMA set the speed (benches/RESULTS.md).
+
+const MB_ROWS: u32 = 16u;
+const MB_TOKENS: u32 = 4u;
+const MB_WG: u32 = 16u;
+
+@compute @workgroup_size(MB_WG)
+fn matmul_blocks(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let row0 = (wid.x * MB_WG + lid) * MB_ROWS;
+    let t0 = wid.y * MB_TOKENS;
+    let nb = p.k / 32u;
+    var acc: array<array<f32, MB_TOKENS>, MB_ROWS>;
+    for (var b = 0u; b < nb; b++) {
+        for (var t = 0u; t < MB_TOKENS; t++) {
+            let xi = (min(t0 + t, p.m - 1u) * p.k) / 4u + 8u * b;   // clamped: reads stay in range
+            let xa = x4[xi];
+            let xc = x4[xi + 1u];
+            let xd = x4[xi + 2u];
+            let xe = x4[xi + 3u];
+            let xf = x4[xi + 4u];
+            let xg = x4[xi + 5u];
+            let xh = x4[xi + 6u];
+            let xj = x4[xi + 7u];
+            for (var r = 0u; r < MB_ROWS; r++) {
+                let row = min(row0 + r, p.rows - 1u);
+                acc[r][t] += dot32(row * nb + b, xa, xc, xd, xe, xf, xg, xh, xj);
+            }
+        }
+    }
+    for (var r = 0u; r < MB_ROWS; r++) {
+        for (var t = 0u; t < MB_TOKENS; t++) {
+            store(t0 + t, row0 + r, acc[r][t]);
+        }
+    }
+}

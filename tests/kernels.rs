@@ -308,7 +308,7 @@ fn gemv_matches_reference_at_odd_shapes() {
 fn matmul_matches_reference_at_odd_shapes() {
     let mut rng = rng("matmul");
     for (name, gpu) in devices() {
-        for kind in [matmul::MatmulKernel::Tiled, matmul::MatmulKernel::Registers] {
+        for kind in [matmul::MatmulKernel::Tiled, matmul::MatmulKernel::Registers, matmul::MatmulKernel::Blocks] {
             for dtype in [DType::F32, DType::F16, DType::BF16] {
                 for (m, n, k) in
                     [(2usize, 3usize, 5usize), (67, 129, 77), (130, 65, 576), (64, 64, 64), (7, 200, 33), (33, 31, 24)]
@@ -750,7 +750,14 @@ fn quantized_weights_decode_inside_gemv_matmul_and_embedding() {
                 n,
                 cols,
             );
-            for kind in ["gemv Reduce", "gemv RowPerInvocation", "gemv Blocks", "matmul Tiled", "matmul Registers"] {
+            for kind in [
+                "gemv Reduce",
+                "gemv RowPerInvocation",
+                "gemv Blocks",
+                "matmul Tiled",
+                "matmul Registers",
+                "matmul Blocks",
+            ] {
                 let y = poisoned(g, "y", m * n);
                 let ds = match kind {
                     "gemv Reduce" => gemv::gemv_with(g, gemv::GemvKernel::Reduce, &xb, &w, None, &y, m as u32, 0),
@@ -759,6 +766,9 @@ fn quantized_weights_decode_inside_gemv_matmul_and_embedding() {
                     }
                     "gemv Blocks" => gemv::gemv_with(g, gemv::GemvKernel::Blocks, &xb, &w, None, &y, m as u32, 0),
                     "matmul Tiled" => matmul::matmul_with(g, matmul::MatmulKernel::Tiled, &xb, &w, None, &y, m as u32),
+                    "matmul Blocks" => {
+                        matmul::matmul_with(g, matmul::MatmulKernel::Blocks, &xb, &w, None, &y, m as u32)
+                    }
                     _ => matmul::matmul_with(g, matmul::MatmulKernel::Registers, &xb, &w, None, &y, m as u32),
                 }
                 .unwrap();

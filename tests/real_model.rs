@@ -143,7 +143,7 @@ fn qwen25_coder_gguf_matches_the_reference_forward() {
     assert_eq!((c.n_layers, c.hidden_size, c.n_heads, c.n_kv_heads), (24, 896, 14, 2));
     assert!(c.qkv_bias && !c.tie_word_embeddings && !c.rope_interleaved);
     // Resident weights: the file's tensor bytes, kept packed (norms and biases are F32 in the file).
-    let file = kiln::gguf::GgufFile::open(&qwen_coder()).unwrap();
+    let file = kiln::gguf::GgufFile::open(qwen_coder()).unwrap();
     let file_bytes: u64 = file.tensors.iter().map(|t| file.tensor_data(t).unwrap().len() as u64).sum();
     let on_gpu = model.weights.resident_bytes();
     eprintln!("qwen2.5-coder: {on_gpu} bytes of parameters on the GPU for {file_bytes} tensor bytes in the file");

@@ -15,13 +15,16 @@ pub struct Params {
     pub _pad: [u32; 2],
 }
 
-/// The two formulations in `matmul.wgsl`.
+/// The formulations in `matmul.wgsl`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MatmulKernel {
     /// 64 × 64 tiles staged through shared memory: fewer memory reads, two barriers per K slice.
     Tiled,
     /// 32 × 32 tiles straight from memory into registers, no barriers.
     Registers,
+    /// 8 weight rows × 4 tokens per invocation, weights read a whole 32-element block at a time
+    /// (rows of whole blocks; other shapes take `Registers`): for CPU adapters.
+    Blocks,
 }
 
 impl MatmulKernel {
@@ -29,16 +32,18 @@ impl MatmulKernel {
     /// saves (benches/RESULTS.md); shared-memory tiles elsewhere.
     pub fn for_device(gpu: &Gpu) -> Self {
         if gpu.is_cpu_adapter() {
-            MatmulKernel::Registers
+            MatmulKernel::Blocks
         } else {
             MatmulKernel::Tiled
         }
     }
 
-    fn entry_and_tile(self) -> (&'static str, u32) {
+    /// Entry point and the (weight rows, x rows) of y one workgroup computes, for `cols` columns.
+    fn entry_and_tiles(self, cols: u32) -> (&'static str, u32, u32) {
         match self {
-            MatmulKernel::Tiled => ("matmul", 64),
-            MatmulKernel::Registers => ("matmul_regs", 32),
+            MatmulKernel::Tiled => ("matmul", 64, 64),
+            MatmulKernel::Blocks if cols.is_multiple_of(32) => ("matmul_blocks", 16 * 16, 4),
+            MatmulKernel::Registers | MatmulKernel::Blocks => ("matmul_regs", 32, 32),
         }
     }
 }
@@ -68,8 +73,8 @@ pub fn matmul_with(
     if m == 0 {
         return Err(KilnError::shape("matmul", "no input rows"));
     }
-    let (entry, tile) = kernel.entry_and_tile();
-    super::check_groups(gpu, "matmul", "row tiles", m.div_ceil(tile))?;
+    let (entry, n_tile, m_tile) = kernel.entry_and_tiles(w.cols);
+    super::check_groups(gpu, "matmul", "row tiles", m.div_ceil(m_tile))?;
     let pipeline = gpu.pipeline(&shaders::MATMUL, entry, &[("W_DTYPE", w.dtype.w_dtype())])?;
     w.chunks
         .iter()
@@ -83,7 +88,7 @@ pub fn matmul_with(
                 has_bias: bias.is_some() as u32,
                 _pad: [0; 2],
             };
-            let grid = [c.rows.div_ceil(tile), m.div_ceil(tile), 1];
+            let grid = [c.rows.div_ceil(n_tile), m.div_ceil(m_tile), 1];
             super::check_groups(gpu, "matmul", "column tiles", grid[0])?;
             gpu.dispatch(
                 format!("{entry} {}", w.name),
