@@ -230,19 +230,9 @@ fn weight8(j: u32) -> array<vec4<f32>, 2> {
             let pair = sb >> 1u;
             let high = sb & 1u;
             let l0 = 8u * (j % 4u);
-            let dm = unpack2x16float(w_word(base >> 2u));
-            let s = vec3<u32>(w_word((base >> 2u) + 1u), w_word((base >> 2u) + 2u), w_word((base >> 2u) + 3u));
-            var sc: u32;
-            var mn: u32;
-            if sb < 4u {
-                sc = byte12(s, sb) & 63u;
-                mn = byte12(s, sb + 4u) & 63u;
-            } else {
-                sc = (byte12(s, sb + 4u) & 0xfu) | ((byte12(s, sb - 4u) >> 6u) << 4u);
-                mn = (byte12(s, sb + 4u) >> 4u) | ((byte12(s, sb) >> 6u) << 4u);
-            }
-            let d = dm.x * f32(sc);
-            let m = dm.y * f32(mn);
+            let dm = k_scale_min(base, sb);
+            let d = dm.x;
+            let m = dm.y;
             let q = (base + select(16u, 48u, W_DTYPE == DT_Q5_K) + 32u * pair + l0) >> 2u;
             var a = nib4(w_word(q), 4u * high);
             var b = nib4(w_word(q + 1u), 4u * high);
@@ -314,6 +304,24 @@ fn seq4(u: u32, b: u32) -> vec4<f32> {
 fn crumb4(u: u32, shift: u32) -> vec4<f32> {
     let v = (u >> shift) & 0x03030303u;
     return vec4<f32>(f32(v & 0xffu), f32((v >> 8u) & 0xffu), f32((v >> 16u) & 0xffu), f32(v >> 24u));
+}
+
+// (d · scale, dmin · min) of sub-block sb (0..7) of the Q4_K/Q5_K super-block at byte `base`
+// (ggml's get_scale_min_k4 over the 12 scale bytes): 4 word loads.
+fn k_scale_min(base: u32, sb: u32) -> vec2<f32> {
+    let i = base >> 2u;
+    let dm = unpack2x16float(w_word(i));
+    let s = vec3<u32>(w_word(i + 1u), w_word(i + 2u), w_word(i + 3u));
+    var sc: u32;
+    var mn: u32;
+    if sb < 4u {
+        sc = byte12(s, sb) & 63u;
+        mn = byte12(s, sb + 4u) & 63u;
+    } else {
+        sc = (byte12(s, sb + 4u) & 0xfu) | ((byte12(s, sb - 4u) >> 6u) << 4u);
+        mn = (byte12(s, sb + 4u) >> 4u) | ((byte12(s, sb) >> 6u) << 4u);
+    }
+    return vec2<f32>(dm.x * f32(sc), dm.y * f32(mn));
 }
 
 // Byte k (0..11) of the 12 bytes s.
@@ -419,17 +427,7 @@ fn dot32(blk: u32, x0: vec4<f32>, x1: vec4<f32>, x2: vec4<f32>, x3: vec4<f32>,
             let pair = sb >> 1u;
             let high = sb & 1u;
             let base = (blk >> 3u) * block_bytes();
-            let dm = unpack2x16float(w_word(base >> 2u));
-            let s = vec3<u32>(w_word((base >> 2u) + 1u), w_word((base >> 2u) + 2u), w_word((base >> 2u) + 3u));
-            var sc: u32;
-            var mn: u32;
-            if sb < 4u {
-                sc = byte12(s, sb) & 63u;
-                mn = byte12(s, sb + 4u) & 63u;
-            } else {
-                sc = (byte12(s, sb + 4u) & 0xfu) | ((byte12(s, sb - 4u) >> 6u) << 4u);
-                mn = (byte12(s, sb + 4u) >> 4u) | ((byte12(s, sb) >> 6u) << 4u);
-            }
+            let dm = k_scale_min(base, sb);
             let qs = base + select(16u, 48u, W_DTYPE == DT_Q5_K) + 32u * pair;
             let qa = words4_aligned(qs);
             let qb = words4_aligned(qs + 16u);
@@ -439,7 +437,7 @@ fn dot32(blk: u32, x0: vec4<f32>, x1: vec4<f32>, x2: vec4<f32>, x3: vec4<f32>,
                 q += 16.0 * (dot_bits16(words4_aligned(base + 16u), bit, x0, x1, x2, x3)
                            + dot_bits16(words4_aligned(base + 32u), bit, x4, x5, x6, x7));
             }
-            return dm.x * f32(sc) * q - dm.y * f32(mn) * sx;
+            return dm.x * q - dm.y * sx;
         }
         default: {   // Q6_K: ql[128], qh[64], scales[16] (i8), d; 32-group g of half n
             let sb = blk & 7u;

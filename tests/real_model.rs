@@ -12,15 +12,25 @@ use kiln::{GenerateParams, Model, Session};
 use serde_json::Value;
 use std::path::PathBuf;
 
-fn smollm() -> PathBuf {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".cache/models/SmolLM2-135M-Instruct.Q4_1.gguf");
+/// A model file `scripts/fetch-models.sh` puts in .cache/models/.
+fn model_file(name: &str) -> PathBuf {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".cache/models").join(name);
     assert!(p.exists(), "{} is missing: run scripts/fetch-models.sh", p.display());
     p
 }
 
-fn golden() -> Value {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/real/smollm2_hf_golden.json");
+/// A golden file of tests/fixtures/real/.
+fn golden_file(name: &str) -> Value {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/real").join(name);
     serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+}
+
+fn smollm() -> PathBuf {
+    model_file("SmolLM2-135M-Instruct.Q4_1.gguf")
+}
+
+fn golden() -> Value {
+    golden_file("smollm2_hf_golden.json")
 }
 
 fn u32s(v: &Value) -> Vec<u32> {
@@ -115,14 +125,11 @@ fn smollm2_agrees_with_transformers_under_forced_decoding() {
 // numpy forward over the same file dequantised by gguf-py (tests/fixtures/real/README.md).
 
 fn qwen_coder() -> PathBuf {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".cache/models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf");
-    assert!(p.exists(), "{} is missing: run scripts/fetch-models.sh", p.display());
-    p
+    model_file("qwen2.5-coder-0.5b-instruct-q4_k_m.gguf")
 }
 
 fn qwen_golden() -> Value {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/real/qwen25coder_golden.json");
-    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+    golden_file("qwen25coder_golden.json")
 }
 
 fn f64s(v: &Value) -> Vec<f64> {
