@@ -217,10 +217,11 @@ fn decode_reduce(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocatio
 }
 
 // ---- decode_lanes: the split step for CPU adapters (lavapipe). One invocation owns one
-// (query, head, key range) and streams its keys with 16-byte loads, keeping q, the running
-// max/sum and the output in registers: no shared memory and no barrier, which on a CPU
-// adapter cost more than the re-reads they save. Writes the same partials as decode_split,
-// merged by decode_reduce. Needs head_dim % 4 == 0.
+// (query, KV head, key range) and HEADS_PER_LANE of the query heads that share that KV head:
+// each key and value row is loaded once for all of them (on CPU adapters every storage load is
+// a per-lane gather, so loads, not FLOPs, set the speed). q, the running max/sum and the
+// outputs stay in registers: no shared memory and no barrier. Writes the same partials as
+// decode_split, merged by decode_reduce. Needs head_dim % 4 == 0.
 
 @group(0) @binding(2) var<storage, read> k4: array<vec4<kv_t>>;   // (n_kv_heads, ctx, head_dim / 4)
 @group(0) @binding(3) var<storage, read> v4: array<vec4<kv_t>>;   // (n_kv_heads, ctx, head_dim / 4)
@@ -229,52 +230,74 @@ const LANES_WG: u32 = 8u;
 // head_dim, fixed per pipeline: constant loop bounds let the compiler keep q and the output
 // in registers instead of per-invocation memory (~20% faster on lavapipe).
 override HEAD_DIM: u32 = 128u;
+// Query heads per invocation: a divisor of the group, at most 8, HEADS_PER_LANE · HEAD_DIM ≤ 256.
+override HEADS_PER_LANE: u32 = 1u;
 
 @compute @workgroup_size(LANES_WG)
 fn decode_lanes(@builtin(global_invocation_id) gid: vec3<u32>) {
     let t = gid.y;
-    let h = gid.x % p.n_heads;
-    let split = gid.x / p.n_heads;
+    let chunks = p.group / HEADS_PER_LANE;
+    let per_split = p.n_kv_heads * chunks;
+    let split = gid.x / per_split;
     if split >= p.n_splits {
         return;
     }
+    let kvh = (gid.x % per_split) / chunks;
+    let h0 = kvh * p.group + (gid.x % chunks) * HEADS_PER_LANE;
     let d4 = HEAD_DIM / 4u;
-    let kvh = h / p.group;
     let kv_len = p.pos0 + t + 1u;
     let j_begin = min(split * p.split_len, kv_len);
     let j_end = min(j_begin + p.split_len, kv_len);
 
-    var qv: array<vec4<f32>, 32>;     // (head_dim / 4) scaled query
-    var o: array<vec4<f32>, 32>;      // (head_dim / 4) unnormalised output
-    let q_base = (t * p.n_heads + h) * p.head_dim;
-    for (var i = 0u; i < d4; i++) {
-        qv[i] = vec4<f32>(q[q_base + 4u * i], q[q_base + 4u * i + 1u], q[q_base + 4u * i + 2u], q[q_base + 4u * i + 3u]) * p.scale;
-        o[i] = vec4<f32>(0.0);
+    var qv: array<vec4<f32>, 64>;     // (heads, head_dim / 4) scaled queries
+    var o: array<vec4<f32>, 64>;      // (heads, head_dim / 4) unnormalised outputs
+    var m: array<f32, 8>;
+    var l: array<f32, 8>;
+    for (var hh = 0u; hh < HEADS_PER_LANE; hh++) {
+        let q_base = (t * p.n_heads + h0 + hh) * p.head_dim;
+        for (var i = 0u; i < d4; i++) {
+            let a = q_base + 4u * i;
+            qv[hh * d4 + i] = vec4<f32>(q[a], q[a + 1u], q[a + 2u], q[a + 3u]) * p.scale;
+            o[hh * d4 + i] = vec4<f32>(0.0);
+        }
+        m[hh] = NEG;
+        l[hh] = 0.0;
     }
-    var m = NEG;
-    var l = 0.0;
     for (var j = j_begin; j < j_end; j++) {
         let row = (kvh * p.ctx + j) * d4;
-        var s = 0.0;
+        var s: array<f32, 8>;
         for (var i = 0u; i < d4; i++) {
-            s += dot(qv[i], vec4<f32>(k4[row + i]));
+            let kv = vec4<f32>(k4[row + i]);
+            for (var hh = 0u; hh < HEADS_PER_LANE; hh++) {
+                s[hh] += dot(qv[hh * d4 + i], kv);
+            }
         }
-        let m_new = max(m, s);
-        let corr = exp(m - m_new);
-        let pj = exp(s - m_new);
-        l = l * corr + pj;
+        var corr: array<f32, 8>;
+        var pj: array<f32, 8>;
+        for (var hh = 0u; hh < HEADS_PER_LANE; hh++) {
+            let m_new = max(m[hh], s[hh]);
+            corr[hh] = exp(m[hh] - m_new);
+            pj[hh] = exp(s[hh] - m_new);
+            l[hh] = l[hh] * corr[hh] + pj[hh];
+            m[hh] = m_new;
+        }
         for (var i = 0u; i < d4; i++) {
-            o[i] = o[i] * corr + pj * vec4<f32>(v4[row + i]);
+            let vv = vec4<f32>(v4[row + i]);
+            for (var hh = 0u; hh < HEADS_PER_LANE; hh++) {
+                o[hh * d4 + i] = o[hh * d4 + i] * corr[hh] + pj[hh] * vv;
+            }
         }
-        m = m_new;
     }
-    let slot = (t * p.n_heads + h) * p.n_splits + split;
-    part_ml[slot] = vec2<f32>(m, l);
-    for (var i = 0u; i < d4; i++) {
-        let a = slot * p.head_dim + 4u * i;
-        part_acc[a] = o[i].x;
-        part_acc[a + 1u] = o[i].y;
-        part_acc[a + 2u] = o[i].z;
-        part_acc[a + 3u] = o[i].w;
+    for (var hh = 0u; hh < HEADS_PER_LANE; hh++) {
+        let slot = (t * p.n_heads + h0 + hh) * p.n_splits + split;
+        part_ml[slot] = vec2<f32>(m[hh], l[hh]);
+        for (var i = 0u; i < d4; i++) {
+            let a = slot * p.head_dim + 4u * i;
+            let v = o[hh * d4 + i];
+            part_acc[a] = v.x;
+            part_acc[a + 1u] = v.y;
+            part_acc[a + 2u] = v.z;
+            part_acc[a + 3u] = v.w;
+        }
     }
 }

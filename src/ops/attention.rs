@@ -51,6 +51,12 @@ impl AttentionShape {
         self.n_heads / self.n_kv_heads
     }
 
+    /// Query heads one `decode_lanes` invocation serves: the largest divisor of the group that
+    /// is at most 8 and keeps heads × head_dim ≤ 256 (the kernel's register arrays).
+    fn heads_per_lane(&self) -> u32 {
+        (1..=8u32.min(self.group())).rev().find(|h| self.group() % h == 0 && h * self.head_dim <= 256).unwrap_or(1)
+    }
+
     fn head_blocks(&self) -> u32 {
         self.group().div_ceil(GMAX)
     }
@@ -155,7 +161,10 @@ impl SplitKernel {
     pub fn grid(self, shape: &AttentionShape, n_tokens: u32, n_splits: u32) -> [u32; 3] {
         match self {
             SplitKernel::Workgroup => [shape.n_kv_heads * shape.head_blocks(), n_tokens, n_splits],
-            SplitKernel::Lanes => [(shape.n_heads * n_splits).div_ceil(LANES_WG), n_tokens, 1],
+            SplitKernel::Lanes => {
+                let lanes = shape.n_kv_heads * (shape.group() / shape.heads_per_lane());
+                [(lanes * n_splits).div_ceil(LANES_WG), n_tokens, 1]
+            }
         }
     }
 }
@@ -224,7 +233,11 @@ pub fn decode_with(
     };
     let split = match kernel {
         SplitKernel::Workgroup => gpu.pipeline(&shaders::ATTENTION, entry, &[])?,
-        SplitKernel::Lanes => gpu.pipeline(&shaders::ATTENTION, entry, &[("HEAD_DIM", shape.head_dim)])?,
+        SplitKernel::Lanes => gpu.pipeline(
+            &shaders::ATTENTION,
+            entry,
+            &[("HEAD_DIM", shape.head_dim), ("HEADS_PER_LANE", shape.heads_per_lane())],
+        )?,
     };
     let reduce = gpu.pipeline(&shaders::ATTENTION, "decode_reduce", &[])?;
     let grid = kernel.grid(shape, n_tokens, n_splits);
