@@ -129,7 +129,7 @@ fn gemv_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_in
 
 // Rows per invocation (≤ 16): each x load serves them all. Invocations per workgroup, chosen
 // per matrix so that small matrices still spread over the cores (ops/gemv.rs).
-const BLOCK_ROWS: u32 = 16u;
+const BLOCK_ROWS: u32 = 32u;
 override BLOCKS_WG: u32 = 16u;
 
 @compute @workgroup_size(BLOCKS_WG)

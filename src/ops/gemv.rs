@@ -51,7 +51,7 @@ impl GemvKernel {
 }
 
 /// Rows per invocation of `gemv_blocks`.
-const BLOCK_ROWS: u32 = 16;
+const BLOCK_ROWS: u32 = 32;
 
 /// Invocations per workgroup of `gemv_blocks` (4, 8 or 16): the most that still gives every core
 /// two workgroups.
