@@ -161,7 +161,7 @@ fn matmul_regs(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_
 // ---- matmul_blocks: for CPU adapters and weights in rows of whole 32-element blocks. Each
 // invocation computes MB_ROWS weight rows × MB_TOKENS tokens with no shared memory and no
 // barrier; per block, each token's 32 x values are loaded once and serve MB_ROWS rows, and
-// dot32 (weights.wgsl) loads each block's weight words once per token. On lavapipe every
+// each weight block is decoded once (weights32) for all MB_TOKENS tokens. On lavapipe every
 // storage load is a per-lane gather, so loads per FMA set the speed (benches/RESULTS.md).
 
 const MB_ROWS: u32 = 16u;
@@ -175,19 +175,21 @@ fn matmul_blocks(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocatio
     let nb = p.k / 32u;
     var acc: array<array<f32, MB_TOKENS>, MB_ROWS>;
     for (var b = 0u; b < nb; b++) {
+        var xs: array<array<vec4<f32>, 8>, MB_TOKENS>;
         for (var t = 0u; t < MB_TOKENS; t++) {
             let xi = (min(t0 + t, p.m - 1u) * p.k) / 4u + 8u * b;   // clamped: reads stay in range
-            let xa = x4[xi];
-            let xc = x4[xi + 1u];
-            let xd = x4[xi + 2u];
-            let xe = x4[xi + 3u];
-            let xf = x4[xi + 4u];
-            let xg = x4[xi + 5u];
-            let xh = x4[xi + 6u];
-            let xj = x4[xi + 7u];
-            for (var r = 0u; r < MB_ROWS; r++) {
-                let row = min(row0 + r, p.rows - 1u);
-                acc[r][t] += dot32(row * nb + b, xa, xc, xd, xe, xf, xg, xh, xj);
+            for (var i = 0u; i < 8u; i++) {
+                xs[t][i] = x4[xi + i];
+            }
+        }
+        for (var r = 0u; r < MB_ROWS; r++) {
+            let wv = weights32(min(row0 + r, p.rows - 1u) * nb + b);
+            for (var t = 0u; t < MB_TOKENS; t++) {
+                var s = 0.0;
+                for (var i = 0u; i < 8u; i++) {
+                    s += dot(wv[i], xs[t][i]);
+                }
+                acc[r][t] += s;
             }
         }
     }

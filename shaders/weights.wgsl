@@ -458,3 +458,110 @@ fn dot32(blk: u32, x0: vec4<f32>, x1: vec4<f32>, x2: vec4<f32>, x3: vec4<f32>,
         }
     }
 }
+
+// The 32 elements of block `blk` of the chunk, decoded once to 8 vec4 (matmul_blocks: one
+// decoded block serves several tokens). Same formats and loads as dot32.
+fn weights32(blk: u32) -> array<vec4<f32>, 8> {
+    var o: array<vec4<f32>, 8>;
+    switch W_DTYPE {
+        case 0u: {
+            for (var i = 0u; i < 8u; i++) {
+                o[i] = bitcast<vec4<f32>>(w[8u * blk + i]);
+            }
+        }
+        case 1u, 2u: {
+            for (var i = 0u; i < 4u; i++) {
+                let q = w[4u * blk + i];
+                o[2u * i] = vec4<f32>(decode_pair(q.x), decode_pair(q.y));
+                o[2u * i + 1u] = vec4<f32>(decode_pair(q.z), decode_pair(q.w));
+            }
+        }
+        case 3u: {
+            let base = blk * 34u;
+            let d = w_half(base);
+            let a = words4(base + 2u);
+            let b = words4(base + 18u);
+            for (var j = 0u; j < 4u; j++) {
+                o[j] = i8x4(a[j]) * d;
+                o[j + 4u] = i8x4(b[j]) * d;
+            }
+        }
+        case 4u, 5u, 6u, 7u: {
+            var q: vec4<u32>;
+            var qh = 0u;
+            var d: f32;
+            var m: f32;
+            if W_DTYPE == DT_Q4_0 {
+                let base = blk * 18u;
+                d = w_half(base);
+                m = -8.0 * d;
+                q = words4(base + 2u);
+            } else if W_DTYPE == DT_Q4_1 {
+                let i = blk * 5u;
+                let dm = unpack2x16float(w_word(i));
+                d = dm.x;
+                m = dm.y;
+                q = vec4<u32>(w_word(i + 1u), w_word(i + 2u), w_word(i + 3u), w_word(i + 4u));
+            } else if W_DTYPE == DT_Q5_0 {
+                let base = blk * 22u;
+                d = w_half(base);
+                m = -16.0 * d;
+                qh = w_u32_even(base + 2u);
+                q = words4(base + 6u);
+            } else {
+                let i = blk * 6u;
+                let dm = unpack2x16float(w_word(i));
+                d = dm.x;
+                m = dm.y;
+                qh = w_word(i + 1u);
+                q = vec4<u32>(w_word(i + 2u), w_word(i + 3u), w_word(i + 4u), w_word(i + 5u));
+            }
+            for (var j = 0u; j < 4u; j++) {
+                o[j] = (nib4(q[j], 0u) + 16.0 * seq4(qh, 4u * j)) * d + m;
+                o[j + 4u] = (nib4(q[j], 4u) + 16.0 * seq4(qh, 16u + 4u * j)) * d + m;
+            }
+        }
+        case 8u, 9u: {
+            let sb = blk & 7u;
+            let pair = sb >> 1u;
+            let high = sb & 1u;
+            let base = (blk >> 3u) * block_bytes();
+            let dm = k_scale_min(base, sb);
+            let qs = base + select(16u, 48u, W_DTYPE == DT_Q5_K) + 32u * pair;
+            let qa = words4_aligned(qs);
+            let qb = words4_aligned(qs + 16u);
+            var ha = vec4<u32>(0u);
+            var hb = vec4<u32>(0u);
+            if W_DTYPE == DT_Q5_K {
+                ha = words4_aligned(base + 16u);
+                hb = words4_aligned(base + 32u);
+            }
+            let bit = 2u * pair + high;
+            for (var j = 0u; j < 4u; j++) {
+                o[j] = (nib4(qa[j], 4u * high) + 16.0 * bits4(ha[j], bit)) * dm.x - dm.y;
+                o[j + 4u] = (nib4(qb[j], 4u * high) + 16.0 * bits4(hb[j], bit)) * dm.x - dm.y;
+            }
+        }
+        default: {
+            let sb = blk & 7u;
+            let n = sb >> 2u;
+            let g = sb & 3u;
+            let base = (blk >> 3u) * 210u;
+            let d = w_half(base + 208u);
+            let sc = w_u16(base + 192u + 8u * n + 2u * g);
+            let d0 = d * f32(i32(sc << 24u) >> 24u);
+            let d1 = d * f32(i32(sc << 16u) >> 24u);
+            let ql = base + 64u * n + 32u * (g & 1u);
+            let qla = words4(ql);
+            let qlb = words4(ql + 16u);
+            let qha = words4(base + 128u + 32u * n);
+            let qhb = words4(base + 144u + 32u * n);
+            let lo_shift = 4u * (g >> 1u);
+            for (var j = 0u; j < 4u; j++) {
+                o[j] = (nib4(qla[j], lo_shift) + 16.0 * crumb4(qha[j], 2u * g) - 32.0) * d0;
+                o[j + 4u] = (nib4(qlb[j], lo_shift) + 16.0 * crumb4(qhb[j], 2u * g) - 32.0) * d1;
+            }
+        }
+    }
+    return o;
+}

@@ -54,7 +54,10 @@ impl AttentionShape {
     /// Query heads one `decode_lanes` invocation serves: the largest divisor of the group that
     /// is at most 8 and keeps heads × head_dim ≤ 256 (the kernel's register arrays).
     fn heads_per_lane(&self) -> u32 {
-        (1..=8u32.min(self.group())).rev().find(|h| self.group() % h == 0 && h * self.head_dim <= 256).unwrap_or(1)
+        (1..=8u32.min(self.group()))
+            .rev()
+            .find(|h| self.group().is_multiple_of(*h) && h * self.head_dim <= 256)
+            .unwrap_or(1)
     }
 
     fn head_blocks(&self) -> u32 {
