@@ -39,18 +39,21 @@ fn dot8(j: u32, xa: vec4<f32>, xb: vec4<f32>) -> f32 {
     return dot(v[0], xa) + dot(v[1], xb);
 }
 
-// The epilogue shared by both kernels: y[m, first_row + row] = v (+ bias), for the rows
-// of this chunk that exist.
+// The epilogue shared by every kernel: y[m, first_row + row] = v (+ bias), if this chunk has
+// that row.
+fn store(m: u32, row: u32, v: f32) {
+    if row < p.rows {
+        var out = v;
+        if p.has_bias != 0u {
+            out += bias[p.first_row + row];
+        }
+        y[m * p.n + p.first_row + row] = out;
+    }
+}
+
 fn store4(m: u32, row0: u32, v: vec4<f32>) {
     for (var r = 0u; r < 4u; r++) {
-        let row = row0 + r;
-        if row < p.rows {
-            var out = v[r];
-            if p.has_bias != 0u {
-                out += bias[p.first_row + row];
-            }
-            y[m * p.n + p.first_row + row] = out;
-        }
+        store(m, row0 + r, v[r]);
     }
 }
 
@@ -123,7 +126,7 @@ fn gemv_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_in
 }
 
 // ---- gemv_blocks: gemv_rows for rows of whole 32-element blocks (every GGUF type; f16/f32 with
-// K % 32 == 0): BLOCK_ROWS rows per invocation, each block's weight words loaded once (dot32).
+// K % 32 == 0): BLOCK_ROWS rows per invocation, each block's weight words loaded once (weights32).
 // On CPU adapters every x load is a per-lane gather too, 8 vec4 per block, so each is shared
 // by BLOCK_ROWS rows (benches/RESULTS.md).
 
@@ -155,13 +158,6 @@ fn gemv_blocks(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_
         }
     }
     for (var i = 0u; i < BLOCK_ROWS; i++) {
-        let row = row0 + i;
-        if row < p.rows {
-            var out = acc[i];
-            if p.has_bias != 0u {
-                out += bias[p.first_row + row];
-            }
-            y[m * p.n + p.first_row + row] = out;
-        }
+        store(m, row0 + i, acc[i]);
     }
 }

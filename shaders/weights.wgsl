@@ -330,137 +330,8 @@ fn byte12(s: vec3<u32>, k: u32) -> u32 {
     return (word >> ((k & 3u) * 8u)) & 0xffu;
 }
 
-// Σ nibble(q word j) · x_j over the 16 bytes of q (the low or high nibbles, by shift).
-fn dot_nib16(q: vec4<u32>, shift: u32, x0: vec4<f32>, x1: vec4<f32>, x2: vec4<f32>, x3: vec4<f32>) -> f32 {
-    return dot(nib4(q.x, shift), x0) + dot(nib4(q.y, shift), x1) + dot(nib4(q.z, shift), x2) + dot(nib4(q.w, shift), x3);
-}
-
-// Σ bit(4·j + i of u) · x_j[i] for the 16 bits of u from bit b.
-fn dot_seq16(u: u32, b: u32, x0: vec4<f32>, x1: vec4<f32>, x2: vec4<f32>, x3: vec4<f32>) -> f32 {
-    return dot(seq4(u, b), x0) + dot(seq4(u, b + 4u), x1) + dot(seq4(u, b + 8u), x2) + dot(seq4(u, b + 12u), x3);
-}
-
-// Σ bit `bit` of byte (4·j + i) of q · x_j[i].
-fn dot_bits16(q: vec4<u32>, bit: u32, x0: vec4<f32>, x1: vec4<f32>, x2: vec4<f32>, x3: vec4<f32>) -> f32 {
-    return dot(bits4(q.x, bit), x0) + dot(bits4(q.y, bit), x1) + dot(bits4(q.z, bit), x2) + dot(bits4(q.w, bit), x3);
-}
-
-// Σ crumb(q byte) · x for 16 bytes (Q6_K's high bits).
-fn dot_crumb16(q: vec4<u32>, shift: u32, x0: vec4<f32>, x1: vec4<f32>, x2: vec4<f32>, x3: vec4<f32>) -> f32 {
-    return dot(crumb4(q.x, shift), x0) + dot(crumb4(q.y, shift), x1) + dot(crumb4(q.z, shift), x2) + dot(crumb4(q.w, shift), x3);
-}
-
-fn dot_i8x16(q: vec4<u32>, x0: vec4<f32>, x1: vec4<f32>, x2: vec4<f32>, x3: vec4<f32>) -> f32 {
-    return dot(i8x4(q.x), x0) + dot(i8x4(q.y), x1) + dot(i8x4(q.z), x2) + dot(i8x4(q.w), x3);
-}
-
-fn dot_pairs8(q: vec4<u32>, x0: vec4<f32>, x1: vec4<f32>) -> f32 {
-    return dot(vec4<f32>(decode_pair(q.x), decode_pair(q.y)), x0) + dot(vec4<f32>(decode_pair(q.z), decode_pair(q.w)), x1);
-}
-
-// Σ W[e] · x[e] over the 32 elements e of block `blk` of the chunk (block = 32 consecutive
-// elements of a row; a K-quant super-block holds 8), x given as 8 vec4. Affine formats use
-// Σ (q·d + m)·x = d·Σ q·x + m·Σ x. No arrays: on CPU adapters a local array lives in memory.
-fn dot32(blk: u32, x0: vec4<f32>, x1: vec4<f32>, x2: vec4<f32>, x3: vec4<f32>,
-         x4: vec4<f32>, x5: vec4<f32>, x6: vec4<f32>, x7: vec4<f32>) -> f32 {
-    let sx = dot(x0 + x1 + x2 + x3 + x4 + x5 + x6 + x7, vec4<f32>(1.0));
-    switch W_DTYPE {
-        case 0u: {
-            let i = 8u * blk;
-            return dot(bitcast<vec4<f32>>(w[i]), x0) + dot(bitcast<vec4<f32>>(w[i + 1u]), x1)
-                 + dot(bitcast<vec4<f32>>(w[i + 2u]), x2) + dot(bitcast<vec4<f32>>(w[i + 3u]), x3)
-                 + dot(bitcast<vec4<f32>>(w[i + 4u]), x4) + dot(bitcast<vec4<f32>>(w[i + 5u]), x5)
-                 + dot(bitcast<vec4<f32>>(w[i + 6u]), x6) + dot(bitcast<vec4<f32>>(w[i + 7u]), x7);
-        }
-        case 1u, 2u: {
-            let i = 4u * blk;
-            return dot_pairs8(w[i], x0, x1) + dot_pairs8(w[i + 1u], x2, x3)
-                 + dot_pairs8(w[i + 2u], x4, x5) + dot_pairs8(w[i + 3u], x6, x7);
-        }
-        case 3u: {   // Q8_0: d, qs[32] (i8)
-            let base = blk * 34u;
-            return w_half(base) * (dot_i8x16(words4(base + 2u), x0, x1, x2, x3) + dot_i8x16(words4(base + 18u), x4, x5, x6, x7));
-        }
-        case 4u, 5u: {   // Q4_0: d, qs[16] / Q4_1: d, m, qs[16]; low nibbles 0..15, high 16..31
-            var q: vec4<u32>;
-            var d: f32;
-            var m: f32;
-            if W_DTYPE == DT_Q4_0 {
-                let base = blk * 18u;
-                d = w_half(base);
-                m = -8.0 * d;
-                q = words4(base + 2u);
-            } else {
-                let i = blk * 5u;
-                let dm = unpack2x16float(w_word(i));
-                d = dm.x;
-                m = dm.y;
-                q = vec4<u32>(w_word(i + 1u), w_word(i + 2u), w_word(i + 3u), w_word(i + 4u));
-            }
-            return d * (dot_nib16(q, 0u, x0, x1, x2, x3) + dot_nib16(q, 4u, x4, x5, x6, x7)) + m * sx;
-        }
-        case 6u, 7u: {   // Q5_0: d, qh, qs[16] / Q5_1: d, m, qh, qs[16]; bit e of qh is the 5th bit
-            var q: vec4<u32>;
-            var qh: u32;
-            var d: f32;
-            var m: f32;
-            if W_DTYPE == DT_Q5_0 {
-                let base = blk * 22u;
-                d = w_half(base);
-                m = -16.0 * d;
-                qh = w_u32_even(base + 2u);
-                q = words4(base + 6u);
-            } else {
-                let i = blk * 6u;
-                let dm = unpack2x16float(w_word(i));
-                d = dm.x;
-                m = dm.y;
-                qh = w_word(i + 1u);
-                q = vec4<u32>(w_word(i + 2u), w_word(i + 3u), w_word(i + 4u), w_word(i + 5u));
-            }
-            let lo = dot_nib16(q, 0u, x0, x1, x2, x3) + 16.0 * dot_seq16(qh, 0u, x0, x1, x2, x3);
-            let hi = dot_nib16(q, 4u, x4, x5, x6, x7) + 16.0 * dot_seq16(qh, 16u, x4, x5, x6, x7);
-            return d * (lo + hi) + m * sx;
-        }
-        case 8u, 9u: {   // Q4_K: d, dmin, scales[12], qs[128] / Q5_K: ..., qh[32], qs[128]
-            let sb = blk & 7u;
-            let pair = sb >> 1u;
-            let high = sb & 1u;
-            let base = (blk >> 3u) * block_bytes();
-            let dm = k_scale_min(base, sb);
-            let qs = base + select(16u, 48u, W_DTYPE == DT_Q5_K) + 32u * pair;
-            let qa = words4_aligned(qs);
-            let qb = words4_aligned(qs + 16u);
-            var q = dot_nib16(qa, 4u * high, x0, x1, x2, x3) + dot_nib16(qb, 4u * high, x4, x5, x6, x7);
-            if W_DTYPE == DT_Q5_K {
-                let bit = 2u * pair + high;
-                q += 16.0 * (dot_bits16(words4_aligned(base + 16u), bit, x0, x1, x2, x3)
-                           + dot_bits16(words4_aligned(base + 32u), bit, x4, x5, x6, x7));
-            }
-            return dm.x * q - dm.y * sx;
-        }
-        default: {   // Q6_K: ql[128], qh[64], scales[16] (i8), d; 32-group g of half n
-            let sb = blk & 7u;
-            let n = sb >> 2u;
-            let g = sb & 3u;
-            let base = (blk >> 3u) * 210u;
-            let d = w_half(base + 208u);
-            let sc = w_u16(base + 192u + 8u * n + 2u * g);
-            let ql = base + 64u * n + 32u * (g & 1u);
-            let lo_shift = 4u * (g >> 1u);
-            let qh = base + 128u + 32u * n;
-            // Elements 0..15 take scale byte 0, 16..31 byte 1; values are q - 32.
-            let a = dot_nib16(words4(ql), lo_shift, x0, x1, x2, x3)
-                  + 16.0 * dot_crumb16(words4(qh), 2u * g, x0, x1, x2, x3) - 32.0 * dot(x0 + x1 + x2 + x3, vec4<f32>(1.0));
-            let b = dot_nib16(words4(ql + 16u), lo_shift, x4, x5, x6, x7)
-                  + 16.0 * dot_crumb16(words4(qh + 16u), 2u * g, x4, x5, x6, x7) - 32.0 * dot(x4 + x5 + x6 + x7, vec4<f32>(1.0));
-            return d * (f32(i32(sc << 24u) >> 24u) * a + f32(i32(sc << 16u) >> 24u) * b);
-        }
-    }
-}
-
-// The 32 elements of block `blk` of the chunk, decoded once to 8 vec4 (matmul_blocks: one
-// decoded block serves several tokens). Same formats and loads as dot32.
+// The 32 elements of block `blk` of the chunk (block = 32 consecutive elements of a row; a
+// K-quant super-block holds 8), decoded to 8 vec4 with each weight word loaded once.
 fn weights32(blk: u32) -> array<vec4<f32>, 8> {
     var o: array<vec4<f32>, 8>;
     switch W_DTYPE {
@@ -564,4 +435,12 @@ fn weights32(blk: u32) -> array<vec4<f32>, 8> {
         }
     }
     return o;
+}
+
+// Σ W[e] · x[e] over the 32 elements of block `blk`, x given as 8 vec4 (decode's gemv).
+fn dot32(blk: u32, x0: vec4<f32>, x1: vec4<f32>, x2: vec4<f32>, x3: vec4<f32>,
+         x4: vec4<f32>, x5: vec4<f32>, x6: vec4<f32>, x7: vec4<f32>) -> f32 {
+    let v = weights32(blk);
+    return dot(v[0], x0) + dot(v[1], x1) + dot(v[2], x2) + dot(v[3], x3)
+         + dot(v[4], x4) + dot(v[5], x5) + dot(v[6], x6) + dot(v[7], x7);
 }
