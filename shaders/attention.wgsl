@@ -1,11 +1,16 @@
 // Fused causal attention with grouped KV heads (GQA; MHA and MQA are its edge cases):
-//   out[t, h] = softmax(q[t, h] · K[kvh]ᵀ · scale, keys 0 ..= pos0 + t) · V[kvh],  kvh = h / group
+//   out[t, h] = softmax(q[t, h] · K[kvh]ᵀ · scale, keys 0 ..= pos[t] of t's sequence) · V[kvh],  kvh = h / group
 // (Vaswani et al. 2017; Ainslie et al. 2023 for GQA). The softmax is computed online in tiles of
 // 64 keys (Milakov & Gimelshein 2018; FlashAttention), so no (queries × keys) matrix exists.
 // One workgroup serves up to 8 query heads that share one KV head, so each key and value row is
 // read once for the whole group and never copied per query head.
 //
-// K and V live in the preallocated cache, (kv_heads, ctx, head_dim), filled up to pos0 + T.
+// K and V live in the paged cache pool, (kv_heads, slots, head_dim), in blocks of block_size
+// positions (vLLM's PagedAttention, Kwon et al. 2023). Each query token carries its own position
+// and its sequence's block table (`tok`), so one step serves any mix of sequences: a decode
+// token, a prompt chunk that sees its earlier chunks, a prompt that starts on shared prefix blocks.
+// Key j of token t's sequence is in slot block_table[table(t) + j / block_size] · block_size +
+// j % block_size. A padding token (position NONE) attends to nothing and writes zeros.
 //   prefill:       one workgroup per (query, KV head, block of ≤ 8 query heads) → out
 //   decode_split:  the keys split into ranges of `split_len`; one workgroup per (query, KV head,
 //                  head block, range) → partial (max, sum, unnormalised output)
@@ -17,8 +22,8 @@ struct Params {
     n_heads: u32,
     n_kv_heads: u32,
     head_dim: u32,
-    ctx: u32,          // KV cache capacity (positions)
-    pos0: u32,         // absolute position of query 0; query t sees keys 0 ..= pos0 + t
+    slots: u32,        // KV pool positions per KV head
+    block_size: u32,   // positions per KV block
     n_splits: u32,
     split_len: u32,    // keys per split (multiple of BK)
     group: u32,        // query heads per KV head
@@ -32,14 +37,17 @@ const BK: u32 = 64u;      // keys per tile: one per invocation
 const GMAX: u32 = 8u;     // query heads per workgroup
 const DMAX: u32 = 128u;   // head_dim ≤ 2 · WG: each invocation owns output dims lid and lid + WG
 const NEG: f32 = -1.0e30; // running max before any key: finite, so exp(NEG - m) is 0, never NaN
+const NONE: u32 = 0xffffffffu;
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> q: array<f32>;                // (n_tokens, n_heads, head_dim)
-@group(0) @binding(2) var<storage, read> k_cache: array<kv_t>;        // (n_kv_heads, ctx, head_dim)
-@group(0) @binding(3) var<storage, read> v_cache: array<kv_t>;        // (n_kv_heads, ctx, head_dim)
+@group(0) @binding(2) var<storage, read> k_cache: array<kv_t>;        // (n_kv_heads, slots, head_dim)
+@group(0) @binding(3) var<storage, read> v_cache: array<kv_t>;        // (n_kv_heads, slots, head_dim)
 @group(0) @binding(4) var<storage, read_write> out: array<f32>;       // (n_tokens, n_heads, head_dim)
 @group(0) @binding(5) var<storage, read_write> part_ml: array<vec2<f32>>; // (n_tokens, n_heads, n_splits): (max, sum)
 @group(0) @binding(6) var<storage, read_write> part_acc: array<f32>;  // (n_tokens, n_heads, n_splits, head_dim)
+@group(0) @binding(7) var<storage, read> tok: array<vec2<u32>>;       // (n_tokens): (position, first block-table entry)
+@group(0) @binding(8) var<storage, read> block_table: array<u32>;     // the step's block tables, concatenated
 
 var<workgroup> q_s: array<f32, 1024>;   // (GMAX, head_dim): scaled queries of the head block
 var<workgroup> s_s: array<f32, 512>;    // (GMAX, BK): scores of the tile
@@ -51,6 +59,8 @@ var<private> acc: array<f32, 16>;       // (GMAX, 2) this invocation's output di
 
 struct Block {
     t: u32,
+    kv_len: u32,  // keys the query sees: its position + 1 (0 for padding)
+    table: u32,   // its sequence's first block-table entry
     kvh: u32,
     h0: u32,      // first query head of the block
     heads: u32,   // query heads in the block (≤ GMAX)
@@ -59,11 +69,19 @@ struct Block {
 fn block_of(x: u32, t: u32) -> Block {
     var b: Block;
     b.t = t;
+    let tm = tok[t];
+    b.kv_len = select(tm.x + 1u, 0u, tm.x == NONE);
+    b.table = tm.y;
     b.kvh = x / p.head_blocks;
     let hb = x % p.head_blocks;
     b.h0 = b.kvh * p.group + hb * GMAX;
     b.heads = min(GMAX, p.group - hb * GMAX);
     return b;
+}
+
+// The cache slot of key j of the sequence whose block table starts at `table`.
+fn slot_of(table: u32, j: u32) -> u32 {
+    return block_table[table + j / p.block_size] * p.block_size + j % p.block_size;
 }
 
 // Online-softmax attention of block `b` over keys [j_begin, j_end) into m_run, l_run, acc.
@@ -79,7 +97,7 @@ fn attend(b: Block, j_begin: u32, j_end: u32, lid: u32) {
         let g = i / d_len;
         q_s[i] = q[(b.t * p.n_heads + b.h0 + g) * d_len + i % d_len] * p.scale;
     }
-    let kv_base = b.kvh * p.ctx;
+    let kv_base = b.kvh * p.slots;
     for (var start = j_begin; start < j_end; start += BK) {
         let n_valid = min(BK, j_end - start);
         workgroupBarrier(); // q_s is written; p_s readers of the previous tile are done
@@ -89,7 +107,7 @@ fn attend(b: Block, j_begin: u32, j_end: u32, lid: u32) {
             for (var g = 0u; g < GMAX; g++) {
                 s[g] = 0.0;
             }
-            let k_row = (kv_base + start + lid) * d_len;
+            let k_row = (kv_base + slot_of(b.table, start + lid)) * d_len;
             for (var d = 0u; d < d_len; d++) {
                 let kd = f32(k_cache[k_row + d]);
                 for (var g = 0u; g < b.heads; g++) {
@@ -127,7 +145,7 @@ fn attend(b: Block, j_begin: u32, j_end: u32, lid: u32) {
             acc[2u * g + 1u] *= corr[g];
         }
         for (var jj = 0u; jj < n_valid; jj++) {
-            let v_row = (kv_base + start + jj) * d_len;
+            let v_row = (kv_base + slot_of(b.table, start + jj)) * d_len;
             var v0 = 0.0;
             var v1 = 0.0;
             if lid < d_len {
@@ -148,10 +166,10 @@ fn attend(b: Block, j_begin: u32, j_end: u32, lid: u32) {
 @compute @workgroup_size(WG)
 fn prefill(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let b = block_of(wid.x, wid.y);
-    attend(b, 0u, p.pos0 + b.t + 1u, lid);
+    attend(b, 0u, b.kv_len, lid);
     for (var g = 0u; g < b.heads; g++) {
         let o = (b.t * p.n_heads + b.h0 + g) * p.head_dim;
-        let inv = 1.0 / l_run[g];
+        let inv = select(1.0 / l_run[g], 0.0, b.kv_len == 0u);
         if lid < p.head_dim {
             out[o + lid] = acc[2u * g] * inv;
         }
@@ -165,9 +183,8 @@ fn prefill(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_inde
 fn decode_split(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let b = block_of(wid.x, wid.y);
     let split = wid.z;
-    let kv_len = p.pos0 + b.t + 1u;
-    let j_begin = min(split * p.split_len, kv_len);
-    let j_end = min(j_begin + p.split_len, kv_len);
+    let j_begin = min(split * p.split_len, b.kv_len);
+    let j_end = min(j_begin + p.split_len, b.kv_len);
     attend(b, j_begin, j_end, lid);
     for (var g = 0u; g < b.heads; g++) {
         let slot = (b.t * p.n_heads + b.h0 + g) * p.n_splits + split;
@@ -208,11 +225,13 @@ fn decode_reduce(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocatio
         }
     }
     let o = (t * p.n_heads + h) * p.head_dim;
+    // No key at all (a padding token): zeros. A NaN anywhere else still shows.
+    let inv = select(1.0 / l, 0.0, tok[t].x == NONE);
     if lid < p.head_dim {
-        out[o + lid] = o0 / l;
+        out[o + lid] = o0 * inv;
     }
     if lid + WG < p.head_dim {
-        out[o + lid + WG] = o1 / l;
+        out[o + lid + WG] = o1 * inv;
     }
 }
 
@@ -223,8 +242,8 @@ fn decode_reduce(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocatio
 // outputs stay in registers: no shared memory and no barrier. Writes the same partials as
 // decode_split, merged by decode_reduce. Needs head_dim % 4 == 0.
 
-@group(0) @binding(2) var<storage, read> k4: array<vec4<kv_t>>;   // (n_kv_heads, ctx, head_dim / 4)
-@group(0) @binding(3) var<storage, read> v4: array<vec4<kv_t>>;   // (n_kv_heads, ctx, head_dim / 4)
+@group(0) @binding(2) var<storage, read> k4: array<vec4<kv_t>>;   // (n_kv_heads, slots, head_dim / 4)
+@group(0) @binding(3) var<storage, read> v4: array<vec4<kv_t>>;   // (n_kv_heads, slots, head_dim / 4)
 
 const LANES_WG: u32 = 8u;
 // head_dim, fixed per pipeline: constant loop bounds let the compiler keep q and the output
@@ -245,7 +264,8 @@ fn decode_lanes(@builtin(global_invocation_id) gid: vec3<u32>) {
     let kvh = (gid.x % per_split) / chunks;
     let h0 = kvh * p.group + (gid.x % chunks) * HEADS_PER_LANE;
     let d4 = HEAD_DIM / 4u;
-    let kv_len = p.pos0 + t + 1u;
+    let tm = tok[t];
+    let kv_len = select(tm.x + 1u, 0u, tm.x == NONE);
     let j_begin = min(split * p.split_len, kv_len);
     let j_end = min(j_begin + p.split_len, kv_len);
 
@@ -263,8 +283,15 @@ fn decode_lanes(@builtin(global_invocation_id) gid: vec3<u32>) {
         m[hh] = NEG;
         l[hh] = 0.0;
     }
+    // The slot walks through a block and is looked up again at each block boundary.
+    var slot = 0u;
     for (var j = j_begin; j < j_end; j++) {
-        let row = (kvh * p.ctx + j) * d4;
+        if j == j_begin || j % p.block_size == 0u {
+            slot = slot_of(tm.y, j);
+        } else {
+            slot += 1u;
+        }
+        let row = (kvh * p.slots + slot) * d4;
         var s: array<f32, 8>;
         for (var i = 0u; i < d4; i++) {
             let kv = vec4<f32>(k4[row + i]);

@@ -29,3 +29,19 @@ fn embedding(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_in
         x[t * p.dim + i] = weight_at(src + i);
     }
 }
+
+// Row gather of activations: out[i] = src[ids[i]] (the rows of a batched step whose logits are
+// wanted: each sequence's last token). Same params; `rows` is src's row count.
+@group(0) @binding(4) var<storage, read> src: array<f32>;         // (rows, dim)
+
+@compute @workgroup_size(WG)
+fn gather_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let t = wid.x;
+    let row = ids[t];
+    if row >= p.rows {
+        return;
+    }
+    for (var i = lid; i < p.dim; i += WG) {
+        x[t * p.dim + i] = src[row * p.dim + i];
+    }
+}

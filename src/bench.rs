@@ -3,7 +3,7 @@
 //! measured in one run so the ratios mean something on any machine.
 
 use crate::gpu::{Dispatch, Gpu};
-use crate::model::forward::Logits;
+use crate::engine::batch::{Readback, Wanted};
 use crate::model::Model;
 use crate::ops::elementwise;
 use crate::{Result, Session};
@@ -208,12 +208,12 @@ pub fn run(model: &Model, options: &BenchOptions, mut log: impl FnMut(&str)) -> 
         log("profiling a decode step");
         session.rollback(fills.first().copied().unwrap_or(0).min(session.tokens().len()));
         session.assume_filled(fills.first().copied().unwrap_or(0))?;
-        decode_ops = by_op(&session.profile_step(&[next], Logits::LastArgmax)?);
+        decode_ops = by_op(&session.profile_step(&[next], Wanted::Last, Readback::Argmax)?);
         if options.profile_prefill {
             log("profiling a prefill step");
             session.rollback(0);
             let step = &prompt[..prompt.len().min(crate::session::MAX_STEP_TOKENS)];
-            prefill_ops = by_op(&session.profile_step(step, Logits::LastArgmax)?);
+            prefill_ops = by_op(&session.profile_step(step, Wanted::Last, Readback::Argmax)?);
         }
     } else {
         notes.push(format!("no op-by-op profile: {} has no TIMESTAMP_QUERY", gpu.info.name));

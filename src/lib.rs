@@ -7,6 +7,7 @@
 //! - [`session`]: a conversation's KV cache; feed tokens, get logits or stream new text.
 
 pub mod bench;
+pub mod engine;
 pub mod error;
 pub mod gguf;
 pub mod gguf_tokenizer;

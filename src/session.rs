@@ -14,25 +14,28 @@
 //! # Ok(()) }
 //! ```
 
-use crate::model::forward::{self, Activations, KvCache, Logits, StepPlan};
+use crate::engine::batch::{Readback, Runner, SeqStep, Wanted};
+use crate::model::forward::PlanKey;
 use crate::model::Model;
-use crate::ops::rope;
 use crate::sampling::{Sampler, SamplingParams};
 use crate::tokenizer::StreamDecoder;
 use crate::{KilnError, Result};
-use std::collections::HashMap;
 use std::time::Instant;
 
 /// Most tokens one step processes by default; longer prompts are fed in chunks of this many.
 pub const MAX_STEP_TOKENS: usize = 256;
 
+/// A session's cache blocks: the sequence owns all of them, in order (its block table is the
+/// identity), so its cache is laid out exactly as a contiguous one.
+const SESSION_BLOCK: u32 = 16;
+
+/// One sequence over the batched step executor: its own paged KV cache, fed one step at a time.
 pub struct Session<'m> {
-    model: &'m Model,
-    cache: KvCache,
-    act: Activations,
-    rope_table: wgpu::Buffer,
-    /// Recorded plans by (tokens per step, logits wanted). Decode plans live for the session.
-    plans: HashMap<(u32, Logits), StepPlan>,
+    runner: Runner<'m>,
+    /// Positions this session can hold.
+    ctx: usize,
+    /// The identity block table.
+    block_table: Vec<u32>,
     /// Every token in the cache, in order.
     tokens: Vec<u32>,
 }
@@ -98,27 +101,19 @@ impl<'m> Session<'m> {
                 model.config.max_position_embeddings
             )));
         }
-        let c = &model.config;
-        let gpu = &model.gpu;
-        let cache = KvCache::new(gpu, c, ctx as u32)?;
-        let act = Activations::new(gpu, c, max_step_tokens.clamp(1, ctx) as u32, ctx as u32)?;
-        let inv = rope::inv_freq_with_factors(
-            c.head_dim,
-            c.rope_theta,
-            c.rope_scaling.as_ref(),
-            c.rope_freq_factors.as_deref(),
-        );
-        let rope_table = rope::upload_table(gpu, &rope::cos_sin_table(&inv, ctx))?;
-        Ok(Session { model, cache, act, rope_table, plans: HashMap::new(), tokens: Vec::new() })
+        let blocks = (ctx as u32).div_ceil(SESSION_BLOCK);
+        let step = max_step_tokens.clamp(1, ctx) as u32;
+        let runner = Runner::new(model, blocks, SESSION_BLOCK, step, ctx)?;
+        Ok(Session { runner, ctx, block_table: (0..blocks).collect(), tokens: Vec::new() })
     }
 
     pub fn model(&self) -> &'m Model {
-        self.model
+        self.runner.model()
     }
 
     /// Positions this session can hold.
     pub fn context(&self) -> usize {
-        self.cache.ctx as usize
+        self.ctx
     }
 
     /// The tokens in the cache.
@@ -132,7 +127,7 @@ impl<'m> Session<'m> {
     }
 
     pub fn kv_cache_bytes(&self) -> u64 {
-        self.cache.bytes()
+        self.runner.cache.bytes()
     }
 
     fn check_room(&self, n: usize) -> Result<()> {
@@ -145,68 +140,26 @@ impl<'m> Session<'m> {
                 n,
                 self.tokens.len(),
                 self.context(),
-                self.model.config.max_position_embeddings
+                self.model().config.max_position_embeddings
             )));
         }
         Ok(())
     }
 
-    /// The recorded plan of a step of `ids` (≤ the step size), with the ids uploaded and the
-    /// plan pointed at the current position.
-    fn prepared_plan(&mut self, ids: &[u32], logits: Logits) -> Result<&mut StepPlan> {
-        let vocab = self.model.config.vocab_size as u32;
-        if let Some(t) = ids.iter().find(|&&t| t >= vocab) {
-            return Err(KilnError::Request(format!("token id {t} is outside the vocabulary of {vocab}")));
-        }
-        let gpu = &self.model.gpu;
-        let key = (ids.len() as u32, logits);
-        if !self.plans.contains_key(&key) {
-            // Keep the decode plans; prompt-sized plans are rebuilt as needed.
-            if self.plans.len() > 8 {
-                self.plans.retain(|(n, _), _| *n == 1);
-            }
-            let plan = forward::plan(
-                gpu,
-                &self.model.config,
-                &self.model.weights,
-                &self.cache,
-                &self.act,
-                &self.rope_table,
-                key.0,
-                logits,
-            )?;
-            self.plans.insert(key, plan);
-        }
-        gpu.queue.write_buffer(&self.act.ids, 0, bytemuck::cast_slice(ids));
-        let plan = self.plans.get_mut(&key).expect("inserted above");
-        plan.prepare(gpu, &self.act, self.tokens.len() as u32);
-        Ok(plan)
-    }
-
     /// Run one step of `ids` (≤ the step size) and append them.
-    fn step(&mut self, ids: &[u32], logits: Logits) -> Result<()> {
-        let gpu = self.model.gpu.clone();
-        let plan = self.prepared_plan(ids, logits)?;
-        let mut encoder = gpu.encoder("forward");
-        {
-            let mut pass = encoder
-                .begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("forward"), timestamp_writes: None });
-            plan.record(&mut pass);
-        }
-        gpu.submit_and_wait("forward", encoder)?;
+    fn step(&mut self, ids: &[u32], wanted: Wanted, readback: Readback) -> Result<crate::engine::batch::StepOutput> {
+        let step = SeqStep { tokens: ids, pos0: self.tokens.len(), block_table: &self.block_table, wanted };
+        let out = self.runner.step(&[step], readback)?;
         self.tokens.extend_from_slice(ids);
-        Ok(())
+        Ok(out)
     }
 
     /// Run one step of `ids` (at most the step size) with a GPU timestamp around every dispatch,
     /// and append them: (dispatch label, seconds) in execution order. For `kiln bench`.
-    pub fn profile_step(&mut self, ids: &[u32], logits: Logits) -> Result<Vec<(String, f64)>> {
+    pub fn profile_step(&mut self, ids: &[u32], wanted: Wanted, readback: Readback) -> Result<Vec<(String, f64)>> {
         self.check_room(ids.len())?;
-        if ids.len() > self.act.max_tokens as usize {
-            return Err(KilnError::Request(format!("a step holds at most {} tokens", self.act.max_tokens)));
-        }
-        let gpu = self.model.gpu.clone();
-        let times = self.prepared_plan(ids, logits)?.profile(&gpu)?;
+        let step = SeqStep { tokens: ids, pos0: self.tokens.len(), block_table: &self.block_table, wanted };
+        let times = self.runner.profile_step(&[step], readback)?;
         self.tokens.extend_from_slice(ids);
         Ok(times)
     }
@@ -225,44 +178,42 @@ impl<'m> Session<'m> {
 
     /// Dispatches in a greedy decode step, once one has run.
     pub fn decode_dispatches(&self) -> Option<usize> {
-        self.plans.get(&(1, Logits::LastArgmax)).map(StepPlan::dispatch_count)
+        self.runner.dispatches(PlanKey { tokens: 1, rows: 1, argmax: true })
     }
 
     /// Bytes of GPU memory this session's activations hold (the KV cache aside).
     pub fn activation_bytes(&self) -> u64 {
-        self.act.bytes()
+        self.runner.activation_bytes()
     }
 
     /// Feed `ids` and return the logits after the last one (vocab floats).
     pub fn feed(&mut self, ids: &[u32]) -> Result<Vec<f32>> {
-        self.feed_with(ids, Logits::Last)?;
-        self.model.gpu.read_f32(&self.act.logits, self.model.config.vocab_size)
+        Ok(self.feed_with(ids, Readback::Logits)?.logits)
     }
 
     /// Feed `ids` and return the greedy next token, chosen on the GPU (4 bytes read back).
     pub fn feed_greedy(&mut self, ids: &[u32]) -> Result<u32> {
-        self.feed_with(ids, Logits::LastArgmax)?;
-        Ok(self.model.gpu.read_u32(&self.act.token, 1)?[0])
+        Ok(self.feed_with(ids, Readback::Argmax)?.argmax[0])
     }
 
-    fn feed_with(&mut self, ids: &[u32], last: Logits) -> Result<()> {
+    fn feed_with(&mut self, ids: &[u32], readback: Readback) -> Result<crate::engine::batch::StepOutput> {
         self.check_room(ids.len())?;
-        let chunks: Vec<&[u32]> = ids.chunks(self.act.max_tokens as usize).collect();
-        for (i, chunk) in chunks.iter().enumerate() {
-            self.step(chunk, if i + 1 == chunks.len() { last } else { Logits::None })?;
+        let chunks: Vec<&[u32]> = ids.chunks(self.runner.max_step_tokens()).collect();
+        let last = chunks.len() - 1;
+        for chunk in &chunks[..last] {
+            self.step(chunk, Wanted::None, readback)?;
         }
-        Ok(())
+        self.step(chunks[last], Wanted::Last, readback)
     }
 
     /// Feed `ids` and return the logits after every one of them, (ids.len(), vocab) row-major.
     pub fn feed_all(&mut self, ids: &[u32]) -> Result<Vec<f32>> {
         self.check_room(ids.len())?;
-        let vocab = self.model.config.vocab_size;
-        let rows = self.act.logit_rows.min(self.act.max_tokens) as usize;
+        let vocab = self.model().config.vocab_size;
+        let rows = self.runner.max_rows().min(self.runner.max_step_tokens());
         let mut out = Vec::with_capacity(ids.len() * vocab);
         for chunk in ids.chunks(rows) {
-            self.step(chunk, Logits::All)?;
-            out.extend(self.model.gpu.read_f32(&self.act.logits, chunk.len() * vocab)?);
+            out.extend(self.step(chunk, Wanted::All, Readback::Logits)?.logits);
         }
         Ok(out)
     }
@@ -289,7 +240,7 @@ impl<'m> Session<'m> {
                 self.context()
             )));
         }
-        let model = self.model;
+        let model = self.model();
         let eos = &model.generation.eos_token_ids;
         let mut sampler = Sampler::new(params.sampling.clone());
         let gpu_greedy = params.sampling.is_greedy() && params.sampling.repeat_penalty == 1.0;

@@ -7,6 +7,8 @@ mod common;
 use common::*;
 use kiln::gpu::{DType, Gpu, Weight};
 use kiln::ops::{argmax, attention, elementwise, embedding, gemv, matmul, rms_norm, rope, softmax};
+use kiln::ops::{KvGeometry, StepTokens, NO_POSITION};
+use rand::seq::SliceRandom;
 use rand::Rng;
 
 fn weight(gpu: &Gpu, name: &str, rows: usize, cols: usize, dtype: DType, values: &[f32]) -> (Weight, Vec<f32>) {
@@ -395,8 +397,14 @@ fn lm_head_larger_than_one_binding_works() {
 
 // ---------------------------------------------------------------- rope
 
+/// Upload a step's token metadata ((position, first block-table entry) per token) and block tables.
+fn step_tokens(gpu: &Gpu, meta: &[[u32; 2]], table: &[u32]) -> (wgpu::Buffer, wgpu::Buffer) {
+    let table = if table.is_empty() { &[0u32][..] } else { table };
+    (gpu.upload("meta", bytemuck::cast_slice(meta)).unwrap(), gpu.upload("block table", bytemuck::cast_slice(table)).unwrap())
+}
+
 #[test]
-fn rope_rotates_q_in_both_layouts_at_any_offset() {
+fn rope_rotates_q_in_both_layouts_at_any_position() {
     let mut rng = rng("rope");
     let scaling = rope::Llama3Scaling {
         factor: 8.0,
@@ -410,15 +418,30 @@ fn rope_rotates_q_in_both_layouts_at_any_offset() {
             let max_pos = 4200;
             let table = rope::upload_table(&gpu, &rope::cos_sin_table(&inv, max_pos)).unwrap();
             for layout in [rope::RopeLayout::HalfSplit, rope::RopeLayout::Interleaved] {
-                for (n_tokens, n_heads, pos0) in [(1u32, 9u32, 0u32), (13, 3, 37), (2, 5, 4100)] {
-                    let shape = rope::RopeShape { n_tokens, n_heads, head_dim: head_dim as u32, pos0, layout };
+                for (n_tokens, n_heads) in [(1u32, 9u32), (13, 3), (2, 5)] {
+                    // Each token at its own position (tokens of different sequences), the last
+                    // one padding when there are several: it must be left alone.
+                    let mut positions: Vec<u32> = (0..n_tokens).map(|_| rng.random_range(0..max_pos as u32)).collect();
+                    if n_tokens > 1 {
+                        positions[n_tokens as usize - 1] = NO_POSITION;
+                    }
+                    let meta: Vec<[u32; 2]> = positions.iter().map(|&p| [p, 0]).collect();
+                    let (meta_b, table_b) = step_tokens(&gpu, &meta, &[]);
+                    let tokens = StepTokens { meta: &meta_b, block_table: &table_b };
+                    let shape = rope::RopeShape { n_tokens, n_heads, head_dim: head_dim as u32, layout };
                     let n = (n_tokens * n_heads) as usize * head_dim;
                     let x = uniform(&mut rng, n, -2.0, 2.0);
                     let buf = upload_f32(&gpu, "q", &x);
-                    gpu.run("rope_q", &[&rope::rope_q(&gpu, &table, &buf, shape).unwrap()]).unwrap();
-                    let want = rope::rope_cpu(&x, shape, &inv);
+                    gpu.run("rope_q", &[&rope::rope_q(&gpu, &table, &buf, shape, tokens).unwrap()]).unwrap();
+                    let real: Vec<u32> = positions.iter().map(|&p| if p == NO_POSITION { 0 } else { p }).collect();
+                    let mut want = rope::rope_cpu(&x, shape, &real, &inv);
+                    let row = n_heads as usize * head_dim;
+                    if n_tokens > 1 {
+                        let pad = (n_tokens as usize - 1) * row;
+                        want[pad..].copy_from_slice(&x[pad..]);
+                    }
                     assert_close(
-                        &format!("rope_q {name} D={head_dim} {layout:?} T={n_tokens} H={n_heads} pos0={pos0}"),
+                        &format!("rope_q {name} D={head_dim} {layout:?} T={n_tokens} H={n_heads} positions={positions:?}"),
                         &gpu.read_f32(&buf, n).unwrap(),
                         &want,
                         16.0 * U32 * 2.0,
@@ -461,43 +484,48 @@ fn llama3_frequency_scaling_follows_the_reference_formula() {
     assert!(seen.iter().all(|&c| c > 0), "all three bands occur: {seen:?}");
 }
 
+/// A shuffled pool of `blocks` block ids, dealt out to sequences as non-contiguous tables.
+fn shuffled_blocks(rng: &mut rand::rngs::StdRng, blocks: u32) -> Vec<u32> {
+    let mut ids: Vec<u32> = (0..blocks).collect();
+    ids.shuffle(rng);
+    ids
+}
+
 #[test]
-fn rope_kv_appends_rotated_keys_and_values_to_the_cache() {
+fn rope_kv_writes_rotated_keys_and_values_into_paged_slots() {
     let mut rng = rng("rope_kv");
     for (name, gpu) in devices() {
-        let (head_dim, n_kv, ctx) = (64usize, 3usize, 50usize);
+        let (head_dim, n_kv, block_size, blocks) = (64usize, 3usize, 4u32, 12u32);
+        let kv = KvGeometry { slots: blocks * block_size, block_size };
+        let slots = kv.slots as usize;
         let inv = rope::inv_freq(head_dim, 1e4, None);
-        let table = rope::upload_table(&gpu, &rope::cos_sin_table(&inv, ctx)).unwrap();
+        let table = rope::upload_table(&gpu, &rope::cos_sin_table(&inv, 64)).unwrap();
         let elem = if gpu.caps.f16 { 2 } else { 4 };
-        let cache_bytes = n_kv * ctx * head_dim * elem;
-        // Poison the cache: positions not written must stay NaN.
+        let cache_bytes = n_kv * slots * head_dim * elem;
+        // Poison the cache: slots not written must stay NaN.
         let nan_cache: Vec<u8> = if gpu.caps.f16 {
-            f16_bytes(&vec![f32::NAN; n_kv * ctx * head_dim])
+            f16_bytes(&vec![f32::NAN; n_kv * slots * head_dim])
         } else {
-            bytemuck::cast_slice(&vec![f32::NAN; n_kv * ctx * head_dim]).to_vec()
+            bytemuck::cast_slice(&vec![f32::NAN; n_kv * slots * head_dim]).to_vec()
         };
         let (kc, vc) = (gpu.upload("k cache", &nan_cache).unwrap(), gpu.upload("v cache", &nan_cache).unwrap());
-        let (n_tokens, pos0) = (7u32, 11u32);
+        // Two sequences on shuffled blocks: one writes positions 9..14 (a chunk crossing block
+        // boundaries), the other 2..4; then a padding token that writes nothing.
+        let pool = shuffled_blocks(&mut rng, blocks);
+        let (table_a, table_b) = (&pool[..4], &pool[4..5]);
+        let block_table: Vec<u32> = table_a.iter().chain(table_b).copied().collect();
+        let mut meta: Vec<[u32; 2]> = (9..15).map(|p| [p, 0]).collect();
+        meta.extend((2..4).map(|p| [p, 4]));
+        meta.push([NO_POSITION, 0]);
+        let n_tokens = meta.len() as u32;
+        let (meta_b, table_buf) = step_tokens(&gpu, &meta, &block_table);
+        let tokens = StepTokens { meta: &meta_b, block_table: &table_buf };
         let n = n_tokens as usize * n_kv * head_dim;
         let (k, v) = (uniform(&mut rng, n, -2.0, 2.0), uniform(&mut rng, n, -2.0, 2.0));
-        let shape = rope::RopeShape {
-            n_tokens,
-            n_heads: n_kv as u32,
-            head_dim: head_dim as u32,
-            pos0,
-            layout: rope::RopeLayout::HalfSplit,
-        };
-        let d = rope::rope_kv(
-            &gpu,
-            &table,
-            &upload_f32(&gpu, "k", &k),
-            &upload_f32(&gpu, "v", &v),
-            &kc,
-            &vc,
-            shape,
-            ctx as u32,
-        )
-        .unwrap();
+        let shape =
+            rope::RopeShape { n_tokens, n_heads: n_kv as u32, head_dim: head_dim as u32, layout: rope::RopeLayout::HalfSplit };
+        let d = rope::rope_kv(&gpu, &table, &upload_f32(&gpu, "k", &k), &upload_f32(&gpu, "v", &v), &kc, &vc, shape, kv, tokens)
+            .unwrap();
         gpu.run("rope_kv", &[&d]).unwrap();
         let read = |b: &wgpu::Buffer| -> Vec<f32> {
             let bytes = gpu.read_bytes(b, cache_bytes as u64).unwrap();
@@ -508,7 +536,8 @@ fn rope_kv_appends_rotated_keys_and_values_to_the_cache() {
             }
         };
         let (kc_host, vc_host) = (read(&kc), read(&vc));
-        let k_rot = rope::rope_cpu(&k, shape, &inv);
+        let positions: Vec<u32> = meta.iter().map(|m| if m[0] == NO_POSITION { 0 } else { m[0] }).collect();
+        let k_rot = rope::rope_cpu(&k, shape, &positions, &inv);
         // Store tolerance: one f16 rounding (2^-11 relative) when the cache is f16, else the rope bound.
         let tol = |x: f32| {
             if gpu.caps.f16 {
@@ -517,30 +546,29 @@ fn rope_kv_appends_rotated_keys_and_values_to_the_cache() {
                 32.0 * U32
             }
         };
+        // Which token (if any) owns each slot.
+        let mut owner = vec![None; slots];
+        for (t, m) in meta.iter().enumerate() {
+            if m[0] != NO_POSITION {
+                owner[kv.slot(&block_table, m[1], m[0]) as usize] = Some(t);
+            }
+        }
+        assert_eq!(owner.iter().flatten().count(), 8, "every real token has its own slot");
         for h in 0..n_kv {
-            for pos in 0..ctx {
-                let at = (h * ctx + pos) * head_dim;
-                let written = pos >= pos0 as usize && pos < (pos0 + n_tokens) as usize;
+            for (slot, who) in owner.iter().enumerate() {
+                let at = (h * slots + slot) * head_dim;
                 for e in 0..head_dim {
-                    if !written {
+                    let Some(t) = who else {
                         assert!(
                             kc_host[at + e].is_nan() && vc_host[at + e].is_nan(),
-                            "{name}: cache position {pos} head {h} was overwritten"
+                            "{name}: cache slot {slot} head {h} was overwritten"
                         );
                         continue;
-                    }
-                    let src = ((pos - pos0 as usize) * n_kv + h) * head_dim + e;
+                    };
+                    let src = (t * n_kv + h) * head_dim + e;
                     let (gk, gv) = (kc_host[at + e], vc_host[at + e]);
-                    assert!(
-                        (gk - k_rot[src]).abs() as f64 <= tol(k_rot[src]),
-                        "{name}: k cache h={h} pos={pos} e={e}: {gk} vs {}",
-                        k_rot[src]
-                    );
-                    assert!(
-                        (gv - v[src]).abs() as f64 <= tol(v[src]),
-                        "{name}: v cache h={h} pos={pos} e={e}: {gv} vs {}",
-                        v[src]
-                    );
+                    assert!((gk - k_rot[src]).abs() as f64 <= tol(k_rot[src]), "{name}: k slot {slot} h={h} e={e}: {gk} vs {}", k_rot[src]);
+                    assert!((gv - v[src]).abs() as f64 <= tol(v[src]), "{name}: v slot {slot} h={h} e={e}: {gv} vs {}", v[src]);
                 }
             }
         }
@@ -553,23 +581,45 @@ struct AttnCase {
     n_heads: u32,
     n_kv_heads: u32,
     head_dim: u32,
-    n_tokens: u32,
-    pos0: u32,
+    /// Per sequence: (tokens in this step, positions already in the cache before them).
+    seqs: &'static [(u32, u32)],
 }
 
+/// Paged attention against the reference: the step's sequences on random, shuffled,
+/// non-contiguous block tables (blocks of 16) in a pool with spare blocks; every slot the step
+/// must not read is NaN; a padding token at the end must come out as zeros.
 fn check_attention(gpu: &Gpu, name: &str, c: &AttnCase, rng: &mut rand::rngs::StdRng) -> u32 {
-    let ctx = c.pos0 + c.n_tokens + 29;
-    let shape = attention::AttentionShape { n_heads: c.n_heads, n_kv_heads: c.n_kv_heads, head_dim: c.head_dim, ctx };
-    let (d, kv_len) = (c.head_dim as usize, (c.pos0 + c.n_tokens) as usize);
-    let cache_len = (c.n_kv_heads * ctx) as usize * d;
-    // Filled positions random; positions past the causal range NaN, so reading them would show.
+    let block_size = 16u32;
+    let d = c.head_dim as usize;
+    let needed: u32 = c.seqs.iter().map(|&(n, past)| (n + past).div_ceil(block_size)).sum();
+    let blocks = needed + 5;
+    let kv = KvGeometry { slots: blocks * block_size, block_size };
+    let shape = attention::AttentionShape { n_heads: c.n_heads, n_kv_heads: c.n_kv_heads, head_dim: c.head_dim, kv };
+    let pool = shuffled_blocks(rng, blocks);
+    let mut block_table = Vec::new();
+    let mut meta = Vec::new();
+    let mut readable = vec![false; kv.slots as usize];
+    for &(n, past) in c.seqs {
+        let start = block_table.len() as u32;
+        let len = n + past;
+        block_table.extend_from_slice(&pool[start as usize..(start + len.div_ceil(block_size)) as usize]);
+        for pos in 0..len {
+            readable[kv.slot(&block_table, start, pos) as usize] = true;
+        }
+        meta.extend((past..len).map(|pos| [pos, start]));
+    }
+    meta.push([NO_POSITION, 0]);
+    let n_tokens = meta.len() as u32;
+    let max_kv_len = c.seqs.iter().map(|&(n, past)| n + past).max().unwrap();
+    let slots = kv.slots as usize;
+    let cache_len = c.n_kv_heads as usize * slots * d;
     let mut k = uniform(rng, cache_len, -1.0, 1.0);
     let mut v = uniform(rng, cache_len, -1.0, 1.0);
     for h in 0..c.n_kv_heads as usize {
-        for pos in kv_len..ctx as usize {
+        for (slot, _) in readable.iter().enumerate().filter(|(_, r)| !**r) {
             for e in 0..d {
-                k[(h * ctx as usize + pos) * d + e] = f32::NAN;
-                v[(h * ctx as usize + pos) * d + e] = f32::NAN;
+                k[(h * slots + slot) * d + e] = f32::NAN;
+                v[(h * slots + slot) * d + e] = f32::NAN;
             }
         }
     }
@@ -582,32 +632,34 @@ fn check_attention(gpu: &Gpu, name: &str, c: &AttnCase, rng: &mut rand::rngs::St
         }
     };
     let (kc, vc) = (upload("k cache", &k), upload("v cache", &v));
-    let nq = (c.n_tokens * c.n_heads) as usize * d;
+    let (meta_b, table_b) = step_tokens(gpu, &meta, &block_table);
+    let tokens = StepTokens { meta: &meta_b, block_table: &table_b };
+    let nq = (n_tokens * c.n_heads) as usize * d;
     let q = uniform(rng, nq, -1.0, 1.0);
     let qb = upload_f32(gpu, "q", &q);
-    let want = attention::attention_cpu(&shape, &q, &k, &v, c.n_tokens as usize, c.pos0 as usize);
+    let want = attention::attention_cpu(&shape, &q, &k, &v, &meta, &block_table);
+    assert!(want[nq - c.n_heads as usize * d..].iter().all(|&x| x == 0.0), "the reference zeroes padding");
 
     // Bound: scores s = scale·q·k carry ≤ D·u·scale·Σ|qk| error, exp adds ≤ (3 + 2|s|) ulp; weights
     // are then off by ≤ 2× that relatively, and the output (a convex mix of |v| ≤ 1) by as much,
     // plus kv_len·u from summing the mix.
     let smax = (1.0 / (d as f64).sqrt()) * d as f64;
-    let tol = (2.0 * (d as f64 * U32 * smax + (3.0 + 4.0 * smax) * U32) + 2.0 * kv_len as f64 * U32) * 2.0;
+    let tol = (2.0 * (d as f64 * U32 * smax + (3.0 + 4.0 * smax) * U32) + 2.0 * max_kv_len as f64 * U32) * 2.0;
     let why =
         "score error D·u·|s|max plus exp error (3+2|s|) ulp, doubled for the normalisation, plus kv_len·u summation";
-    let what =
-        format!("{name} Hq={} Hkv={} D={} T={} pos0={}", c.n_heads, c.n_kv_heads, c.head_dim, c.n_tokens, c.pos0);
+    let what = format!("{name} Hq={} Hkv={} D={} seqs={:?}", c.n_heads, c.n_kv_heads, c.head_dim, c.seqs);
 
     let out = poisoned(gpu, "out", nq);
-    gpu.run("attention prefill", &[&attention::prefill(gpu, &shape, &qb, &kc, &vc, &out, c.n_tokens, c.pos0).unwrap()])
+    gpu.run("attention prefill", &[&attention::prefill(gpu, &shape, &qb, &kc, &vc, &out, n_tokens, tokens).unwrap()])
         .unwrap();
     assert_close(&format!("attention prefill {what}"), &gpu.read_f32(&out, nq).unwrap(), &want, tol, why);
 
-    let splits = shape.splits(kv_len as u32, 64);
-    let partials = attention::Partials::new(gpu, &shape, c.n_tokens, splits.0).unwrap();
+    let splits = shape.splits(n_tokens, max_kv_len, 64);
+    let partials = attention::Partials::new(gpu, &shape, n_tokens * splits.0).unwrap();
     for kernel in [attention::SplitKernel::Workgroup, attention::SplitKernel::Lanes] {
         let out = poisoned(gpu, "out", nq);
         let [split, reduce] =
-            attention::decode_with(gpu, kernel, &shape, &qb, &kc, &vc, &out, &partials, c.n_tokens, c.pos0, splits)
+            attention::decode_with(gpu, kernel, &shape, &qb, &kc, &vc, &out, &partials, n_tokens, splits, tokens)
                 .unwrap();
         gpu.run("attention decode", &[&split, &reduce]).unwrap();
         assert_close(
@@ -622,18 +674,20 @@ fn check_attention(gpu: &Gpu, name: &str, c: &AttnCase, rng: &mut rand::rngs::St
 }
 
 #[test]
-fn attention_matches_reference_for_mha_gqa_mqa_and_every_head_dim() {
+fn paged_attention_matches_reference_for_mha_gqa_mqa_and_every_head_dim() {
     let mut rng = rng("attention");
     for (name, gpu) in devices() {
         let cases = [
             // head_dim 64, 80, 96, 128 with GQA groups of 3, 7 (MQA-like), 4.
-            AttnCase { n_heads: 9, n_kv_heads: 3, head_dim: 64, n_tokens: 37, pos0: 0 },
-            AttnCase { n_heads: 7, n_kv_heads: 1, head_dim: 80, n_tokens: 5, pos0: 70 },
-            AttnCase { n_heads: 8, n_kv_heads: 2, head_dim: 96, n_tokens: 1, pos0: 300 },
-            AttnCase { n_heads: 4, n_kv_heads: 1, head_dim: 128, n_tokens: 67, pos0: 3 },
+            AttnCase { n_heads: 9, n_kv_heads: 3, head_dim: 64, seqs: &[(37, 0)] },
+            AttnCase { n_heads: 7, n_kv_heads: 1, head_dim: 80, seqs: &[(5, 70), (1, 16), (3, 0)] },
+            AttnCase { n_heads: 8, n_kv_heads: 2, head_dim: 96, seqs: &[(1, 300)] },
+            AttnCase { n_heads: 4, n_kv_heads: 1, head_dim: 128, seqs: &[(67, 3), (1, 31)] },
             // MHA, and a group larger than one workgroup's 8 heads (MQA with 18 heads).
-            AttnCase { n_heads: 3, n_kv_heads: 3, head_dim: 64, n_tokens: 2, pos0: 130 },
-            AttnCase { n_heads: 18, n_kv_heads: 1, head_dim: 64, n_tokens: 3, pos0: 200 },
+            AttnCase { n_heads: 3, n_kv_heads: 3, head_dim: 64, seqs: &[(2, 130), (1, 15), (16, 0)] },
+            AttnCase { n_heads: 18, n_kv_heads: 1, head_dim: 64, seqs: &[(3, 200)] },
+            // Many decoding sequences at once, each at its own length.
+            AttnCase { n_heads: 9, n_kv_heads: 3, head_dim: 64, seqs: &[(1, 0), (1, 15), (1, 16), (1, 17), (1, 100), (1, 63)] },
         ];
         let mut max_splits = 0;
         for c in &cases {
@@ -645,15 +699,15 @@ fn attention_matches_reference_for_mha_gqa_mqa_and_every_head_dim() {
 
 #[test]
 fn attention_rejects_impossible_shapes() {
-    let (_, gpu) = devices().remove(0);
-    let shape = attention::AttentionShape { n_heads: 6, n_kv_heads: 4, head_dim: 64, ctx: 16 };
+    let kv = KvGeometry { slots: 64, block_size: 16 };
+    let shape = attention::AttentionShape { n_heads: 6, n_kv_heads: 4, head_dim: 64, kv };
     assert!(shape.validate().is_err(), "6 heads cannot share 4 KV heads");
-    let shape = attention::AttentionShape { n_heads: 4, n_kv_heads: 2, head_dim: 256, ctx: 16 };
+    let shape = attention::AttentionShape { n_heads: 4, n_kv_heads: 2, head_dim: 256, kv };
     assert!(shape.validate().is_err(), "head_dim 256 is over the kernel's 128");
-    let ok = attention::AttentionShape { n_heads: 4, n_kv_heads: 2, head_dim: 64, ctx: 16 };
-    let b = gpu.buffer("b", 4 * 64 * 4 * 20).unwrap();
-    let err = attention::prefill(&gpu, &ok, &b, &b, &b, &b, 10, 10).err().expect("positions past the cache must fail");
-    assert!(err.to_string().contains("exceed"), "{err}");
+    let ragged = KvGeometry { slots: 60, block_size: 16 };
+    let shape = attention::AttentionShape { n_heads: 4, n_kv_heads: 2, head_dim: 64, kv: ragged };
+    let err = shape.validate().expect_err("a pool of partial blocks must fail");
+    assert!(err.to_string().contains("blocks"), "{err}");
 }
 
 #[test]
@@ -796,5 +850,29 @@ fn quantized_weights_decode_inside_gemv_matmul_and_embedding() {
                 "decode of one element: a product (and a sum) of exact f16 scales and small integers, ≤ 4u",
             );
         }
+    }
+}
+
+#[test]
+fn gather_rows_picks_the_wanted_rows() {
+    let mut rng = rng("gather_rows");
+    for (name, gpu) in devices() {
+        let (src_rows, dim) = (37usize, 579usize);
+        let src = uniform(&mut rng, src_rows * dim, -3.0, 3.0);
+        let rows: Vec<u32> = (0..11).map(|_| rng.random_range(0..src_rows as u32)).collect();
+        let out = poisoned(&gpu, "out", rows.len() * dim);
+        let d = embedding::gather_rows(
+            &gpu,
+            &upload_f32(&gpu, "src", &src),
+            &gpu.upload("rows", bytemuck::cast_slice(&rows)).unwrap(),
+            &out,
+            rows.len() as u32,
+            src_rows as u32,
+            dim as u32,
+        )
+        .unwrap();
+        gpu.run("gather_rows", &[&d]).unwrap();
+        let want = embedding::embedding_cpu(&rows, &src, dim);
+        assert_close(&format!("gather_rows {name}"), &gpu.read_f32(&out, want.len()).unwrap(), &want, 0.0, "a copy is exact");
     }
 }

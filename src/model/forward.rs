@@ -1,45 +1,54 @@
-//! The forward pass of a Llama/Qwen2 decoder, recorded once per step shape as a list of
-//! dispatches over preallocated buffers (llama2.c's `forward`, calm's GPU path):
+//! The forward pass of a Llama/Qwen2 decoder over a batched step, recorded once per step shape
+//! as a list of dispatches over preallocated buffers (llama2.c's `forward`, calm's GPU path):
 //!
 //!   x = embed_tokens[ids]
 //!   for each layer:
 //!     h = rms_norm(x) · input_layernorm
 //!     q, k, v = h·Wqᵀ (+bq), h·Wkᵀ (+bk), h·Wvᵀ (+bv)
-//!     q, k = rope(q), rope(k); cache[pos0 ..] = k, v
+//!     q, k = rope(q, pos), rope(k, pos); cache[slot(pos)] = k, v
 //!     x += attention(q, cache) · Woᵀ (+bo)
 //!     h = rms_norm(x) · post_attention_layernorm
 //!     x += (silu(h·Wgateᵀ) ⊙ h·Wupᵀ) · Wdownᵀ
-//!   logits = rms_norm(x) · norm · lm_headᵀ
+//!   logits = rms_norm(x[rows]) · norm · lm_headᵀ
 //!
-//! A plan is built once per (tokens per step, logits wanted) and replayed: only the position
-//! (rope, attention) and the number of KV splits change between steps, written into the
-//! existing params buffers. Weights and the KV cache never leave the GPU; one submission per
-//! step; the host reads back only logits, or a single token id for greedy decoding.
+//! A step is any mix of tokens from any sequences: each token's position and block table are
+//! data in GPU buffers ([`StepInputs`]), not values baked into params, so one recorded plan
+//! serves every step with the same [`PlanKey`] (token count and logit rows, rounded up to a
+//! bucket; the padding tokens do nothing). Matmuls run over all tokens at once; rope, the K/V
+//! writes and attention go through each token's own position and block table in the paged
+//! [`KvCache`]. Only the rows that need logits (each sequence's last token, or all) reach the
+//! lm-head. Weights and the KV cache never leave the GPU; one submission per step; the host
+//! reads back logits, or one token id per row for greedy decoding.
 
 use super::config::ModelConfig;
 use super::weights::Weights;
 use crate::gpu::{Dispatch, Gpu, Weight};
-use crate::ops::{argmax, attention, elementwise, embedding, gemv, matmul, rms_norm, rope};
+use crate::ops::{argmax, attention, elementwise, embedding, gemv, matmul, rms_norm, rope, KvGeometry, StepTokens};
 use crate::{KilnError, Result};
 
-/// The KV cache of one sequence: per layer, K and V as (n_kv_heads, ctx, head_dim), f16 where
-/// the device has SHADER_F16, else f32. Positions past `len` are free; rolling back is
-/// lowering `len`.
+/// The paged KV cache: per layer, one K and one V pool of (n_kv_heads, slots, head_dim), f16
+/// where the device has SHADER_F16, else f32, cut into blocks of `block_size` positions. Which
+/// blocks a sequence owns is its block table's business (the engine's block pool, or a
+/// session's identity table).
 pub struct KvCache {
     pub k: Vec<wgpu::Buffer>,
     pub v: Vec<wgpu::Buffer>,
-    pub ctx: u32,
+    pub geometry: KvGeometry,
     pub element_bytes: u32,
 }
 
 impl KvCache {
-    pub fn new(gpu: &Gpu, c: &ModelConfig, ctx: u32) -> Result<KvCache> {
+    pub fn new(gpu: &Gpu, c: &ModelConfig, blocks: u32, block_size: u32) -> Result<KvCache> {
+        if blocks == 0 || block_size == 0 {
+            return Err(KilnError::Request(format!("a KV cache of {blocks} blocks of {block_size} positions")));
+        }
         let element_bytes = gpu.kv_element_bytes();
-        let layer_bytes = c.kv_dim() as u64 * ctx as u64 * element_bytes as u64;
-        if layer_bytes > gpu.max_binding {
-            let max_ctx = gpu.max_binding / (c.kv_dim() as u64 * element_bytes as u64);
+        let slots = blocks as u64 * block_size as u64;
+        let layer_bytes = c.kv_dim() as u64 * slots * element_bytes as u64;
+        if layer_bytes > gpu.max_binding || slots > u32::MAX as u64 / 2 {
+            let max_slots = gpu.max_binding / (c.kv_dim() as u64 * element_bytes as u64);
             return Err(KilnError::Request(format!(
-                "a context of {ctx} needs {layer_bytes} bytes of K per layer, over this device's {} byte binding limit; use a context of at most {max_ctx}",
+                "a KV cache of {slots} positions needs {layer_bytes} bytes of K per layer, over this device's {} byte binding limit; use at most {max_slots} positions",
                 gpu.max_binding
             )));
         }
@@ -49,7 +58,11 @@ impl KvCache {
             k.push(gpu.buffer(&format!("k cache {l}"), layer_bytes)?);
             v.push(gpu.buffer(&format!("v cache {l}"), layer_bytes)?);
         }
-        Ok(KvCache { k, v, ctx, element_bytes })
+        Ok(KvCache { k, v, geometry: KvGeometry { slots: slots as u32, block_size }, element_bytes })
+    }
+
+    pub fn blocks(&self) -> u32 {
+        self.geometry.slots / self.geometry.block_size
     }
 
     pub fn bytes(&self) -> u64 {
@@ -57,25 +70,32 @@ impl KvCache {
     }
 }
 
-/// Which logits a step produces.
+/// The shape a plan is recorded for: tokens per step and rows of logits (both already rounded
+/// to their bucket), and whether the rows' argmax is taken on the GPU.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Logits {
-    /// None (a prompt chunk that is not the last).
-    None,
-    /// The last token's row.
-    Last,
-    /// The last token's row and its argmax on the GPU (greedy decoding reads back 4 bytes).
-    LastArgmax,
-    /// Every token's row (perplexity, tests).
-    All,
+pub struct PlanKey {
+    pub tokens: u32,
+    /// Rows through the lm-head: 0 (a prompt chunk that is not the last) up to `tokens`.
+    pub rows: u32,
+    pub argmax: bool,
 }
 
-/// Preallocated activations for up to `max_tokens` tokens per step.
+/// Round a count up to its plan bucket: exact up to 16, then multiples of 16, at most `max`.
+/// Few enough plans to keep, little padding.
+pub fn bucket(n: u32, max: u32) -> u32 {
+    let b = if n <= 16 { n } else { n.div_ceil(16) * 16 };
+    b.min(max)
+}
+
+/// Preallocated activations and step inputs for up to `max_tokens` tokens per step.
 pub struct Activations {
     pub max_tokens: u32,
-    /// Rows of `logits`: `max_tokens`, or fewer where (tokens × vocab) exceeds one binding.
-    pub logit_rows: u32,
-    pub ids: wgpu::Buffer,    // (max_tokens) u32
+    /// Most rows of logits a step makes: `max_tokens`, or fewer where (rows × vocab) exceeds one
+    /// binding.
+    pub max_rows: u32,
+    /// Entries of `inputs.block_table`.
+    pub max_table_entries: u32,
+    pub inputs: StepInputs,
     x: wgpu::Buffer,          // (T, hidden) the residual stream
     xn: wgpu::Buffer,         // (T, hidden) normalised
     q: wgpu::Buffer,          // (T, n_heads·head_dim)
@@ -86,36 +106,23 @@ pub struct Activations {
     gate: wgpu::Buffer,       // (T, intermediate)
     up: wgpu::Buffer,         // (T, intermediate)
     act: wgpu::Buffer,        // (T, intermediate)
-    pub logits: wgpu::Buffer, // (logit_rows, vocab)
-    pub token: wgpu::Buffer,  // (1) u32: greedy pick
+    x_rows: wgpu::Buffer,     // (max_rows, hidden) the rows of x whose logits are wanted
+    pub logits: wgpu::Buffer, // (max_rows, vocab)
+    pub tokens: wgpu::Buffer, // (max_rows) u32: greedy picks
     partials: attention::Partials,
-    /// (max_tokens, heads, 1 split): prefill attention on CPU adapters.
-    prefill_partials: Option<attention::Partials>,
-    max_splits: u32,
 }
 
-impl Activations {
-    /// Bytes of GPU memory held.
-    pub fn bytes(&self) -> u64 {
-        let mut all = vec![
-            &self.ids,
-            &self.x,
-            &self.xn,
-            &self.q,
-            &self.k,
-            &self.v,
-            &self.attn,
-            &self.proj,
-            &self.gate,
-            &self.up,
-            &self.act,
-            &self.logits,
-            &self.token,
-        ];
-        for p in std::iter::once(&self.partials).chain(&self.prefill_partials) {
-            all.extend([&p.ml, &p.acc]);
-        }
-        all.iter().map(|b| b.size()).sum()
+/// What a step is told about its tokens, in GPU buffers the plan reads.
+pub struct StepInputs {
+    pub ids: wgpu::Buffer,         // (max_tokens) u32 token ids
+    pub meta: wgpu::Buffer,        // (max_tokens) (position, first block-table entry)
+    pub block_table: wgpu::Buffer, // (max_table_entries) u32: the sequences' block tables
+    pub rows: wgpu::Buffer,        // (max_rows) u32: the tokens whose logits are wanted
+}
+
+impl StepInputs {
+    fn tokens(&self) -> StepTokens<'_> {
+        StepTokens { meta: &self.meta, block_table: &self.block_table }
     }
 }
 
@@ -123,18 +130,25 @@ impl Activations {
 const ATTENTION_TARGET_GROUPS: u32 = 64;
 
 impl Activations {
-    pub fn new(gpu: &Gpu, c: &ModelConfig, max_tokens: u32, ctx: u32) -> Result<Activations> {
+    /// `max_tokens` per step, sequences of at most `max_context` positions in blocks of
+    /// `block_size` (sizes the block-table buffer: every token of a step may be its own sequence).
+    pub fn new(gpu: &Gpu, c: &ModelConfig, max_tokens: u32, max_context: u32, block_size: u32) -> Result<Activations> {
         let t = max_tokens as u64;
         let f32s = |n: usize| t * n as u64 * 4;
         let vocab_row = c.vocab_size as u64 * 4;
-        let logit_rows = (gpu.max_binding / vocab_row).clamp(1, t) as u32;
-        let shape = attention_shape(c, ctx);
-        // `splits` never makes more than ceil(target / kv_heads) splits.
-        let max_splits = ATTENTION_TARGET_GROUPS.div_ceil(c.n_kv_heads as u32);
+        let max_rows = (gpu.max_binding / vocab_row).clamp(1, t) as u32;
+        let max_table_entries = max_tokens * max_context.div_ceil(block_size);
+        let shape = attention_shape(c, KvGeometry { slots: block_size, block_size });
         Ok(Activations {
             max_tokens,
-            logit_rows,
-            ids: gpu.buffer("ids", t * 4)?,
+            max_rows,
+            max_table_entries,
+            inputs: StepInputs {
+                ids: gpu.buffer("ids", t * 4)?,
+                meta: gpu.buffer("token positions", t * 8)?,
+                block_table: gpu.buffer("block tables", max_table_entries as u64 * 4)?,
+                rows: gpu.buffer("logit rows", max_rows as u64 * 4)?,
+            },
             x: gpu.buffer("x", f32s(c.hidden_size))?,
             xn: gpu.buffer("xn", f32s(c.hidden_size))?,
             q: gpu.buffer("q", f32s(c.q_dim()))?,
@@ -145,41 +159,66 @@ impl Activations {
             gate: gpu.buffer("gate", f32s(c.intermediate_size))?,
             up: gpu.buffer("up", f32s(c.intermediate_size))?,
             act: gpu.buffer("act", f32s(c.intermediate_size))?,
-            logits: gpu.buffer("logits", logit_rows as u64 * vocab_row)?,
-            token: gpu.buffer("token", 4)?,
-            partials: attention::Partials::new(gpu, &shape, 1, max_splits)?,
-            prefill_partials: match attention::SplitKernel::for_device(gpu) {
-                attention::SplitKernel::Lanes => Some(attention::Partials::new(gpu, &shape, max_tokens, 1)?),
-                attention::SplitKernel::Workgroup => None,
-            },
-            max_splits,
+            x_rows: gpu.buffer("x rows", max_rows as u64 * c.hidden_size as u64 * 4)?,
+            logits: gpu.buffer("logits", max_rows as u64 * vocab_row)?,
+            tokens: gpu.buffer("greedy tokens", max_rows as u64 * 4)?,
+            // `splits` keeps tokens × splits ≤ tokens + target.
+            partials: attention::Partials::new(gpu, &shape, max_tokens + ATTENTION_TARGET_GROUPS)?,
         })
+    }
+
+    /// Bytes of GPU memory held.
+    pub fn bytes(&self) -> u64 {
+        let i = &self.inputs;
+        [
+            &i.ids,
+            &i.meta,
+            &i.block_table,
+            &i.rows,
+            &self.x,
+            &self.xn,
+            &self.q,
+            &self.k,
+            &self.v,
+            &self.attn,
+            &self.proj,
+            &self.gate,
+            &self.up,
+            &self.act,
+            &self.x_rows,
+            &self.logits,
+            &self.tokens,
+            &self.partials.ml,
+            &self.partials.acc,
+        ]
+        .iter()
+        .map(|b| b.size())
+        .sum()
     }
 }
 
-pub fn attention_shape(c: &ModelConfig, ctx: u32) -> attention::AttentionShape {
+pub fn attention_shape(c: &ModelConfig, kv: KvGeometry) -> attention::AttentionShape {
     attention::AttentionShape {
         n_heads: c.n_heads as u32,
         n_kv_heads: c.n_kv_heads as u32,
         head_dim: c.head_dim as u32,
-        ctx,
+        kv,
     }
 }
 
-/// A dispatch whose params depend on the step's position.
-enum Positional {
-    Rope(rope::Params),
-    Attention(attention::Params),
-    /// Split-KV decode: (split dispatch, reduce dispatch) share params.
-    AttentionSplit(attention::Params, usize, attention::SplitKernel),
+/// A split-KV attention dispatch pair whose split count follows the step's longest sequence.
+struct SplitAttention {
+    split: usize,
+    reduce: usize,
+    params: attention::Params,
+    kernel: attention::SplitKernel,
 }
 
 /// The recorded dispatches of one step shape.
 pub struct StepPlan {
-    pub n_tokens: u32,
-    pub logits: Logits,
+    pub key: PlanKey,
     dispatches: Vec<Dispatch>,
-    positional: Vec<(usize, Positional)>,
+    splits: Vec<SplitAttention>,
 }
 
 /// y = x·Wᵀ (+ b) for `m` rows: gemv for a single row (decode), tiled matmul otherwise.
@@ -198,7 +237,7 @@ fn linear(
     }
 }
 
-/// Build the plan of a step of `n` tokens (≤ `act.max_tokens`).
+/// Build the plan of a step shape (`key.tokens` ≤ `act.max_tokens`, `key.rows` ≤ `act.max_rows`).
 pub fn plan(
     gpu: &Gpu,
     c: &ModelConfig,
@@ -206,69 +245,58 @@ pub fn plan(
     cache: &KvCache,
     act: &Activations,
     rope_table: &wgpu::Buffer,
-    n: u32,
-    logits: Logits,
+    key: PlanKey,
 ) -> Result<StepPlan> {
-    assert!(n >= 1 && n <= act.max_tokens, "plan of {n} tokens with room for {}", act.max_tokens);
+    let n = key.tokens;
+    if n == 0 || n > act.max_tokens || key.rows > n.min(act.max_rows) {
+        return Err(KilnError::shape(
+            "forward",
+            format!("a step of {n} tokens and {} logit rows, room for {} and {}", key.rows, act.max_tokens, act.max_rows),
+        ));
+    }
     let (hidden, f) = (c.hidden_size as u32, c.intermediate_size as u32);
-    let shape = attention_shape(c, cache.ctx);
+    let shape = attention_shape(c, cache.geometry);
+    let tokens = act.inputs.tokens();
     let mut d: Vec<Dispatch> = Vec::new();
-    let mut positional = Vec::new();
+    let mut splits = Vec::new();
     let rope_q = rope::RopeShape {
         n_tokens: n,
         n_heads: c.n_heads as u32,
         head_dim: c.head_dim as u32,
-        pos0: 0,
         layout: if c.rope_interleaved { rope::RopeLayout::Interleaved } else { rope::RopeLayout::HalfSplit },
     };
     let rope_k = rope::RopeShape { n_heads: c.n_kv_heads as u32, ..rope_q };
+    // softmax(q·Kᵀ/√d)·V over each token's sequence. On CPU adapters every step takes the
+    // barrier-free split kernel (one invocation per (query, head group, key range)) and a merge;
+    // elsewhere a single query splits its keys across workgroups and merges (flash-decoding),
+    // and several queries take the fused kernel, a workgroup per (query, KV head).
+    let split_kernel = match attention::SplitKernel::for_device(gpu) {
+        attention::SplitKernel::Lanes => Some(attention::SplitKernel::Lanes),
+        attention::SplitKernel::Workgroup => (n == 1).then_some(attention::SplitKernel::Workgroup),
+    };
 
-    d.extend(embedding::embedding(gpu, &act.ids, &w.embed_tokens, &act.x, n)?);
+    d.extend(embedding::embedding(gpu, &act.inputs.ids, &w.embed_tokens, &act.x, n)?);
     for (l, layer) in w.layers.iter().enumerate() {
+        let (k_cache, v_cache) = (&cache.k[l], &cache.v[l]);
         // Attention block.
         d.push(rms_norm::rms_norm(gpu, &act.x, &layer.input_layernorm, &act.xn, n, hidden, c.rms_norm_eps)?);
         d.extend(linear(gpu, &act.xn, &layer.q_proj, layer.q_bias.as_ref(), &act.q, n)?);
         d.extend(linear(gpu, &act.xn, &layer.k_proj, layer.k_bias.as_ref(), &act.k, n)?);
         d.extend(linear(gpu, &act.xn, &layer.v_proj, layer.v_bias.as_ref(), &act.v, n)?);
-        let rq = rope::rope_q(gpu, rope_table, &act.q, rope_q)?;
-        positional.push((d.len(), Positional::Rope(rope_params(&rq))));
-        d.push(rq);
-        let rk = rope::rope_kv(gpu, rope_table, &act.k, &act.v, &cache.k[l], &cache.v[l], rope_k, cache.ctx)?;
-        positional.push((d.len(), Positional::Rope(rope_params(&rk))));
-        d.push(rk);
-        // softmax(q·Kᵀ/√d)·V over the cache. Decode (n == 1) splits the keys across workgroups and
-        // merges; on CPU adapters prefill takes the same two steps with one invocation per
-        // (query, head) over its whole causal range; elsewhere the fused prefill kernel.
-        let split_path = if n == 1 {
-            Some((
-                attention::SplitKernel::for_device(gpu),
-                &act.partials,
-                (1, shape.splits(1, ATTENTION_TARGET_GROUPS).1),
-            ))
-        } else {
-            act.prefill_partials.as_ref().map(|p| (attention::SplitKernel::Lanes, p, (1, cache.ctx.div_ceil(64) * 64)))
-        };
-        match split_path {
-            Some((kernel, partials, splits)) => {
-                let (k, v) = (&cache.k[l], &cache.v[l]);
+        d.push(rope::rope_q(gpu, rope_table, &act.q, rope_q, tokens)?);
+        d.push(rope::rope_kv(gpu, rope_table, &act.k, &act.v, k_cache, v_cache, rope_k, cache.geometry, tokens)?);
+        match split_kernel {
+            Some(kernel) => {
+                let (q, out, partials) = (&act.q, &act.attn, &act.partials);
+                // One split to start with; `prepare` re-splits for each step's longest sequence.
                 let [split, reduce] =
-                    attention::decode_with(gpu, kernel, &shape, &act.q, k, v, &act.attn, partials, n, 0, splits)?;
-                let params = attention_params(&split);
-                // Decode re-splits as the cache grows; prefill keeps one range per query.
-                let p = if n == 1 {
-                    Positional::AttentionSplit(params, d.len() + 1, kernel)
-                } else {
-                    Positional::Attention(params)
-                };
-                positional.push((d.len(), p));
+                    attention::decode_with(gpu, kernel, &shape, q, k_cache, v_cache, out, partials, n, (1, 64), tokens)?;
+                let params = *bytemuck::from_bytes(&split.host_params);
+                splits.push(SplitAttention { split: d.len(), reduce: d.len() + 1, params, kernel });
                 d.push(split);
                 d.push(reduce);
             }
-            None => {
-                let a = attention::prefill(gpu, &shape, &act.q, &cache.k[l], &cache.v[l], &act.attn, n, 0)?;
-                positional.push((d.len(), Positional::Attention(attention_params(&a))));
-                d.push(a);
-            }
+            None => d.push(attention::prefill(gpu, &shape, &act.q, k_cache, v_cache, &act.attn, n, tokens)?),
         }
         d.extend(linear(gpu, &act.attn, &layer.o_proj, layer.o_bias.as_ref(), &act.proj, n)?);
         d.push(elementwise::add_assign(gpu, &act.x, &act.proj, n * hidden)?);
@@ -280,69 +308,49 @@ pub fn plan(
         d.extend(linear(gpu, &act.act, &layer.down_proj, None, &act.proj, n)?);
         d.push(elementwise::add_assign(gpu, &act.x, &act.proj, n * hidden)?);
     }
-    let vocab = c.vocab_size as u32;
-    if logits == Logits::All && n > act.logit_rows {
-        return Err(KilnError::shape("forward", format!("{n} rows of logits, room for {}", act.logit_rows)));
-    }
-    if logits != Logits::None {
-        d.push(rms_norm::rms_norm(gpu, &act.x, &w.norm, &act.xn, n, hidden, c.rms_norm_eps)?);
-    }
-    match logits {
-        Logits::None => {}
-        Logits::Last | Logits::LastArgmax => {
-            // Only the last token's row goes through the lm-head.
+    let rows = key.rows;
+    if rows > 0 {
+        // Only the wanted rows are normalised and go through the lm-head; a one-token step's
+        // row is row 0 already.
+        let x_rows = if n == 1 {
+            &act.x
+        } else {
+            d.push(embedding::gather_rows(gpu, &act.x, &act.inputs.rows, &act.x_rows, rows, n, hidden)?);
+            &act.x_rows
+        };
+        d.push(rms_norm::rms_norm(gpu, x_rows, &w.norm, &act.xn, rows, hidden, c.rms_norm_eps)?);
+        if rows == 1 {
             let kernel = gemv::GemvKernel::for_device(gpu);
-            d.extend(gemv::gemv_with(gpu, kernel, &act.xn, w.lm_head(), None, &act.logits, 1, n - 1)?);
-            if logits == Logits::LastArgmax {
-                d.push(argmax::argmax(gpu, &act.logits, &act.token, 1, vocab)?);
-            }
+            d.extend(gemv::gemv_with(gpu, kernel, &act.xn, w.lm_head(), None, &act.logits, 1, 0)?);
+        } else {
+            d.extend(matmul::matmul(gpu, &act.xn, w.lm_head(), None, &act.logits, rows)?);
         }
-        Logits::All => d.extend(linear(gpu, &act.xn, w.lm_head(), None, &act.logits, n)?),
+        if key.argmax {
+            d.push(argmax::argmax(gpu, &act.logits, &act.tokens, rows, c.vocab_size as u32)?);
+        }
     }
-    Ok(StepPlan { n_tokens: n, logits, dispatches: d, positional })
-}
-
-// The plan patches the position into the params each op built, read from the dispatch's
-// host copy (so the ops' own params logic is not repeated here).
-fn rope_params(d: &Dispatch) -> rope::Params {
-    *bytemuck::from_bytes(&d.host_params)
-}
-
-fn attention_params(d: &Dispatch) -> attention::Params {
-    *bytemuck::from_bytes(&d.host_params)
+    Ok(StepPlan { key, dispatches: d, splits })
 }
 
 impl StepPlan {
-    /// Point the plan at position `pos0`: patch the positional params and grids.
-    pub fn prepare(&mut self, gpu: &Gpu, act: &Activations, pos0: u32) {
-        let kv_len = pos0 + self.n_tokens;
-        for (i, p) in self.positional.iter_mut() {
-            match p {
-                Positional::Rope(params) => {
-                    params.pos0 = pos0;
-                    self.dispatches[*i].set_params(gpu, params);
-                }
-                Positional::Attention(params) => {
-                    params.pos0 = pos0;
-                    self.dispatches[*i].set_params(gpu, params);
-                }
-                Positional::AttentionSplit(params, reduce, kernel) => {
-                    let shape = attention::AttentionShape {
-                        n_heads: params.n_heads,
-                        n_kv_heads: params.n_kv_heads,
-                        head_dim: params.head_dim,
-                        ctx: params.ctx,
-                    };
-                    let (n_splits, split_len) = shape.splits(kv_len, ATTENTION_TARGET_GROUPS);
-                    debug_assert!(n_splits <= act.max_splits);
-                    params.pos0 = pos0;
-                    params.n_splits = n_splits;
-                    params.split_len = split_len;
-                    self.dispatches[*i].set_params(gpu, params);
-                    self.dispatches[*i].workgroups = kernel.grid(&shape, self.n_tokens, n_splits);
-                    self.dispatches[*reduce].set_params(gpu, params);
-                }
-            }
+    /// Point the plan at a step whose longest sequence sees `max_kv_len` keys: split each
+    /// attention's keys to keep the device busy.
+    pub fn prepare(&mut self, gpu: &Gpu, max_kv_len: u32) {
+        let n = self.key.tokens;
+        for s in &mut self.splits {
+            let p = &mut s.params;
+            let shape = attention::AttentionShape {
+                n_heads: p.n_heads,
+                n_kv_heads: p.n_kv_heads,
+                head_dim: p.head_dim,
+                kv: KvGeometry { slots: p.slots, block_size: p.block_size },
+            };
+            let (n_splits, split_len) = shape.splits(n, max_kv_len, ATTENTION_TARGET_GROUPS);
+            p.n_splits = n_splits;
+            p.split_len = split_len;
+            self.dispatches[s.split].set_params(gpu, p);
+            self.dispatches[s.split].workgroups = s.kernel.grid(&shape, n, n_splits);
+            self.dispatches[s.reduce].set_params(gpu, p);
         }
     }
 

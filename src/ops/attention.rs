@@ -1,5 +1,8 @@
-//! Fused causal attention with GQA/MQA over the KV cache (`shaders/attention.wgsl`).
+//! Fused causal attention with GQA/MQA over the paged KV cache (`shaders/attention.wgsl`).
+//! Each query token brings its own position and block table ([`StepTokens`]), so one dispatch
+//! serves every sequence of a batched step.
 
+use super::{KvGeometry, StepTokens, NO_POSITION};
 use crate::gpu::{shaders, Dispatch, Gpu};
 use crate::{KilnError, Result};
 
@@ -10,8 +13,8 @@ pub struct Params {
     pub n_heads: u32,
     pub n_kv_heads: u32,
     pub head_dim: u32,
-    pub ctx: u32,
-    pub pos0: u32,
+    pub slots: u32,
+    pub block_size: u32,
     pub n_splits: u32,
     pub split_len: u32,
     pub group: u32,
@@ -31,8 +34,8 @@ pub struct AttentionShape {
     pub n_heads: u32,
     pub n_kv_heads: u32,
     pub head_dim: u32,
-    /// KV cache capacity in positions.
-    pub ctx: u32,
+    /// The paged KV pool's geometry.
+    pub kv: KvGeometry,
 }
 
 impl AttentionShape {
@@ -43,6 +46,9 @@ impl AttentionShape {
         }
         if self.head_dim == 0 || self.head_dim > DMAX {
             return bad(format!("head_dim {} not in 1..={DMAX}", self.head_dim));
+        }
+        if self.kv.block_size == 0 || !self.kv.slots.is_multiple_of(self.kv.block_size) {
+            return bad(format!("{} cache slots do not divide into blocks of {}", self.kv.slots, self.kv.block_size));
         }
         Ok(())
     }
@@ -64,25 +70,19 @@ impl AttentionShape {
         self.group().div_ceil(GMAX)
     }
 
-    /// Params for `n_tokens` queries at positions pos0.. over `n_splits` ranges of `split_len` keys.
-    fn params(&self, n_tokens: u32, pos0: u32, n_splits: u32, split_len: u32) -> Result<Params> {
+    /// Params for `n_tokens` queries over `n_splits` ranges of `split_len` keys.
+    fn params(&self, n_tokens: u32, n_splits: u32, split_len: u32) -> Result<Params> {
         self.validate()?;
         if n_tokens == 0 {
             return Err(KilnError::shape("attention", "no queries"));
-        }
-        if pos0 + n_tokens > self.ctx {
-            return Err(KilnError::shape(
-                "attention",
-                format!("positions up to {} exceed the cache's {}", pos0 + n_tokens, self.ctx),
-            ));
         }
         Ok(Params {
             n_tokens,
             n_heads: self.n_heads,
             n_kv_heads: self.n_kv_heads,
             head_dim: self.head_dim,
-            ctx: self.ctx,
-            pos0,
+            slots: self.kv.slots,
+            block_size: self.kv.block_size,
             n_splits,
             split_len,
             group: self.group(),
@@ -92,19 +92,21 @@ impl AttentionShape {
         })
     }
 
-    /// How to split `kv_len` keys so a decode step fills about `target_groups` workgroups:
-    /// (n_splits, split_len), split_len a multiple of the 64-key tile. Never more than
-    /// ceil(target_groups / n_kv_heads) splits.
-    pub fn splits(&self, kv_len: u32, target_groups: u32) -> (u32, u32) {
-        let per_split = self.n_kv_heads * self.head_blocks();
+    /// How to split the keys of `n_tokens` queries that see at most `kv_len` keys so the step
+    /// fills about `target_groups` workgroups: (n_splits, split_len), split_len a multiple of the
+    /// 64-key tile. Never more than ceil(target_groups / (n_tokens · n_kv_heads)) splits, so
+    /// n_tokens · n_splits ≤ n_tokens + target_groups.
+    pub fn splits(&self, n_tokens: u32, kv_len: u32, target_groups: u32) -> (u32, u32) {
+        let per_split = self.n_kv_heads * self.head_blocks() * n_tokens.max(1);
         let want = target_groups.div_ceil(per_split).max(1);
         let split_len = kv_len.div_ceil(want).div_ceil(BK).max(1) * BK;
         (kv_len.div_ceil(split_len).max(1), split_len)
     }
 }
 
-/// q (n_tokens, n_heads, head_dim) at positions pos0.. attends causally to the cache
-/// (n_kv_heads, ctx, head_dim), already holding keys 0 .. pos0 + n_tokens → out, same shape as q.
+/// q (n_tokens, n_heads, head_dim) attends causally to the paged cache (n_kv_heads, slots,
+/// head_dim): token t to keys 0 ..= its position of its sequence, which the cache already holds
+/// → out, same shape as q. The caller guarantees the block tables cover those keys.
 pub fn prefill(
     gpu: &Gpu,
     shape: &AttentionShape,
@@ -113,31 +115,30 @@ pub fn prefill(
     v_cache: &wgpu::Buffer,
     out: &wgpu::Buffer,
     n_tokens: u32,
-    pos0: u32,
+    tokens: StepTokens<'_>,
 ) -> Result<Dispatch> {
-    let params = shape.params(n_tokens, pos0, 1, 0)?;
+    let params = shape.params(n_tokens, 1, 0)?;
     super::check_groups(gpu, "attention", "queries", n_tokens)?;
     let pipeline = gpu.pipeline(&shaders::ATTENTION, "prefill", &[])?;
     let grid = [shape.n_kv_heads * shape.head_blocks(), n_tokens, 1];
-    gpu.dispatch_at("attention prefill", pipeline, &params, &[(1, q), (2, k_cache), (3, v_cache), (4, out)], grid)
+    let buffers = [(1, q), (2, k_cache), (3, v_cache), (4, out), (7, tokens.meta), (8, tokens.block_table)];
+    gpu.dispatch_at("attention prefill", pipeline, &params, &buffers, grid)
 }
 
-/// Scratch for split-KV decoding: room for `n_splits` partial results of `n_tokens` queries.
+/// Scratch for split-KV decoding: room for `query_splits` (query, split) partial results.
 pub struct Partials {
     pub ml: wgpu::Buffer,
     pub acc: wgpu::Buffer,
-    pub n_tokens: u32,
-    pub n_splits: u32,
+    pub query_splits: u32,
 }
 
 impl Partials {
-    pub fn new(gpu: &Gpu, shape: &AttentionShape, n_tokens: u32, n_splits: u32) -> Result<Self> {
-        let slots = n_tokens as u64 * shape.n_heads as u64 * n_splits as u64;
+    pub fn new(gpu: &Gpu, shape: &AttentionShape, query_splits: u32) -> Result<Self> {
+        let slots = query_splits as u64 * shape.n_heads as u64;
         Ok(Partials {
             ml: gpu.buffer("attention partial max/sum", slots * 8)?,
             acc: gpu.buffer("attention partial output", slots * shape.head_dim as u64 * 4)?,
-            n_tokens,
-            n_splits,
+            query_splits,
         })
     }
 }
@@ -187,10 +188,10 @@ pub fn decode(
     out: &wgpu::Buffer,
     partials: &Partials,
     n_tokens: u32,
-    pos0: u32,
     splits: (u32, u32),
+    tokens: StepTokens<'_>,
 ) -> Result<[Dispatch; 2]> {
-    decode_with(gpu, SplitKernel::for_device(gpu), shape, q, k_cache, v_cache, out, partials, n_tokens, pos0, splits)
+    decode_with(gpu, SplitKernel::for_device(gpu), shape, q, k_cache, v_cache, out, partials, n_tokens, splits, tokens)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -204,25 +205,19 @@ pub fn decode_with(
     out: &wgpu::Buffer,
     partials: &Partials,
     n_tokens: u32,
-    pos0: u32,
     (n_splits, split_len): (u32, u32),
+    tokens: StepTokens<'_>,
 ) -> Result<[Dispatch; 2]> {
-    if n_tokens > partials.n_tokens || n_splits > partials.n_splits {
+    if n_tokens as u64 * n_splits as u64 > partials.query_splits as u64 {
         return Err(KilnError::shape(
             "attention",
-            format!(
-                "{n_tokens} queries × {n_splits} splits exceed the scratch for {} × {}",
-                partials.n_tokens, partials.n_splits
-            ),
+            format!("{n_tokens} queries × {n_splits} splits exceed the scratch for {}", partials.query_splits),
         ));
     }
-    if split_len == 0 || split_len % BK != 0 || (n_splits as u64) * (split_len as u64) < (pos0 + n_tokens) as u64 {
-        return Err(KilnError::shape(
-            "attention",
-            format!("{n_splits} splits of {split_len} keys do not cover {} keys", pos0 + n_tokens),
-        ));
+    if split_len == 0 || split_len % BK != 0 {
+        return Err(KilnError::shape("attention", format!("splits of {split_len} keys are not whole 64-key tiles")));
     }
-    let params = shape.params(n_tokens, pos0, n_splits, split_len)?;
+    let params = shape.params(n_tokens, n_splits, split_len)?;
     super::check_groups(gpu, "attention", "queries", n_tokens)?;
     if kernel == SplitKernel::Lanes && !shape.head_dim.is_multiple_of(4) {
         return Err(KilnError::shape(
@@ -249,40 +244,54 @@ pub fn decode_with(
             "attention split",
             split,
             &params,
-            &[(1, q), (2, k_cache), (3, v_cache), (5, &partials.ml), (6, &partials.acc)],
+            &[
+                (1, q),
+                (2, k_cache),
+                (3, v_cache),
+                (5, &partials.ml),
+                (6, &partials.acc),
+                (7, tokens.meta),
+                (8, tokens.block_table),
+            ],
             grid,
         )?,
         gpu.dispatch_at(
             "attention reduce",
             reduce,
             &params,
-            &[(4, out), (5, &partials.ml), (6, &partials.acc)],
+            &[(4, out), (5, &partials.ml), (6, &partials.acc), (7, tokens.meta)],
             [shape.n_heads, n_tokens, 1],
         )?,
     ])
 }
 
-/// Reference causal attention in f64. q (n_tokens, n_heads, d); k, v caches (n_kv_heads, ctx, d).
+/// Reference causal attention in f64. q (n_tokens, n_heads, d); k, v the paged pools
+/// (n_kv_heads, slots, d); `meta[t]` = (position, first block-table entry) of token t, position
+/// [`NO_POSITION`] for padding (zeros out).
 pub fn attention_cpu(
     shape: &AttentionShape,
     q: &[f32],
     k: &[f32],
     v: &[f32],
-    n_tokens: usize,
-    pos0: usize,
+    meta: &[[u32; 2]],
+    block_table: &[u32],
 ) -> Vec<f32> {
-    let (h_n, d, ctx) = (shape.n_heads as usize, shape.head_dim as usize, shape.ctx as usize);
+    let (h_n, d, slots) = (shape.n_heads as usize, shape.head_dim as usize, shape.kv.slots as usize);
     let group = (shape.n_heads / shape.n_kv_heads) as usize;
     let scale = 1.0 / (d as f64).sqrt();
-    let mut out = vec![0f32; n_tokens * h_n * d];
-    for t in 0..n_tokens {
-        let kv_len = pos0 + t + 1;
+    let mut out = vec![0f32; meta.len() * h_n * d];
+    for (t, &[pos, table]) in meta.iter().enumerate() {
+        if pos == NO_POSITION {
+            continue;
+        }
+        let rows: Vec<usize> = (0..=pos).map(|j| shape.kv.slot(block_table, table, j) as usize).collect();
         for h in 0..h_n {
             let kvh = h / group;
             let qv = &q[(t * h_n + h) * d..][..d];
-            let scores: Vec<f64> = (0..kv_len)
-                .map(|j| {
-                    let kr = &k[(kvh * ctx + j) * d..][..d];
+            let scores: Vec<f64> = rows
+                .iter()
+                .map(|&r| {
+                    let kr = &k[(kvh * slots + r) * d..][..d];
                     qv.iter().zip(kr).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>() * scale
                 })
                 .collect();
@@ -290,7 +299,7 @@ pub fn attention_cpu(
             let w: Vec<f64> = scores.iter().map(|s| (s - m).exp()).collect();
             let sum: f64 = w.iter().sum();
             for e in 0..d {
-                let o: f64 = (0..kv_len).map(|j| w[j] * v[(kvh * ctx + j) * d + e] as f64).sum();
+                let o: f64 = rows.iter().zip(&w).map(|(&r, wj)| wj * v[(kvh * slots + r) * d + e] as f64).sum();
                 out[(t * h_n + h) * d + e] = (o / sum) as f32;
             }
         }

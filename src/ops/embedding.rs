@@ -1,6 +1,6 @@
 //! Embedding lookup (`shaders/embedding.wgsl`): rows of a possibly chunked f32/f16 table.
 
-use crate::gpu::{shaders, Dispatch, Gpu, Weight};
+use crate::gpu::{shaders, DType, Dispatch, Gpu, Weight};
 use crate::Result;
 
 #[repr(C)]
@@ -41,4 +41,21 @@ pub fn embedding(
 
 pub fn embedding_cpu(ids: &[u32], table: &[f32], dim: usize) -> Vec<f32> {
     ids.iter().flat_map(|&id| table[id as usize * dim..(id as usize + 1) * dim].iter().copied()).collect()
+}
+
+/// src (src_rows, dim) f32, rows (n) u32 → out (n, dim): out[i] = src[rows[i]]. A row index
+/// outside src leaves its output row untouched (callers validate).
+pub fn gather_rows(
+    gpu: &Gpu,
+    src: &wgpu::Buffer,
+    rows: &wgpu::Buffer,
+    out: &wgpu::Buffer,
+    n: u32,
+    src_rows: u32,
+    dim: u32,
+) -> Result<Dispatch> {
+    super::check_groups(gpu, "gather_rows", "rows", n)?;
+    let pipeline = gpu.pipeline(&shaders::EMBEDDING, "gather_rows", &[("W_DTYPE", DType::F32.w_dtype())])?;
+    let params = Params { n_tokens: n, dim, first_row: 0, rows: src_rows };
+    gpu.dispatch_at("gather_rows", pipeline, &params, &[(1, rows), (3, out), (4, src)], [n, 1, 1])
 }

@@ -14,6 +14,32 @@ pub mod softmax;
 
 use crate::gpu::Gpu;
 
+/// Where a step's tokens sit, for the ops that place them (rope, attention): `meta` holds one
+/// (position, first block-table entry) pair of u32 per token, `block_table` the block tables of
+/// the step's sequences, concatenated. A position of [`NO_POSITION`] marks a padding token.
+#[derive(Clone, Copy)]
+pub struct StepTokens<'a> {
+    pub meta: &'a wgpu::Buffer,
+    pub block_table: &'a wgpu::Buffer,
+}
+
+/// The position of a padding token: rope skips it, attention writes zeros for it.
+pub const NO_POSITION: u32 = u32::MAX;
+
+/// The paged KV cache's geometry: `slots` positions per KV head, in blocks of `block_size`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KvGeometry {
+    pub slots: u32,
+    pub block_size: u32,
+}
+
+impl KvGeometry {
+    /// The cache slot of position `pos` of the sequence whose block table starts at `table`.
+    pub fn slot(&self, block_table: &[u32], table: u32, pos: u32) -> u32 {
+        block_table[(table + pos / self.block_size) as usize] * self.block_size + pos % self.block_size
+    }
+}
+
 /// A grid of `groups` workgroups as (x, y, 1), folding into y past the per-dimension limit.
 /// Kernels recover the flat index as `wid.y * groups_x + wid.x` (and bound-check it).
 pub(crate) fn flat_grid(gpu: &Gpu, groups: u32) -> [u32; 3] {

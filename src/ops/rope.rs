@@ -1,5 +1,6 @@
 //! Rotary position embedding (`shaders/rope.wgsl`) and its cos/sin table.
 
+use super::{KvGeometry, StepTokens};
 use crate::gpu::{shaders, Dispatch, Gpu};
 use crate::{KilnError, Result};
 
@@ -9,11 +10,10 @@ pub struct Params {
     pub n_tokens: u32,
     pub n_heads: u32,
     pub head_dim: u32,
-    pub pos0: u32,
     pub interleaved: u32,
-    pub ctx: u32,
+    pub slots: u32,
+    pub block_size: u32,
     pub groups_x: u32,
-    pub _pad: u32,
 }
 
 /// How the two halves of a rotated pair sit in a head vector.
@@ -100,15 +100,13 @@ pub struct RopeShape {
     pub n_tokens: u32,
     pub n_heads: u32,
     pub head_dim: u32,
-    /// Absolute position of token 0.
-    pub pos0: u32,
     pub layout: RopeLayout,
 }
 
 const WG: u32 = 64;
 
 impl RopeShape {
-    fn params(&self, gpu: &Gpu, ctx: u32) -> Result<(Params, [u32; 3])> {
+    fn params(&self, gpu: &Gpu, kv: KvGeometry) -> Result<(Params, [u32; 3])> {
         if !self.head_dim.is_multiple_of(2) {
             return Err(KilnError::shape("rope", format!("head_dim {} is odd", self.head_dim)));
         }
@@ -118,25 +116,34 @@ impl RopeShape {
             n_tokens: self.n_tokens,
             n_heads: self.n_heads,
             head_dim: self.head_dim,
-            pos0: self.pos0,
             interleaved: (self.layout == RopeLayout::Interleaved) as u32,
-            ctx,
+            slots: kv.slots,
+            block_size: kv.block_size,
             groups_x: grid[0],
-            _pad: 0,
         };
         Ok((params, grid))
     }
 }
 
-/// Rotate q (n_tokens, n_heads, head_dim) in place.
-pub fn rope_q(gpu: &Gpu, table: &wgpu::Buffer, q: &wgpu::Buffer, shape: RopeShape) -> Result<Dispatch> {
-    let (params, grid) = shape.params(gpu, 0)?;
+/// Rotate q (n_tokens, n_heads, head_dim) in place, each token at its own position
+/// (`tokens.meta`; padding tokens are left alone).
+pub fn rope_q(
+    gpu: &Gpu,
+    table: &wgpu::Buffer,
+    q: &wgpu::Buffer,
+    shape: RopeShape,
+    tokens: StepTokens<'_>,
+) -> Result<Dispatch> {
+    let (params, grid) = shape.params(gpu, KvGeometry { slots: 0, block_size: 1 })?;
     let pipeline = gpu.pipeline(&shaders::ROPE, "rope_q", &[])?;
-    gpu.dispatch_at("rope_q", pipeline, &params, &[(1, table), (2, q)], grid)
+    gpu.dispatch_at("rope_q", pipeline, &params, &[(1, table), (2, q), (6, tokens.meta)], grid)
 }
 
-/// Rotate k and write it and v (both (n_tokens, n_kv_heads, head_dim)) into the caches
-/// (n_kv_heads, ctx, head_dim) at positions pos0 .. pos0 + n_tokens.
+/// Rotate k and write it and v (both (n_tokens, n_kv_heads, head_dim)) into the paged caches
+/// (n_kv_heads, slots, head_dim), each token at its position's slot of its block table.
+/// The caller guarantees every position is below the rope table's length and every block-table
+/// entry it reaches names a block of the pool.
+#[allow(clippy::too_many_arguments)]
 pub fn rope_kv(
     gpu: &Gpu,
     table: &wgpu::Buffer,
@@ -145,28 +152,28 @@ pub fn rope_kv(
     k_cache: &wgpu::Buffer,
     v_cache: &wgpu::Buffer,
     shape: RopeShape,
-    ctx: u32,
+    kv: KvGeometry,
+    tokens: StepTokens<'_>,
 ) -> Result<Dispatch> {
-    if shape.pos0 + shape.n_tokens > ctx {
-        return Err(KilnError::shape(
-            "rope_kv",
-            format!("positions up to {} exceed the cache's {ctx}", shape.pos0 + shape.n_tokens),
-        ));
+    if kv.block_size == 0 || !kv.slots.is_multiple_of(kv.block_size) {
+        return Err(KilnError::shape("rope_kv", format!("{} slots in blocks of {}", kv.slots, kv.block_size)));
     }
-    let (params, grid) = shape.params(gpu, ctx)?;
+    let (params, grid) = shape.params(gpu, kv)?;
     let pipeline = gpu.pipeline(&shaders::ROPE, "rope_kv", &[])?;
-    gpu.dispatch_at("rope_kv", pipeline, &params, &[(1, table), (2, k), (3, v), (4, k_cache), (5, v_cache)], grid)
+    let buffers =
+        [(1, table), (2, k), (3, v), (4, k_cache), (5, v_cache), (6, tokens.meta), (7, tokens.block_table)];
+    gpu.dispatch_at("rope_kv", pipeline, &params, &buffers, grid)
 }
 
-/// Reference: rotate x (n_tokens, n_heads, head_dim) with angles computed from scratch in f64
-/// (pos · inv_freq rounded to f32 as transformers does).
-pub fn rope_cpu(x: &[f32], shape: RopeShape, inv_freq: &[f32]) -> Vec<f32> {
+/// Reference: rotate x (n_tokens, n_heads, head_dim), token t at `positions[t]`, with angles
+/// computed from scratch in f64 (pos · inv_freq rounded to f32 as transformers does).
+pub fn rope_cpu(x: &[f32], shape: RopeShape, positions: &[u32], inv_freq: &[f32]) -> Vec<f32> {
     let d = shape.head_dim as usize;
     let half = d / 2;
     let mut y = x.to_vec();
     for (row, chunk) in y.chunks_mut(d).enumerate() {
         let t = row / shape.n_heads as usize;
-        let pos = shape.pos0 as usize + t;
+        let pos = positions[t] as usize;
         for (j, &freq) in inv_freq.iter().enumerate().take(half) {
             let angle = (pos as f32 * freq) as f64;
             let (a, b) = match shape.layout {
