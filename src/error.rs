@@ -51,6 +51,10 @@ pub enum KilnError {
     #[error("{0}")]
     Request(String),
 
+    /// The server is at capacity: its queue of waiting requests is full. Try again later.
+    #[error("busy: {0}")]
+    Busy(String),
+
     /// Reading a file failed.
     #[error("{path}: {source}")]
     Io { path: String, source: std::io::Error },

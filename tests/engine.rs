@@ -1,0 +1,429 @@
+//! The batched engine: batching never changes a sequence's result, the paged pool's accounting
+//! always returns to empty, and requests are scheduled, shared, cancelled and refused as a
+//! vLLM or llama-server user expects. Tiny fixtures on both device paths (f16 KV with subgroups,
+//! f32 KV without).
+
+mod common;
+
+use common::*;
+use kiln::engine::batch::{Readback, Runner, SeqStep, Wanted};
+use kiln::engine::{Engine, EngineConfig, Event, FinishReason, RequestParams};
+use kiln::gpu::Gpu;
+use kiln::sampling::SamplingParams;
+use kiln::{GenerateParams, KilnError, Model, Session};
+use rand::seq::SliceRandom;
+use rand::Rng;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+const MODELS: [&str; 2] = ["llama3-tiny", "qwen2-tiny"];
+
+fn load(name: &str, gpu: Arc<Gpu>) -> Arc<Model> {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name);
+    Arc::new(Model::load(&path, gpu, &mut |_, _| {}).unwrap_or_else(|e| panic!("loading {name}: {e}")))
+}
+
+fn random_tokens(rng: &mut rand::rngs::StdRng, n: usize, vocab: usize) -> Vec<u32> {
+    (0..n).map(|_| rng.random_range(0..vocab as u32)).collect()
+}
+
+/// Between `lo` and `hi` (exclusive) random tokens.
+fn random_prompt(rng: &mut rand::rngs::StdRng, lo: usize, hi: usize, vocab: usize) -> Vec<u32> {
+    let n = rng.random_range(lo..hi);
+    random_tokens(rng, n, vocab)
+}
+
+/// Batched and solo runs can differ only in f32 summation order (gemv against matmul for a
+/// one-token step, other KV splits): the K/V values stored are the same, rounded once. On
+/// lavapipe the tiny fixtures measure exactly 0 (both sides take the same kernels); 1e-4 allows
+/// another device's kernel choices and is still 27× below the smallest bug the fixtures list
+/// (2.7e-3).
+const BATCH_TOL: f64 = 1e-4;
+
+/// SmolLM2's logits (size ~10-30 over 30 layers) batched against solo: f32 summation order only.
+const SMOLLM2_BATCH_TOL: f64 = 1e-3;
+
+fn smollm() -> PathBuf {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".cache/models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(p.exists(), "{} is missing: run scripts/fetch-models.sh", p.display());
+    p
+}
+
+#[test]
+fn smollm2_batches_match_solo_runs() {
+    let mut rng = rng("smollm2_batches");
+    for (path, gpu) in devices() {
+        let model = Arc::new(Model::load(&smollm(), gpu, &mut |_, _| {}).unwrap());
+        check_mixed_batches(&model, &format!("SmolLM2 {path}"), &[40, 35, 17, 3], SMOLLM2_BATCH_TOL, &mut rng);
+        // Chats sharing a system prompt, served together: greedy tokens as when alone.
+        let engine = small_engine(&model, 1024, 64);
+        let system = kiln::tokenizer::ChatMessage::new("system", "You are a concise assistant. Answer in one sentence.");
+        let prompts: Vec<Vec<u32>> = ["What is the capital of France?", "Name a primary colour.", "What is 2+2?", "Say hello."]
+            .iter()
+            .map(|q| {
+                let user = kiln::tokenizer::ChatMessage::new("user", *q);
+                model.tokenizer.encode_chat(&[system.clone(), user], true).unwrap()
+            })
+            .collect();
+        let requests: Vec<_> = prompts.iter().map(|p| engine.submit(p.clone(), greedy(8)).unwrap()).collect();
+        let mut cached = 0;
+        for (p, r) in prompts.iter().zip(requests) {
+            let c = r.wait().unwrap();
+            cached += c.usage.cached_tokens;
+            assert_eq!(c.tokens, solo_greedy(&model, p, 8), "SmolLM2 {path}: batched greedy tokens");
+        }
+        eprintln!("SmolLM2 {path}: {cached} prompt tokens from the prefix cache");
+        assert_pool_empty(&engine, path);
+    }
+}
+
+/// Sequences cut into random chunks and run as mixed steps: in one step, some sequences decode
+/// one token, others feed a prompt chunk that sees their earlier chunks, one starts on blocks it
+/// shares with another (a common prefix). Every row's logits must equal the sequence's logits
+/// when it runs alone.
+fn check_mixed_batches(model: &Model, what: &str, lens: &[usize], tol: f64, rng: &mut rand::rngs::StdRng) {
+    let vocab = model.config.vocab_size;
+    let bs = 16usize;
+    // Sequence 1 shares sequence 0's first two blocks.
+    let mut seqs: Vec<Vec<u32>> = lens.iter().map(|&n| random_tokens(rng, n, vocab)).collect();
+    assert!(lens[0] >= 2 * bs && lens[1] > 2 * bs);
+    let prefix = seqs[0][..2 * bs].to_vec();
+    seqs[1][..2 * bs].copy_from_slice(&prefix);
+
+    let solo: Vec<Vec<f32>> = seqs
+        .iter()
+        .map(|s| Session::new(model, Some(256)).unwrap().feed_all(s).unwrap())
+        .collect();
+
+    let blocks_needed: usize = seqs.iter().map(|s| s.len().div_ceil(bs)).sum();
+    let blocks = blocks_needed as u32 + 7;
+    let mut runner = Runner::new(model, blocks, bs as u32, 64, 256).unwrap();
+    // Shuffled, non-contiguous block tables.
+    let mut free: Vec<u32> = (0..blocks).collect();
+    free.shuffle(rng);
+    let mut tables: Vec<Vec<u32>> = seqs.iter().map(|s| free.drain(..s.len().div_ceil(bs)).collect()).collect();
+    let shared_blocks = tables[0][..2].to_vec();
+    tables[1][..2].copy_from_slice(&shared_blocks);
+    // Sequence 1 starts after its shared prefix, once sequence 0 has computed it.
+    let mut done: Vec<usize> = vec![0; seqs.len()];
+    done[1] = 2 * bs;
+    let mut got: Vec<Vec<f32>> = seqs.iter().map(|s| vec![f32::NAN; s.len() * vocab]).collect();
+    for (i, g) in got.iter_mut().enumerate() {
+        if i == 1 {
+            g[..2 * bs * vocab].copy_from_slice(&solo[1][..2 * bs * vocab]);
+        }
+    }
+    let mut steps = 0;
+    while done.iter().zip(&seqs).any(|(d, s)| d < &s.len()) {
+        let mut budget = 64usize;
+        let mut plan = Vec::new();
+        for i in 0..seqs.len() {
+            if done[i] == seqs[i].len() || budget == 0 || (i == 1 && done[0] < 2 * bs) {
+                continue;
+            }
+            // Decode-like single tokens half the time, else a random chunk.
+            let left = seqs[i].len() - done[i];
+            let n = if rng.random_bool(0.5) { 1 } else { rng.random_range(1..=left) }.min(left).min(budget);
+            budget -= n;
+            plan.push((i, n));
+        }
+        let step: Vec<SeqStep<'_>> = plan
+            .iter()
+            .map(|&(i, n)| SeqStep {
+                tokens: &seqs[i][done[i]..done[i] + n],
+                pos0: done[i],
+                block_table: &tables[i],
+                wanted: Wanted::All,
+            })
+            .collect();
+        let out = runner.step(&step, Readback::Both).unwrap();
+        let mut row = 0;
+        for &(i, n) in &plan {
+            let rows = &out.logits[row * vocab..(row + n) * vocab];
+            got[i][done[i] * vocab..(done[i] + n) * vocab].copy_from_slice(rows);
+            for t in 0..n {
+                let want = kiln::ops::argmax::argmax_cpu(&rows[t * vocab..(t + 1) * vocab], vocab)[0];
+                assert_eq!(out.argmax[row + t], want, "{what}: GPU argmax of a batched row");
+            }
+            row += n;
+            done[i] += n;
+        }
+        steps += 1;
+    }
+    assert!(steps > 2, "several mixed steps ran");
+    for (i, (g, s)) in got.iter().zip(&solo).enumerate() {
+        assert_close(&format!("{what} seq {i} (len {})", seqs[i].len()), g, s, tol, "see BATCH_TOL / SMOLLM2_BATCH_TOL");
+    }
+}
+
+#[test]
+fn mixed_batches_give_each_sequence_its_solo_logits() {
+    let mut rng = rng("mixed_batches");
+    for (path, gpu) in devices() {
+        for name in MODELS {
+            let model = load(name, gpu.clone());
+            // Exactly one block, one past a block, chunks across boundaries, a single token.
+            check_mixed_batches(&model, &format!("{name} {path}"), &[40, 37, 16, 17, 1, 33], BATCH_TOL, &mut rng);
+        }
+    }
+}
+
+fn greedy(max_tokens: usize) -> RequestParams {
+    RequestParams { max_tokens, sampling: SamplingParams::default(), stop_at_eos: false, stop: Vec::new() }
+}
+
+fn solo_greedy(model: &Model, prompt: &[u32], max_tokens: usize) -> Vec<u32> {
+    let params = GenerateParams { max_tokens, sampling: SamplingParams::default(), stop_at_eos: false };
+    Session::new(model, Some(256)).unwrap().generate(prompt, &params, |_| {}).unwrap().tokens
+}
+
+fn small_engine(model: &Arc<Model>, kv_tokens: usize, max_step_tokens: usize) -> Engine {
+    let per_token = model.config.kv_bytes_per_token(model.gpu.kv_element_bytes() as usize) as u64;
+    let config = EngineConfig {
+        kv_memory: Some(kv_tokens as u64 * per_token),
+        max_step_tokens,
+        max_context: Some(256),
+        ..Default::default()
+    };
+    Engine::start(model.clone(), config).unwrap()
+}
+
+/// Wait until the engine is idle, then check every block is free and the pool is consistent.
+fn assert_pool_empty(engine: &Engine, what: &str) {
+    for _ in 0..500 {
+        let s = engine.stats();
+        if s.running == 0 && s.waiting == 0 {
+            assert_eq!(s.blocks_used, 0, "{what}: every block is free again ({s:?})");
+            assert_eq!(s.pool_error, None, "{what}: pool invariants");
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    panic!("{what}: the engine did not go idle: {:?}", engine.stats());
+}
+
+#[test]
+fn concurrent_greedy_streams_equal_their_solo_runs_from_1_to_64_sequences() {
+    let mut rng = rng("concurrent_greedy");
+    for (path, gpu) in devices() {
+        for name in MODELS {
+            let model = load(name, gpu.clone());
+            let vocab = model.config.vocab_size;
+            let engine = small_engine(&model, 64 * 48, 96);
+            for n in [1usize, 5, 64] {
+                let jobs: Vec<(Vec<u32>, usize)> = (0..n)
+                    .map(|_| (random_prompt(&mut rng, 1, 40, vocab), rng.random_range(1..10)))
+                    .collect();
+                let requests: Vec<_> =
+                    jobs.iter().map(|(p, m)| engine.submit(p.clone(), greedy(*m)).unwrap()).collect();
+                for ((prompt, max), request) in jobs.iter().zip(requests) {
+                    let c = request.wait().unwrap();
+                    assert_eq!(c.reason, FinishReason::MaxTokens);
+                    assert_eq!(c.usage.prompt_tokens, prompt.len());
+                    assert_eq!(c.usage.generated_tokens, *max);
+                    assert_eq!(c.tokens, solo_greedy(&model, prompt, *max), "{name} {path}: {n} streams");
+                    assert_eq!(c.text, model.tokenizer.decode(&c.tokens, true).unwrap(), "streamed text");
+                }
+                assert_pool_empty(&engine, &format!("{name} {path} after {n} streams"));
+            }
+        }
+    }
+}
+
+#[test]
+fn a_cached_prefix_is_reused_and_then_diverges() {
+    let mut rng = rng("prefix_cache");
+    for (path, gpu) in devices() {
+        let model = load("llama3-tiny", gpu);
+        let vocab = model.config.vocab_size;
+        let engine = small_engine(&model, 1024, 64);
+        let a = random_tokens(&mut rng, 40, vocab);
+        let run = |prompt: &[u32]| engine.submit(prompt.to_vec(), greedy(6)).unwrap().wait().unwrap();
+        let first = run(&a);
+        assert_eq!(first.usage.cached_tokens, 0, "{path}: nothing cached yet");
+        // Same first 35 tokens, then different: the two full blocks are reused.
+        let mut b = a[..35].to_vec();
+        b.extend(random_tokens(&mut rng, 9, vocab));
+        let second = run(&b);
+        assert_eq!(second.usage.cached_tokens, 32, "{path}: two blocks of 16 from the cache");
+        assert_eq!(second.tokens, solo_greedy(&model, &b, 6), "{path}: diverging after a cached prefix");
+        // The same prompt again: every full block but the one holding the last token.
+        let again = run(&a);
+        assert_eq!(again.usage.cached_tokens, 32);
+        assert_eq!(again.tokens, first.tokens);
+        // A prompt exactly one block long reuses nothing (its last token must be computed);
+        // one token longer reuses that block.
+        let one = random_tokens(&mut rng, 16, vocab);
+        assert_eq!(run(&one).usage.cached_tokens, 0);
+        assert_eq!(run(&one).usage.cached_tokens, 0);
+        let mut longer = one.clone();
+        longer.push(3);
+        let c = run(&longer);
+        assert_eq!(c.usage.cached_tokens, 16);
+        assert_eq!(c.tokens, solo_greedy(&model, &longer, 6));
+        // Generated tokens are cached too: a follow-up turn starting with prompt + answer.
+        let mut turn = a.clone();
+        turn.extend(&first.tokens);
+        turn.extend(random_tokens(&mut rng, 3, vocab));
+        let follow = run(&turn);
+        assert_eq!(follow.usage.cached_tokens, 32, "blocks full of prompt and answer");
+        assert_eq!(follow.tokens, solo_greedy(&model, &turn, 6));
+        let s = engine.stats();
+        assert_eq!(s.cached_prompt_tokens, 32 + 32 + 16 + 32, "{s:?}");
+        assert_pool_empty(&engine, path);
+    }
+}
+
+#[test]
+fn cancelling_mid_stream_frees_the_blocks_and_leaves_the_others_alone() {
+    let mut rng = rng("cancel");
+    for (path, gpu) in devices() {
+        let model = load("qwen2-tiny", gpu);
+        let vocab = model.config.vocab_size;
+        let engine = small_engine(&model, 1024, 64);
+        let (p1, p2) = (random_tokens(&mut rng, 20, vocab), random_tokens(&mut rng, 30, vocab));
+        let r1 = engine.submit(p1, greedy(200)).unwrap();
+        let r2 = engine.submit(p2.clone(), greedy(40)).unwrap();
+        let dropped = engine.submit(random_tokens(&mut rng, 50, vocab), greedy(200)).unwrap();
+        drop(dropped);
+        let mut seen = 0;
+        while seen < 3 {
+            match r1.next_event(Duration::from_secs(30)).expect("a token within 30 s") {
+                Event::Token { .. } => seen += 1,
+                other => panic!("{path}: unexpected {other:?}"),
+            }
+        }
+        r1.cancel();
+        let mut last = None;
+        while let Some(e) = r1.next_event(Duration::from_secs(30)) {
+            last = Some(e);
+        }
+        match last {
+            Some(Event::Done { reason: FinishReason::Cancelled, usage }) => {
+                assert!(usage.generated_tokens >= 3 && usage.generated_tokens < 200, "{usage:?}")
+            }
+            other => panic!("{path}: a cancelled stream ends with Done(Cancelled), got {other:?}"),
+        }
+        assert_eq!(r2.wait().unwrap().tokens, solo_greedy(&model, &p2, 40), "{path}: the other stream");
+        assert_pool_empty(&engine, path);
+    }
+}
+
+#[test]
+fn random_schedules_with_preemption_return_every_block() {
+    let mut rng = rng("random_schedules");
+    let (path, gpu) = devices().remove(0);
+    let model = load("llama3-tiny", gpu);
+    let vocab = model.config.vocab_size;
+    // 10 blocks of 16: several sequences of up to 150 tokens cannot all fit, so the scheduler
+    // must preempt and recompute (from the prefix cache where it can).
+    let engine = small_engine(&model, 160, 48);
+    let shared = random_tokens(&mut rng, 24, vocab);
+    for round in 0..3 {
+        let mut requests = Vec::new();
+        for _ in 0..12 {
+            let mut prompt =
+                if rng.random_bool(0.5) { shared.clone() } else { random_prompt(&mut rng, 1, 30, vocab) };
+            prompt.extend(random_prompt(&mut rng, 1, 20, vocab));
+            let max = rng.random_range(1..100).min(150 - prompt.len());
+            let cancel_after = rng.random_bool(0.3).then(|| rng.random_range(0..max));
+            requests.push((prompt.clone(), max, cancel_after, engine.submit(prompt, greedy(max)).unwrap()));
+        }
+        for (prompt, max, cancel_after, r) in requests {
+            let mut tokens = Vec::new();
+            let reason = loop {
+                if Some(tokens.len()) == cancel_after {
+                    r.cancel();
+                }
+                match r.next_event(Duration::from_secs(60)).expect("events keep coming") {
+                    Event::Token { id, .. } => tokens.push(id),
+                    Event::Text(_) => {}
+                    Event::Done { reason, .. } => break reason,
+                    Event::Failed(m) => panic!("round {round}: {m}"),
+                }
+            };
+            if reason == FinishReason::MaxTokens {
+                assert_eq!(tokens, solo_greedy(&model, &prompt, max), "round {round}: a finished stream");
+            } else {
+                assert_eq!(reason, FinishReason::Cancelled);
+                let solo = solo_greedy(&model, &prompt, max);
+                assert_eq!(tokens, solo[..tokens.len()], "round {round}: a cancelled stream's tokens so far");
+            }
+        }
+        assert_pool_empty(&engine, &format!("{path} round {round}"));
+    }
+    assert!(engine.stats().preemptions > 0, "the small pool forced preemption: {:?}", engine.stats());
+}
+
+#[test]
+fn requests_that_can_never_fit_are_refused_and_a_full_queue_is_busy() {
+    let (_, gpu) = devices().remove(0);
+    let model = load("llama3-tiny", gpu);
+    let engine = small_engine(&model, 64, 32);
+    let err = |r: kiln::Result<kiln::engine::Request>| r.err().expect("refused").to_string();
+    assert!(err(engine.submit(vec![], greedy(4))).contains("empty"));
+    assert!(err(engine.submit(vec![1; 10], greedy(0))).contains("max_tokens"));
+    assert!(err(engine.submit(vec![1; 200], greedy(100))).contains("context"));
+    assert!(err(engine.submit(vec![1; 60], greedy(10))).contains("never fit"));
+    assert!(err(engine.submit(vec![u32::MAX], greedy(1))).contains("vocabulary"));
+    let bad = RequestParams { sampling: SamplingParams { temperature: -1.0, ..Default::default() }, ..greedy(1) };
+    assert!(err(engine.submit(vec![1], bad)).contains("temperature"));
+    // Still serving.
+    assert_eq!(engine.submit(vec![1, 2, 3], greedy(2)).unwrap().wait().unwrap().tokens.len(), 2);
+
+    let config = EngineConfig { max_waiting: 2, max_running: 1, max_context: Some(256), ..Default::default() };
+    let engine = Engine::start(model.clone(), config).unwrap();
+    let held: Vec<_> = (0..3).map(|_| engine.submit(vec![1, 2, 3], greedy(50)).unwrap()).collect();
+    match engine.submit(vec![1, 2, 3], greedy(50)) {
+        Err(KilnError::Busy(m)) => assert!(m.contains("3 requests"), "{m}"),
+        other => panic!("a full queue answers Busy, got {:?}", other.map(|r| r.id)),
+    }
+    drop(held);
+}
+
+#[test]
+fn sampled_and_greedy_sequences_share_steps_and_stay_reproducible() {
+    let mut rng = rng("sampled_batches");
+    let (path, gpu) = devices().remove(0);
+    let model = load("qwen2-tiny", gpu);
+    let vocab = model.config.vocab_size;
+    let engine = small_engine(&model, 2048, 64);
+    let sampled = |seed| RequestParams {
+        sampling: SamplingParams { temperature: 0.9, top_k: 20, top_p: 0.9, seed, ..Default::default() },
+        ..greedy(12)
+    };
+    let prompt = random_tokens(&mut rng, 12, vocab);
+    let solo = {
+        let params = GenerateParams { max_tokens: 12, sampling: sampled(7).sampling, stop_at_eos: false };
+        Session::new(&model, Some(256)).unwrap().generate(&prompt, &params, |_| {}).unwrap().tokens
+    };
+    let rs: Vec<_> = (0..4)
+        .map(|i| {
+            let params = if i % 2 == 0 { sampled(7) } else { greedy(12) };
+            engine.submit(prompt.clone(), params).unwrap()
+        })
+        .collect();
+    let outs: Vec<_> = rs.into_iter().map(|r| r.wait().unwrap().tokens).collect();
+    assert_eq!(outs[0], solo, "{path}: a seeded sampler in a batch equals its solo run");
+    assert_eq!(outs[2], solo);
+    assert_eq!(outs[1], solo_greedy(&model, &prompt, 12));
+}
+
+#[test]
+fn stop_strings_end_the_stream_without_sending_them() {
+    let (path, gpu) = devices().remove(0);
+    let model = load("llama3-tiny", gpu);
+    let engine = small_engine(&model, 1024, 64);
+    let prompt = model.tokenizer.encode("The license grants you the freedom to", true).unwrap();
+    let full = engine.submit(prompt.clone(), greedy(24)).unwrap().wait().unwrap();
+    // Stop at a piece of text in the middle of the greedy continuation, spanning tokens.
+    let chars: Vec<char> = full.text.chars().collect();
+    assert!(chars.len() > 12, "{path}: continuation long enough: {:?}", full.text);
+    let stop: String = chars[6..10].iter().collect();
+    let at = full.text.find(&stop).unwrap();
+    let params = RequestParams { stop: vec![stop.clone()], ..greedy(24) };
+    let cut = engine.submit(prompt, params).unwrap().wait().unwrap();
+    assert_eq!(cut.reason, FinishReason::Stop(stop.clone()));
+    assert_eq!(cut.text, full.text[..at], "{path}: the text before the stop string, and nothing of it");
+}
