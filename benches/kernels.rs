@@ -15,7 +15,7 @@
 use kiln::gpu::{DType, Dispatch, Gpu, Weight};
 use kiln::ops::gemv::GemvKernel;
 use kiln::ops::matmul::MatmulKernel;
-use kiln::ops::{attention, elementwise, gemv, matmul};
+use kiln::ops::{attention, elementwise, gemv, matmul, KvGeometry, StepTokens};
 use kiln::Result;
 
 struct Model {
@@ -180,24 +180,29 @@ fn main() -> Result<()> {
             continue;
         }
         // Attention: prefill of prefill_m tokens, and one decode step at several cache fills.
+        // One sequence on a paged cache of 16-position blocks in order.
         let ctx = 4096u32;
-        let shape = attention::AttentionShape {
-            n_heads: model.heads,
-            n_kv_heads: model.kv_heads,
-            head_dim: model.head_dim,
-            ctx,
-        };
+        let kv = KvGeometry { slots: ctx, block_size: 16 };
+        let shape =
+            attention::AttentionShape { n_heads: model.heads, n_kv_heads: model.kv_heads, head_dim: model.head_dim, kv };
+        let table: Vec<u32> = (0..ctx / 16).collect();
+        let table = gpu.upload("block table", bytemuck::cast_slice(&table))?;
+        let prefill_meta: Vec<[u32; 2]> = (0..prefill_m).map(|p| [p, 0]).collect();
+        let prefill_meta = gpu.upload("positions", bytemuck::cast_slice(&prefill_meta))?;
+        let prefill_tokens = StepTokens { meta: &prefill_meta, block_table: &table };
         let elem = gpu.kv_element_bytes() as u64;
         let cache = (kv_dim as u64) * ctx as u64 * elem;
         let (kc, vc) = (gpu.buffer("k cache", cache)?, gpu.buffer("v cache", cache)?);
         let q_len = (prefill_m * model.heads * model.head_dim) as u64 * 4;
         let (q, out) = (gpu.buffer("q", q_len)?, gpu.buffer("out", q_len)?);
-        let d = attention::prefill(&gpu, &shape, &q, &kc, &vc, &out, prefill_m, 0)?;
+        let d = attention::prefill(&gpu, &shape, &q, &kc, &vc, &out, prefill_m, prefill_tokens)?;
         let t = seconds(&gpu, "attention prefill", &[&d], 0.5)?;
         println!("| {} | attention prefill | T={prefill_m} | {:.3} ms | | |", model.name, t * 1e3);
         for kv_len in [512u32, 2048, 4096] {
-            let splits = shape.splits(kv_len, 64);
-            let partials = attention::Partials::new(&gpu, &shape, 1, splits.0)?;
+            let splits = shape.splits(1, kv_len, 64);
+            let partials = attention::Partials::new(&gpu, &shape, splits.0)?;
+            let meta = gpu.upload("position", bytemuck::cast_slice(&[kv_len - 1, 0]))?;
+            let tokens = StepTokens { meta: &meta, block_table: &table };
             let own = attention::SplitKernel::for_device(&gpu);
             let mut kernels = vec![own];
             if all_kernels() {
@@ -209,7 +214,7 @@ fn main() -> Result<()> {
             }
             for kernel in kernels {
                 let [a, b] =
-                    attention::decode_with(&gpu, kernel, &shape, &q, &kc, &vc, &out, &partials, 1, kv_len - 1, splits)?;
+                    attention::decode_with(&gpu, kernel, &shape, &q, &kc, &vc, &out, &partials, 1, splits, tokens)?;
                 let t = seconds(&gpu, "attention decode", &[&a, &b], 0.3)?;
                 let gbs = (2 * kv_len as u64 * kv_dim as u64 * elem) as f64 / t / 1e9;
                 println!(
