@@ -3,8 +3,11 @@
 //! measured in one run so the ratios mean something on any machine.
 
 use crate::gpu::{Dispatch, Gpu};
-use crate::engine::batch::{Readback, Wanted};
+use crate::engine::batch::{Readback, Runner, SeqStep, Wanted};
+use crate::engine::{Engine, EngineConfig, Event, Request, RequestParams};
 use crate::model::Model;
+use crate::sampling::SamplingParams;
+use std::sync::Arc;
 use crate::ops::elementwise;
 use crate::{Result, Session};
 use rand::{Rng, SeedableRng};
@@ -42,12 +45,50 @@ pub struct BenchOptions {
     pub fills: Vec<usize>,
     /// Also profile a prefill step op by op (one more prompt's worth of time).
     pub profile_prefill: bool,
+    /// Numbers of concurrent greedy streams to serve through the batched engine (none: skip).
+    pub concurrency: Vec<usize>,
+    /// Prompt tokens of each concurrent stream.
+    pub stream_prompt_tokens: usize,
+    /// Length of a shared prefix (a system prompt) two requests in a row start with, to measure
+    /// what the prefix cache saves of the second one's time to first token (0: skip).
+    pub shared_prefix_tokens: usize,
 }
 
 impl Default for BenchOptions {
     fn default() -> Self {
-        BenchOptions { prompt_tokens: 128, gen_tokens: 32, fills: vec![0, 512, 2048], profile_prefill: true }
+        BenchOptions {
+            prompt_tokens: 128,
+            gen_tokens: 32,
+            fills: vec![0, 512, 2048],
+            profile_prefill: true,
+            concurrency: Vec::new(),
+            stream_prompt_tokens: 32,
+            shared_prefix_tokens: 0,
+        }
     }
+}
+
+/// N concurrent greedy streams through the engine.
+#[derive(Clone, Debug)]
+pub struct ConcurrencyRun {
+    pub streams: usize,
+    /// Tokens all streams received per second while every stream was decoding (from the last
+    /// stream's first token to the end).
+    pub decode_tok_s: f64,
+    pub ttft_p50_s: f64,
+    pub ttft_p99_s: f64,
+    /// Inter-token latency across all streams.
+    pub itl_p50_s: f64,
+    pub itl_p99_s: f64,
+}
+
+/// Time to first token of two requests sharing a prefix, the second served from the cache.
+#[derive(Clone, Debug)]
+pub struct PrefixCacheRun {
+    pub prefix_tokens: usize,
+    pub first_ttft_s: f64,
+    pub second_ttft_s: f64,
+    pub cached_tokens: usize,
 }
 
 /// Decode speed at one cache fill.
@@ -85,6 +126,10 @@ pub struct BenchReport {
     pub kv_cache_bytes: u64,
     pub activation_bytes: u64,
     pub peak_rss_bytes: Option<u64>,
+    pub concurrency: Vec<ConcurrencyRun>,
+    /// Op-by-op GPU time of one decode step of the largest concurrency's sequences.
+    pub batched_decode_ops: Vec<OpTime>,
+    pub prefix_cache: Option<PrefixCacheRun>,
     /// Why a part could not be measured (no timestamps, a fill beyond the context).
     pub notes: Vec<String>,
 }
@@ -146,7 +191,7 @@ pub fn decode_bytes_per_token(model: &Model, fill: usize) -> u64 {
 
 /// Benchmark `model`: copy bandwidth, prefill of `prompt_tokens` random tokens (after a
 /// warm-up), greedy decoding of `gen_tokens` at each fill, and op-by-op profiles.
-pub fn run(model: &Model, options: &BenchOptions, mut log: impl FnMut(&str)) -> Result<BenchReport> {
+pub fn run(model: &Arc<Model>, options: &BenchOptions, mut log: impl FnMut(&str)) -> Result<BenchReport> {
     let gpu = &model.gpu;
     let c = &model.config;
     let mut notes = Vec::new();
@@ -219,6 +264,15 @@ pub fn run(model: &Model, options: &BenchOptions, mut log: impl FnMut(&str)) -> 
         notes.push(format!("no op-by-op profile: {} has no TIMESTAMP_QUERY", gpu.info.name));
     }
     let dispatches_per_token = session.decode_dispatches().unwrap_or(0);
+    let (kv_cache_bytes, activation_bytes) = (session.kv_cache_bytes(), session.activation_bytes());
+    drop(session);
+
+    let concurrency = serve_streams(model, options, &mut log)?;
+    let batched_decode_ops = match options.concurrency.iter().max() {
+        Some(&n) if gpu.caps.timestamps => by_op(&profile_batched_decode(model, n, options.stream_prompt_tokens, &mut log)?),
+        _ => Vec::new(),
+    };
+    let prefix_cache = shared_prefix(model, options, &mut log)?;
 
     Ok(BenchReport {
         model: model.dir.display().to_string(),
@@ -232,11 +286,158 @@ pub fn run(model: &Model, options: &BenchOptions, mut log: impl FnMut(&str)) -> 
         decode_ops,
         prefill_ops,
         weight_bytes: model.load_stats.weight_bytes,
-        kv_cache_bytes: session.kv_cache_bytes(),
-        activation_bytes: session.activation_bytes(),
+        kv_cache_bytes,
+        activation_bytes,
         peak_rss_bytes: crate::model::peak_rss_bytes(),
+        concurrency,
+        batched_decode_ops,
+        prefix_cache,
         notes,
     })
+}
+
+/// GPU time by dispatch of one decode step of `n` sequences, each `prompt_tokens` long, with the
+/// batched engine's step executor.
+fn profile_batched_decode(
+    model: &Model,
+    n: usize,
+    prompt_tokens: usize,
+    log: &mut impl FnMut(&str),
+) -> Result<Vec<(String, f64)>> {
+    log(&format!("profiling a decode step of {n} sequences"));
+    let bs = 16usize;
+    let len = prompt_tokens.max(1) + 1;
+    let per_seq = len.div_ceil(bs);
+    let mut runner = Runner::new(model, (n * per_seq) as u32, bs as u32, n as u32, len)?;
+    let tables: Vec<Vec<u32>> = (0..n).map(|i| ((i * per_seq) as u32..((i + 1) * per_seq) as u32).collect()).collect();
+    // The cache content does not change the work: attend over whatever the blocks hold.
+    let ids = vec![1u32];
+    let steps: Vec<SeqStep<'_>> = tables
+        .iter()
+        .map(|t| SeqStep { tokens: &ids, pos0: len - 1, block_table: t, wanted: Wanted::Last })
+        .collect();
+    runner.step(&steps, Readback::Argmax)?; // plan and pipelines
+    runner.profile_step(&steps, Readback::Argmax)
+}
+
+/// The `q`-quantile of `v` (nearest rank), 0 when empty.
+fn quantile(v: &mut [f64], q: f64) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(f64::total_cmp);
+    v[((q * v.len() as f64).ceil() as usize).clamp(1, v.len()) - 1]
+}
+
+/// The arrival time of every token of a request (blocking until it ends).
+fn token_times(request: &Request) -> Result<Vec<Instant>> {
+    let mut times = Vec::new();
+    for event in request.events().iter() {
+        match event {
+            Event::Token { .. } => times.push(Instant::now()),
+            Event::Text(_) => {}
+            Event::Done { .. } => return Ok(times),
+            Event::Failed(m) => return Err(crate::KilnError::Request(m)),
+        }
+    }
+    Ok(times)
+}
+
+fn bench_engine(model: &Arc<Model>, streams: usize, tokens_per_stream: usize) -> Result<Engine> {
+    let per_token = model.config.kv_bytes_per_token(model.gpu.kv_element_bytes() as usize) as u64;
+    // Every stream's blocks, plus a block of slack each.
+    let kv_tokens = (streams * (tokens_per_stream + 16)) as u64;
+    let config = EngineConfig {
+        kv_memory: Some(kv_tokens * per_token),
+        max_running: streams.max(1),
+        max_context: Some(tokens_per_stream.clamp(16, model.config.max_position_embeddings)),
+        ..Default::default()
+    };
+    Engine::start(model.clone(), config)
+}
+
+/// Serve N concurrent greedy streams of random prompts for each N in `options.concurrency`.
+fn serve_streams(model: &Arc<Model>, options: &BenchOptions, log: &mut impl FnMut(&str)) -> Result<Vec<ConcurrencyRun>> {
+    let Some(&most) = options.concurrency.iter().max() else { return Ok(Vec::new()) };
+    let c = &model.config;
+    let per_stream = options.stream_prompt_tokens.max(1) + options.gen_tokens.max(2);
+    let engine = bench_engine(&model, most, per_stream)?;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x73747265616d);
+    let params = RequestParams {
+        max_tokens: options.gen_tokens.max(2),
+        sampling: SamplingParams::default(),
+        stop_at_eos: false,
+        stop: Vec::new(),
+    };
+    // Warm-up: compiles the pipelines the batched steps use.
+    let warm: Vec<u32> = (0..options.stream_prompt_tokens.max(1)).map(|_| rng.random_range(0..c.vocab_size as u32)).collect();
+    engine.submit(warm, RequestParams { max_tokens: 2, ..params.clone() })?.wait()?;
+    let mut runs = Vec::new();
+    for &streams in &options.concurrency {
+        log(&format!("{streams} concurrent streams of {} + {} tokens", options.stream_prompt_tokens, params.max_tokens));
+        let prompts: Vec<Vec<u32>> = (0..streams)
+            .map(|_| (0..options.stream_prompt_tokens.max(1)).map(|_| rng.random_range(0..c.vocab_size as u32)).collect())
+            .collect();
+        let start = Instant::now();
+        let requests = prompts.into_iter().map(|p| engine.submit(p, params.clone())).collect::<Result<Vec<_>>>()?;
+        let times: Vec<Vec<Instant>> = std::thread::scope(|s| {
+            let handles: Vec<_> = requests.into_iter().map(|r| s.spawn(move || token_times(&r))).collect();
+            handles.into_iter().map(|h| h.join().expect("collector thread")).collect::<Result<Vec<_>>>()
+        })?;
+        // Steady state: from the last stream's first token to the first stream's last one, when
+        // every stream is decoding (no prompt chunks, no stream finished yet).
+        let all_decoding = times.iter().filter_map(|t| t.first()).max().copied().unwrap_or(start);
+        let first_done = times.iter().filter_map(|t| t.last()).min().copied().unwrap_or(start);
+        let in_window = times.iter().flatten().filter(|&&t| t > all_decoding && t <= first_done).count();
+        let window = first_done.saturating_duration_since(all_decoding).as_secs_f64();
+        let mut ttft: Vec<f64> = times.iter().filter_map(|t| t.first()).map(|t| t.duration_since(start).as_secs_f64()).collect();
+        let mut itl: Vec<f64> =
+            times.iter().flat_map(|t| t.windows(2).map(|w| w[1].duration_since(w[0]).as_secs_f64())).collect();
+        runs.push(ConcurrencyRun {
+            streams,
+            decode_tok_s: if window > 0.0 { in_window as f64 / window } else { 0.0 },
+            ttft_p50_s: quantile(&mut ttft, 0.5),
+            ttft_p99_s: quantile(&mut ttft, 0.99),
+            itl_p50_s: quantile(&mut itl, 0.5),
+            itl_p99_s: quantile(&mut itl, 0.99),
+        });
+    }
+    Ok(runs)
+}
+
+/// Two requests that share `options.shared_prefix_tokens` of prompt, one after the other.
+fn shared_prefix(model: &Arc<Model>, options: &BenchOptions, log: &mut impl FnMut(&str)) -> Result<Option<PrefixCacheRun>> {
+    let prefix_tokens = options.shared_prefix_tokens;
+    if prefix_tokens == 0 {
+        return Ok(None);
+    }
+    let c = &model.config;
+    let engine = bench_engine(&model, 2, prefix_tokens + 16 + 4)?;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x707265666978);
+    let mut ids = |n: usize| -> Vec<u32> { (0..n).map(|_| rng.random_range(0..c.vocab_size as u32)).collect() };
+    let prefix = ids(prefix_tokens);
+    let params = RequestParams { max_tokens: 2, stop_at_eos: false, ..Default::default() };
+    // Warm-up on an unrelated prompt of the same length (pipelines and plans).
+    engine.submit(ids(prefix_tokens + 8), params.clone())?.wait()?;
+    let ttft = |question: Vec<u32>| -> Result<(f64, usize)> {
+        let prompt: Vec<u32> = prefix.iter().copied().chain(question).collect();
+        let start = Instant::now();
+        let request = engine.submit(prompt, params.clone())?;
+        let mut first = None;
+        for event in request.events().iter() {
+            match event {
+                Event::Token { .. } if first.is_none() => first = Some(start.elapsed().as_secs_f64()),
+                Event::Done { usage, .. } => return Ok((first.unwrap_or(0.0), usage.cached_tokens)),
+                Event::Failed(m) => return Err(crate::KilnError::Request(m)),
+                _ => {}
+            }
+        }
+        Err(crate::KilnError::Request("the engine stopped".into()))
+    };
+    log(&format!("time to first token with a {prefix_tokens}-token shared prefix, cold then cached"));
+    let (first_ttft_s, _) = ttft(ids(8))?;
+    let (second_ttft_s, cached_tokens) = ttft(ids(8))?;
+    Ok(Some(PrefixCacheRun { prefix_tokens, first_ttft_s, second_ttft_s, cached_tokens }))
 }
 
 impl BenchReport {
@@ -272,12 +473,28 @@ impl BenchReport {
             "dispatches_per_token": self.dispatches_per_token,
             "decode_ops": ops(&self.decode_ops),
             "prefill_ops": ops(&self.prefill_ops),
+            "batched_decode_ops": ops(&self.batched_decode_ops),
             "gpu_memory": {
                 "weights": self.weight_bytes,
                 "kv_cache": self.kv_cache_bytes,
                 "activations": self.activation_bytes,
             },
             "peak_rss_bytes": self.peak_rss_bytes,
+            "concurrency": self.concurrency.iter().map(|r| json!({
+                "streams": r.streams,
+                "decode_tok_s": r.decode_tok_s,
+                "ttft_p50_s": r.ttft_p50_s,
+                "ttft_p99_s": r.ttft_p99_s,
+                "itl_p50_s": r.itl_p50_s,
+                "itl_p99_s": r.itl_p99_s,
+            })).collect::<Value>(),
+            "prefix_cache": self.prefix_cache.as_ref().map(|p| json!({
+                "prefix_tokens": p.prefix_tokens,
+                "first_ttft_s": p.first_ttft_s,
+                "second_ttft_s": p.second_ttft_s,
+                "cached_tokens": p.cached_tokens,
+                "speedup": p.first_ttft_s / p.second_ttft_s.max(1e-9),
+            })),
             "notes": self.notes,
         })
     }
@@ -311,7 +528,12 @@ impl BenchReport {
             );
         }
         s += &format!("\n{} dispatches per decoded token\n", self.dispatches_per_token);
-        for (title, ops) in [("decode step", &self.decode_ops), ("prefill step", &self.prefill_ops)] {
+        let batched = format!("decode step of {} sequences", self.concurrency.iter().map(|r| r.streams).max().unwrap_or(0));
+        for (title, ops) in [
+            ("decode step", &self.decode_ops),
+            ("prefill step", &self.prefill_ops),
+            (batched.as_str(), &self.batched_decode_ops),
+        ] {
             if ops.is_empty() {
                 continue;
             }
@@ -329,6 +551,34 @@ impl BenchReport {
                     100.0 * o.seconds / total
                 );
             }
+        }
+        if !self.concurrency.is_empty() {
+            let one = self.concurrency.iter().find(|r| r.streams == 1).map(|r| r.decode_tok_s);
+            s += "\nconcurrent greedy streams through the batched engine\n";
+            s += "| streams | decode tok/s (all streams) | × one stream | of prefill tok/s | TTFT p50 / p99 s | ITL p50 / p99 ms |\n|---|---|---|---|---|---|\n";
+            for r in &self.concurrency {
+                s += &format!(
+                    "| {} | {:.2} | {} | {:.0}% | {:.3} / {:.3} | {:.1} / {:.1} |\n",
+                    r.streams,
+                    r.decode_tok_s,
+                    one.map_or("n/a".into(), |o| format!("{:.2}×", r.decode_tok_s / o)),
+                    100.0 * r.decode_tok_s / self.prefill_tok_s,
+                    r.ttft_p50_s,
+                    r.ttft_p99_s,
+                    r.itl_p50_s * 1e3,
+                    r.itl_p99_s * 1e3
+                );
+            }
+        }
+        if let Some(p) = &self.prefix_cache {
+            s += &format!(
+                "\nshared {}-token prefix: time to first token {:.3} s cold, {:.3} s with {} tokens cached ({:.1}× shorter)\n",
+                p.prefix_tokens,
+                p.first_ttft_s,
+                p.second_ttft_s,
+                p.cached_tokens,
+                p.first_ttft_s / p.second_ttft_s.max(1e-9)
+            );
         }
         for n in &self.notes {
             s += &format!("note: {n}\n");

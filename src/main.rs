@@ -2,6 +2,7 @@
 //! to stderr.
 
 use clap::{Args, Parser, Subcommand};
+use kiln::engine::EngineConfig;
 use kiln::sampling::SamplingParams;
 use kiln::tokenizer::ChatMessage;
 use kiln::{GenerateParams, Gpu, Model, Session};
@@ -49,6 +50,10 @@ enum Command {
     Info {
         #[command(flatten)]
         model: ModelArgs,
+        /// GPU memory for the batched engine's KV cache pool, e.g. 512M or 2G (default: as much
+        /// as the weights take, between 256 MiB and 4 GiB).
+        #[arg(long, value_parser = parse_bytes)]
+        kv_memory: Option<u64>,
     },
     /// Prefill and decode speed, time to first token, GPU time per op, and decode bandwidth
     /// against the device's copy bandwidth, measured in one run.
@@ -73,6 +78,17 @@ enum Command {
         /// Skip the op-by-op profile of a prefill step.
         #[arg(long)]
         no_prefill_profile: bool,
+        /// Serve this many concurrent greedy streams through the batched engine and report
+        /// aggregate decode speed, time to first token and inter-token latency (e.g. 1,4,16,64).
+        #[arg(long, value_delimiter = ',')]
+        concurrency: Vec<usize>,
+        /// Prompt tokens of each concurrent stream.
+        #[arg(long, default_value_t = 32)]
+        stream_prompt_tokens: usize,
+        /// Measure the time to first token of two requests sharing a prefix of this many tokens
+        /// (the second served from the prefix cache).
+        #[arg(long, default_value_t = 0)]
+        shared_prefix: usize,
         /// One JSON object on stdout instead of tables.
         #[arg(long)]
         json: bool,
@@ -127,6 +143,28 @@ impl SamplingArgs {
         };
         GenerateParams { max_tokens: self.max_tokens, sampling, stop_at_eos: true }
     }
+}
+
+/// A byte count: a number with an optional K, M, G or T suffix (powers of 1024), e.g. 512M.
+fn parse_bytes(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (digits, unit) = match s.char_indices().find(|(_, c)| !c.is_ascii_digit() && *c != '.') {
+        Some((i, _)) => (&s[..i], s[i..].trim().trim_end_matches(['B', 'b', 'i'])),
+        None => (s, ""),
+    };
+    let shift = match unit.to_ascii_uppercase().as_str() {
+        "" => 0,
+        "K" => 10,
+        "M" => 20,
+        "G" => 30,
+        "T" => 40,
+        other => return Err(format!("unknown unit `{other}` (use K, M, G or T)")),
+    };
+    let value: f64 = digits.parse().map_err(|_| format!("`{s}` is not a byte count such as 512M or 2G"))?;
+    if !value.is_finite() || value <= 0.0 {
+        return Err(format!("`{s}` must be more than 0 bytes"));
+    }
+    Ok((value * (1u64 << shift) as f64) as u64)
 }
 
 fn load(args: &ModelArgs) -> kiln::Result<Model> {
@@ -265,11 +303,33 @@ fn run(cli: Cli) -> kiln::Result<()> {
             println!("perplexity: {:.4}", (nll / count as f64).exp());
             println!("tokens: {count}");
         }
-        Command::Info { model: args } => {
+        Command::Info { model: args, kv_memory } => {
             let model = load(&args)?;
             print!("{}", model.info());
+            let config = EngineConfig { kv_memory, max_context: args.ctx, ..Default::default() };
+            let pool = config.kv_pool(&model)?;
+            println!(
+                "engine kv pool: {} blocks of {} positions = {} tokens, {} bytes ({:.3} GiB)",
+                pool.blocks,
+                pool.block_size,
+                pool.tokens,
+                pool.bytes,
+                pool.bytes as f64 / (1u64 << 30) as f64
+            );
         }
-        Command::Bench { model, synthetic, layers, prompt_tokens, gen_tokens, fills, no_prefill_profile, json } => {
+        Command::Bench {
+            model,
+            synthetic,
+            layers,
+            prompt_tokens,
+            gen_tokens,
+            fills,
+            no_prefill_profile,
+            concurrency,
+            stream_prompt_tokens,
+            shared_prefix,
+            json,
+        } => {
             let model = match (model, synthetic) {
                 (Some(path), _) => load(&ModelArgs { model: path, ctx: None })?,
                 (None, Some(name)) => {
@@ -284,8 +344,16 @@ fn run(cli: Cli) -> kiln::Result<()> {
                 }
                 (None, None) => unreachable!("clap requires --model or --synthetic"),
             };
-            let options =
-                kiln::bench::BenchOptions { prompt_tokens, gen_tokens, fills, profile_prefill: !no_prefill_profile };
+            let model = std::sync::Arc::new(model);
+            let options = kiln::bench::BenchOptions {
+                prompt_tokens,
+                gen_tokens,
+                fills,
+                profile_prefill: !no_prefill_profile,
+                concurrency,
+                stream_prompt_tokens,
+                shared_prefix_tokens: shared_prefix,
+            };
             let report = kiln::bench::run(&model, &options, |step| eprintln!("bench: {step}"))?;
             if json {
                 println!("{}", report.to_json());

@@ -93,7 +93,8 @@ fn unknown_presets_and_layer_counts_are_clear_errors() {
 fn bench_json_reports_the_documented_keys() {
     let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
         .args(["bench", "--synthetic", "smollm2-135m-q4_1", "--layers", "2", "--prompt-tokens", "8"])
-        .args(["--gen-tokens", "2", "--fills", "0,40", "--json"])
+        .args(["--gen-tokens", "3", "--fills", "0,40", "--concurrency", "1,3", "--stream-prompt-tokens", "5"])
+        .args(["--shared-prefix", "40", "--json"])
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -113,6 +114,21 @@ fn bench_json_reports_the_documented_keys() {
     assert_eq!(counted, v["dispatches_per_token"].as_u64().unwrap());
     assert!(ops.iter().any(|o| o["op"].as_str().unwrap().contains("gate_proj")));
     assert!(v["gpu_memory"]["weights"].as_u64().unwrap() > 0);
+    // Concurrent streams through the batched engine, and a decode step of all of them profiled.
+    let runs = v["concurrency"].as_array().unwrap();
+    assert_eq!(runs.iter().map(|r| r["streams"].as_u64().unwrap()).collect::<Vec<_>>(), [1, 3]);
+    for r in runs {
+        for key in ["decode_tok_s", "ttft_p50_s", "ttft_p99_s", "itl_p50_s", "itl_p99_s"] {
+            let x = r[key].as_f64().unwrap_or_else(|| panic!("{key} missing in {r}"));
+            assert!(x.is_finite() && x > 0.0, "{key} = {x}");
+        }
+        assert!(r["ttft_p99_s"].as_f64() >= r["ttft_p50_s"].as_f64());
+    }
+    let batched = v["batched_decode_ops"].as_array().unwrap();
+    assert!(batched.iter().any(|o| o["op"].as_str().unwrap().starts_with("matmul") && o["count"].as_u64() == Some(2)));
+    // The second request with the same 40-token prefix finds its two full blocks cached.
+    assert_eq!(v["prefix_cache"]["cached_tokens"].as_u64(), Some(32));
+    assert!(v["prefix_cache"]["second_ttft_s"].as_f64().unwrap() > 0.0);
 }
 
 #[test]

@@ -62,6 +62,36 @@ pub struct EngineConfig {
     pub max_waiting: usize,
 }
 
+/// The KV pool an [`EngineConfig`] gives a model.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KvPoolSize {
+    pub blocks: u32,
+    pub block_size: u32,
+    pub tokens: u64,
+    pub bytes: u64,
+}
+
+impl EngineConfig {
+    /// The pool: `kv_memory` (or the default budget) in whole blocks, each layer's K within one
+    /// storage binding.
+    pub fn kv_pool(&self, model: &Model) -> Result<KvPoolSize> {
+        let c = &model.config;
+        let block_size = self.block_size.max(1);
+        let per_token = c.kv_bytes_per_token(model.gpu.kv_element_bytes() as usize) as u64;
+        let budget = self.kv_memory.unwrap_or_else(|| model.load_stats.weight_bytes.clamp(256 << 20, 4 << 30));
+        let per_layer_token = (per_token / (2 * c.n_layers as u64).max(1)).max(1);
+        let max_slots = model.gpu.max_binding / per_layer_token;
+        let blocks = ((budget / per_token.max(1)).min(max_slots) / block_size as u64).min(u32::MAX as u64 / 2) as u32;
+        if blocks == 0 {
+            return Err(KilnError::Request(format!(
+                "a KV memory of {budget} bytes holds no block of {block_size} positions ({per_token} bytes a position)"
+            )));
+        }
+        let tokens = blocks as u64 * block_size as u64;
+        Ok(KvPoolSize { blocks, block_size, tokens, bytes: tokens * per_token })
+    }
+}
+
 impl Default for EngineConfig {
     fn default() -> Self {
         EngineConfig {
@@ -239,24 +269,13 @@ impl Engine {
                 c.max_position_embeddings
             )));
         }
-        let block_size = config.block_size.max(1);
-        let per_token = c.kv_bytes_per_token(model.gpu.kv_element_bytes() as usize) as u64;
-        let budget =
-            config.kv_memory.unwrap_or_else(|| model.load_stats.weight_bytes.clamp(256 << 20, 4 << 30));
-        // One layer's K must fit one binding.
-        let per_layer_token = per_token / (2 * c.n_layers as u64).max(1);
-        let max_slots = model.gpu.max_binding / per_layer_token.max(1);
-        let blocks = ((budget / per_token.max(1)).min(max_slots) / block_size as u64) as u32;
-        if blocks == 0 {
-            return Err(KilnError::Request(format!(
-                "a KV memory of {budget} bytes holds no block of {block_size} positions ({per_token} bytes a position)"
-            )));
-        }
+        let pool = config.kv_pool(&model)?;
+        let (blocks, block_size) = (pool.blocks, pool.block_size);
         let max_step_tokens = config.max_step_tokens.clamp(1, max_context);
         let stats = Arc::new(Mutex::new(EngineStats {
             blocks_total: blocks,
             block_size,
-            kv_bytes: blocks as u64 * block_size as u64 * per_token,
+            kv_bytes: pool.bytes,
             ..Default::default()
         }));
         let (tx, rx) = mpsc::channel();
