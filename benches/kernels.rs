@@ -183,8 +183,12 @@ fn main() -> Result<()> {
         // One sequence on a paged cache of 16-position blocks in order.
         let ctx = 4096u32;
         let kv = KvGeometry { slots: ctx, block_size: 16 };
-        let shape =
-            attention::AttentionShape { n_heads: model.heads, n_kv_heads: model.kv_heads, head_dim: model.head_dim, kv };
+        let shape = attention::AttentionShape {
+            n_heads: model.heads,
+            n_kv_heads: model.kv_heads,
+            head_dim: model.head_dim,
+            kv,
+        };
         let table: Vec<u32> = (0..ctx / 16).collect();
         let table = gpu.upload("block table", bytemuck::cast_slice(&table))?;
         let prefill_meta: Vec<[u32; 2]> = (0..prefill_m).map(|p| [p, 0]).collect();

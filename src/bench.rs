@@ -2,16 +2,16 @@
 //! the GPU time goes, and how close decoding comes to the device's memory bandwidth, all
 //! measured in one run so the ratios mean something on any machine.
 
-use crate::gpu::{Dispatch, Gpu};
 use crate::engine::batch::{Readback, Runner, SeqStep, Wanted};
 use crate::engine::{Engine, EngineConfig, Event, Request, RequestParams};
+use crate::gpu::{Dispatch, Gpu};
 use crate::model::Model;
-use crate::sampling::SamplingParams;
-use std::sync::Arc;
 use crate::ops::elementwise;
+use crate::sampling::SamplingParams;
 use crate::{Result, Session};
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
+use std::sync::Arc;
 use std::time::Instant;
 
 /// Best-of-3 seconds per repetition of `dispatches` recorded into one pass, repetitions sized
@@ -269,7 +269,9 @@ pub fn run(model: &Arc<Model>, options: &BenchOptions, mut log: impl FnMut(&str)
 
     let concurrency = serve_streams(model, options, &mut log)?;
     let batched_decode_ops = match options.concurrency.iter().max() {
-        Some(&n) if gpu.caps.timestamps => by_op(&profile_batched_decode(model, n, options.stream_prompt_tokens, &mut log)?),
+        Some(&n) if gpu.caps.timestamps => {
+            by_op(&profile_batched_decode(model, n, options.stream_prompt_tokens, &mut log)?)
+        }
         _ => Vec::new(),
     };
     let prefix_cache = shared_prefix(model, options, &mut log)?;
@@ -312,10 +314,8 @@ fn profile_batched_decode(
     let tables: Vec<Vec<u32>> = (0..n).map(|i| ((i * per_seq) as u32..((i + 1) * per_seq) as u32).collect()).collect();
     // The cache content does not change the work: attend over whatever the blocks hold.
     let ids = vec![1u32];
-    let steps: Vec<SeqStep<'_>> = tables
-        .iter()
-        .map(|t| SeqStep { tokens: &ids, pos0: len - 1, block_table: t, wanted: Wanted::Last })
-        .collect();
+    let steps: Vec<SeqStep<'_>> =
+        tables.iter().map(|t| SeqStep { tokens: &ids, pos0: len - 1, block_table: t, wanted: Wanted::Last }).collect();
     runner.step(&steps, Readback::Argmax)?; // plan and pipelines
     runner.profile_step(&steps, Readback::Argmax)
 }
@@ -357,11 +357,15 @@ fn bench_engine(model: &Arc<Model>, streams: usize, tokens_per_stream: usize) ->
 }
 
 /// Serve N concurrent greedy streams of random prompts for each N in `options.concurrency`.
-fn serve_streams(model: &Arc<Model>, options: &BenchOptions, log: &mut impl FnMut(&str)) -> Result<Vec<ConcurrencyRun>> {
+fn serve_streams(
+    model: &Arc<Model>,
+    options: &BenchOptions,
+    log: &mut impl FnMut(&str),
+) -> Result<Vec<ConcurrencyRun>> {
     let Some(&most) = options.concurrency.iter().max() else { return Ok(Vec::new()) };
     let c = &model.config;
     let per_stream = options.stream_prompt_tokens.max(1) + options.gen_tokens.max(2);
-    let engine = bench_engine(&model, most, per_stream)?;
+    let engine = bench_engine(model, most, per_stream)?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(0x73747265616d);
     let params = RequestParams {
         max_tokens: options.gen_tokens.max(2),
@@ -370,13 +374,19 @@ fn serve_streams(model: &Arc<Model>, options: &BenchOptions, log: &mut impl FnMu
         stop: Vec::new(),
     };
     // Warm-up: compiles the pipelines the batched steps use.
-    let warm: Vec<u32> = (0..options.stream_prompt_tokens.max(1)).map(|_| rng.random_range(0..c.vocab_size as u32)).collect();
+    let warm: Vec<u32> =
+        (0..options.stream_prompt_tokens.max(1)).map(|_| rng.random_range(0..c.vocab_size as u32)).collect();
     engine.submit(warm, RequestParams { max_tokens: 2, ..params.clone() })?.wait()?;
     let mut runs = Vec::new();
     for &streams in &options.concurrency {
-        log(&format!("{streams} concurrent streams of {} + {} tokens", options.stream_prompt_tokens, params.max_tokens));
+        log(&format!(
+            "{streams} concurrent streams of {} + {} tokens",
+            options.stream_prompt_tokens, params.max_tokens
+        ));
         let prompts: Vec<Vec<u32>> = (0..streams)
-            .map(|_| (0..options.stream_prompt_tokens.max(1)).map(|_| rng.random_range(0..c.vocab_size as u32)).collect())
+            .map(|_| {
+                (0..options.stream_prompt_tokens.max(1)).map(|_| rng.random_range(0..c.vocab_size as u32)).collect()
+            })
             .collect();
         let start = Instant::now();
         let requests = prompts.into_iter().map(|p| engine.submit(p, params.clone())).collect::<Result<Vec<_>>>()?;
@@ -390,7 +400,8 @@ fn serve_streams(model: &Arc<Model>, options: &BenchOptions, log: &mut impl FnMu
         let first_done = times.iter().filter_map(|t| t.last()).min().copied().unwrap_or(start);
         let in_window = times.iter().flatten().filter(|&&t| t > all_decoding && t <= first_done).count();
         let window = first_done.saturating_duration_since(all_decoding).as_secs_f64();
-        let mut ttft: Vec<f64> = times.iter().filter_map(|t| t.first()).map(|t| t.duration_since(start).as_secs_f64()).collect();
+        let mut ttft: Vec<f64> =
+            times.iter().filter_map(|t| t.first()).map(|t| t.duration_since(start).as_secs_f64()).collect();
         let mut itl: Vec<f64> =
             times.iter().flat_map(|t| t.windows(2).map(|w| w[1].duration_since(w[0]).as_secs_f64())).collect();
         runs.push(ConcurrencyRun {
@@ -406,13 +417,17 @@ fn serve_streams(model: &Arc<Model>, options: &BenchOptions, log: &mut impl FnMu
 }
 
 /// Two requests that share `options.shared_prefix_tokens` of prompt, one after the other.
-fn shared_prefix(model: &Arc<Model>, options: &BenchOptions, log: &mut impl FnMut(&str)) -> Result<Option<PrefixCacheRun>> {
+fn shared_prefix(
+    model: &Arc<Model>,
+    options: &BenchOptions,
+    log: &mut impl FnMut(&str),
+) -> Result<Option<PrefixCacheRun>> {
     let prefix_tokens = options.shared_prefix_tokens;
     if prefix_tokens == 0 {
         return Ok(None);
     }
     let c = &model.config;
-    let engine = bench_engine(&model, 2, prefix_tokens + 16 + 4)?;
+    let engine = bench_engine(model, 2, prefix_tokens + 16 + 4)?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(0x707265666978);
     let mut ids = |n: usize| -> Vec<u32> { (0..n).map(|_| rng.random_range(0..c.vocab_size as u32)).collect() };
     let prefix = ids(prefix_tokens);
@@ -528,7 +543,8 @@ impl BenchReport {
             );
         }
         s += &format!("\n{} dispatches per decoded token\n", self.dispatches_per_token);
-        let batched = format!("decode step of {} sequences", self.concurrency.iter().map(|r| r.streams).max().unwrap_or(0));
+        let batched =
+            format!("decode step of {} sequences", self.concurrency.iter().map(|r| r.streams).max().unwrap_or(0));
         for (title, ops) in [
             ("decode step", &self.decode_ops),
             ("prefill step", &self.prefill_ops),

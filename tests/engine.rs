@@ -58,14 +58,16 @@ fn smollm2_batches_match_solo_runs() {
         check_mixed_batches(&model, &format!("SmolLM2 {path}"), &[40, 35, 17, 3], SMOLLM2_BATCH_TOL, &mut rng);
         // Chats sharing a system prompt, served together: greedy tokens as when alone.
         let engine = small_engine(&model, 1024, 64);
-        let system = kiln::tokenizer::ChatMessage::new("system", "You are a concise assistant. Answer in one sentence.");
-        let prompts: Vec<Vec<u32>> = ["What is the capital of France?", "Name a primary colour.", "What is 2+2?", "Say hello."]
-            .iter()
-            .map(|q| {
-                let user = kiln::tokenizer::ChatMessage::new("user", *q);
-                model.tokenizer.encode_chat(&[system.clone(), user], true).unwrap()
-            })
-            .collect();
+        let system =
+            kiln::tokenizer::ChatMessage::new("system", "You are a concise assistant. Answer in one sentence.");
+        let prompts: Vec<Vec<u32>> =
+            ["What is the capital of France?", "Name a primary colour.", "What is 2+2?", "Say hello."]
+                .iter()
+                .map(|q| {
+                    let user = kiln::tokenizer::ChatMessage::new("user", *q);
+                    model.tokenizer.encode_chat(&[system.clone(), user], true).unwrap()
+                })
+                .collect();
         let requests: Vec<_> = prompts.iter().map(|p| engine.submit(p.clone(), greedy(8)).unwrap()).collect();
         let mut cached = 0;
         for (p, r) in prompts.iter().zip(requests) {
@@ -91,10 +93,8 @@ fn check_mixed_batches(model: &Model, what: &str, lens: &[usize], tol: f64, rng:
     let prefix = seqs[0][..2 * bs].to_vec();
     seqs[1][..2 * bs].copy_from_slice(&prefix);
 
-    let solo: Vec<Vec<f32>> = seqs
-        .iter()
-        .map(|s| Session::new(model, Some(256)).unwrap().feed_all(s).unwrap())
-        .collect();
+    let solo: Vec<Vec<f32>> =
+        seqs.iter().map(|s| Session::new(model, Some(256)).unwrap().feed_all(s).unwrap()).collect();
 
     let blocks_needed: usize = seqs.iter().map(|s| s.len().div_ceil(bs)).sum();
     let blocks = blocks_needed as u32 + 7;
@@ -153,7 +153,13 @@ fn check_mixed_batches(model: &Model, what: &str, lens: &[usize], tol: f64, rng:
     }
     assert!(steps > 2, "several mixed steps ran");
     for (i, (g, s)) in got.iter().zip(&solo).enumerate() {
-        assert_close(&format!("{what} seq {i} (len {})", seqs[i].len()), g, s, tol, "see BATCH_TOL / SMOLLM2_BATCH_TOL");
+        assert_close(
+            &format!("{what} seq {i} (len {})", seqs[i].len()),
+            g,
+            s,
+            tol,
+            "see BATCH_TOL / SMOLLM2_BATCH_TOL",
+        );
     }
 }
 
@@ -212,9 +218,8 @@ fn concurrent_greedy_streams_equal_their_solo_runs_from_1_to_64_sequences() {
             let vocab = model.config.vocab_size;
             let engine = small_engine(&model, 64 * 48, 96);
             for n in [1usize, 5, 64] {
-                let jobs: Vec<(Vec<u32>, usize)> = (0..n)
-                    .map(|_| (random_prompt(&mut rng, 1, 40, vocab), rng.random_range(1..10)))
-                    .collect();
+                let jobs: Vec<(Vec<u32>, usize)> =
+                    (0..n).map(|_| (random_prompt(&mut rng, 1, 40, vocab), rng.random_range(1..10))).collect();
                 let requests: Vec<_> =
                     jobs.iter().map(|(p, m)| engine.submit(p.clone(), greedy(*m)).unwrap()).collect();
                 for ((prompt, max), request) in jobs.iter().zip(requests) {
@@ -323,8 +328,7 @@ fn random_schedules_with_preemption_return_every_block() {
     for round in 0..3 {
         let mut requests = Vec::new();
         for _ in 0..12 {
-            let mut prompt =
-                if rng.random_bool(0.5) { shared.clone() } else { random_prompt(&mut rng, 1, 30, vocab) };
+            let mut prompt = if rng.random_bool(0.5) { shared.clone() } else { random_prompt(&mut rng, 1, 30, vocab) };
             prompt.extend(random_prompt(&mut rng, 1, 20, vocab));
             let max = rng.random_range(1..100).min(150 - prompt.len());
             let cancel_after = rng.random_bool(0.3).then(|| rng.random_range(0..max));

@@ -400,7 +400,10 @@ fn lm_head_larger_than_one_binding_works() {
 /// Upload a step's token metadata ((position, first block-table entry) per token) and block tables.
 fn step_tokens(gpu: &Gpu, meta: &[[u32; 2]], table: &[u32]) -> (wgpu::Buffer, wgpu::Buffer) {
     let table = if table.is_empty() { &[0u32][..] } else { table };
-    (gpu.upload("meta", bytemuck::cast_slice(meta)).unwrap(), gpu.upload("block table", bytemuck::cast_slice(table)).unwrap())
+    (
+        gpu.upload("meta", bytemuck::cast_slice(meta)).unwrap(),
+        gpu.upload("block table", bytemuck::cast_slice(table)).unwrap(),
+    )
 }
 
 #[test]
@@ -441,7 +444,9 @@ fn rope_rotates_q_in_both_layouts_at_any_position() {
                         want[pad..].copy_from_slice(&x[pad..]);
                     }
                     assert_close(
-                        &format!("rope_q {name} D={head_dim} {layout:?} T={n_tokens} H={n_heads} positions={positions:?}"),
+                        &format!(
+                            "rope_q {name} D={head_dim} {layout:?} T={n_tokens} H={n_heads} positions={positions:?}"
+                        ),
                         &gpu.read_f32(&buf, n).unwrap(),
                         &want,
                         16.0 * U32 * 2.0,
@@ -522,10 +527,24 @@ fn rope_kv_writes_rotated_keys_and_values_into_paged_slots() {
         let tokens = StepTokens { meta: &meta_b, block_table: &table_buf };
         let n = n_tokens as usize * n_kv * head_dim;
         let (k, v) = (uniform(&mut rng, n, -2.0, 2.0), uniform(&mut rng, n, -2.0, 2.0));
-        let shape =
-            rope::RopeShape { n_tokens, n_heads: n_kv as u32, head_dim: head_dim as u32, layout: rope::RopeLayout::HalfSplit };
-        let d = rope::rope_kv(&gpu, &table, &upload_f32(&gpu, "k", &k), &upload_f32(&gpu, "v", &v), &kc, &vc, shape, kv, tokens)
-            .unwrap();
+        let shape = rope::RopeShape {
+            n_tokens,
+            n_heads: n_kv as u32,
+            head_dim: head_dim as u32,
+            layout: rope::RopeLayout::HalfSplit,
+        };
+        let d = rope::rope_kv(
+            &gpu,
+            &table,
+            &upload_f32(&gpu, "k", &k),
+            &upload_f32(&gpu, "v", &v),
+            &kc,
+            &vc,
+            shape,
+            kv,
+            tokens,
+        )
+        .unwrap();
         gpu.run("rope_kv", &[&d]).unwrap();
         let read = |b: &wgpu::Buffer| -> Vec<f32> {
             let bytes = gpu.read_bytes(b, cache_bytes as u64).unwrap();
@@ -567,8 +586,16 @@ fn rope_kv_writes_rotated_keys_and_values_into_paged_slots() {
                     };
                     let src = (t * n_kv + h) * head_dim + e;
                     let (gk, gv) = (kc_host[at + e], vc_host[at + e]);
-                    assert!((gk - k_rot[src]).abs() as f64 <= tol(k_rot[src]), "{name}: k slot {slot} h={h} e={e}: {gk} vs {}", k_rot[src]);
-                    assert!((gv - v[src]).abs() as f64 <= tol(v[src]), "{name}: v slot {slot} h={h} e={e}: {gv} vs {}", v[src]);
+                    assert!(
+                        (gk - k_rot[src]).abs() as f64 <= tol(k_rot[src]),
+                        "{name}: k slot {slot} h={h} e={e}: {gk} vs {}",
+                        k_rot[src]
+                    );
+                    assert!(
+                        (gv - v[src]).abs() as f64 <= tol(v[src]),
+                        "{name}: v slot {slot} h={h} e={e}: {gv} vs {}",
+                        v[src]
+                    );
                 }
             }
         }
@@ -687,7 +714,12 @@ fn paged_attention_matches_reference_for_mha_gqa_mqa_and_every_head_dim() {
             AttnCase { n_heads: 3, n_kv_heads: 3, head_dim: 64, seqs: &[(2, 130), (1, 15), (16, 0)] },
             AttnCase { n_heads: 18, n_kv_heads: 1, head_dim: 64, seqs: &[(3, 200)] },
             // Many decoding sequences at once, each at its own length.
-            AttnCase { n_heads: 9, n_kv_heads: 3, head_dim: 64, seqs: &[(1, 0), (1, 15), (1, 16), (1, 17), (1, 100), (1, 63)] },
+            AttnCase {
+                n_heads: 9,
+                n_kv_heads: 3,
+                head_dim: 64,
+                seqs: &[(1, 0), (1, 15), (1, 16), (1, 17), (1, 100), (1, 63)],
+            },
         ];
         let mut max_splits = 0;
         for c in &cases {
@@ -873,6 +905,12 @@ fn gather_rows_picks_the_wanted_rows() {
         .unwrap();
         gpu.run("gather_rows", &[&d]).unwrap();
         let want = embedding::embedding_cpu(&rows, &src, dim);
-        assert_close(&format!("gather_rows {name}"), &gpu.read_f32(&out, want.len()).unwrap(), &want, 0.0, "a copy is exact");
+        assert_close(
+            &format!("gather_rows {name}"),
+            &gpu.read_f32(&out, want.len()).unwrap(),
+            &want,
+            0.0,
+            "a copy is exact",
+        );
     }
 }

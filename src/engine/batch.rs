@@ -238,15 +238,8 @@ impl<'m> Runner<'m> {
                     let oldest = (0..self.plans.len()).min_by_key(|&i| self.plans[i].2).expect("plans are kept");
                     self.plans.swap_remove(oldest);
                 }
-                let plan = forward::plan(
-                    gpu,
-                    &model.config,
-                    &model.weights,
-                    &self.cache,
-                    &self.act,
-                    &self.rope_table,
-                    key,
-                )?;
+                let plan =
+                    forward::plan(gpu, &model.config, &model.weights, &self.cache, &self.act, &self.rope_table, key)?;
                 self.plans.push((key, plan, 0));
                 self.plans.len() - 1
             }

@@ -150,10 +150,16 @@ pub struct Usage {
 pub enum Event {
     /// A generated token and the text it completes (empty while text is held back: an
     /// incomplete character, or what may be the start of a stop string).
-    Token { id: u32, text: String },
+    Token {
+        id: u32,
+        text: String,
+    },
     /// Text held back until the end.
     Text(String),
-    Done { reason: FinishReason, usage: Usage },
+    Done {
+        reason: FinishReason,
+        usage: Usage,
+    },
     Failed(String),
 }
 
@@ -306,9 +312,8 @@ impl Engine {
                 })
                 .map_err(|e| KilnError::Request(format!("could not start the engine thread: {e}")))?
         };
-        let max_rows = ready_rx
-            .recv()
-            .map_err(|_| KilnError::Request("the engine thread stopped while starting".into()))??;
+        let max_rows =
+            ready_rx.recv().map_err(|_| KilnError::Request("the engine thread stopped while starting".into()))??;
         Ok(Engine {
             model,
             submissions: Some(tx),
@@ -497,8 +502,12 @@ impl<'m> EngineLoop<'m> {
                 }
             })
             .collect();
-        let rows: Vec<&Sequence<'_>> =
-            steps.iter().zip(&scheduled).filter(|(st, _)| st.wanted == Wanted::Last).map(|(_, s)| &running[s.index]).collect();
+        let rows: Vec<&Sequence<'_>> = steps
+            .iter()
+            .zip(&scheduled)
+            .filter(|(st, _)| st.wanted == Wanted::Last)
+            .map(|(_, s)| &running[s.index])
+            .collect();
         let all_argmax = rows.iter().all(|s| s.wants_argmax_only());
         let any_argmax = rows.iter().any(|s| s.wants_argmax_only());
         let readback = match (all_argmax, any_argmax) {

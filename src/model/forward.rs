@@ -251,7 +251,10 @@ pub fn plan(
     if n == 0 || n > act.max_tokens || key.rows > n.min(act.max_rows) {
         return Err(KilnError::shape(
             "forward",
-            format!("a step of {n} tokens and {} logit rows, room for {} and {}", key.rows, act.max_tokens, act.max_rows),
+            format!(
+                "a step of {n} tokens and {} logit rows, room for {} and {}",
+                key.rows, act.max_tokens, act.max_rows
+            ),
         ));
     }
     let (hidden, f) = (c.hidden_size as u32, c.intermediate_size as u32);
@@ -289,8 +292,19 @@ pub fn plan(
             Some(kernel) => {
                 let (q, out, partials) = (&act.q, &act.attn, &act.partials);
                 // One split to start with; `prepare` re-splits for each step's longest sequence.
-                let [split, reduce] =
-                    attention::decode_with(gpu, kernel, &shape, q, k_cache, v_cache, out, partials, n, (1, 64), tokens)?;
+                let [split, reduce] = attention::decode_with(
+                    gpu,
+                    kernel,
+                    &shape,
+                    q,
+                    k_cache,
+                    v_cache,
+                    out,
+                    partials,
+                    n,
+                    (1, 64),
+                    tokens,
+                )?;
                 let params = *bytemuck::from_bytes(&split.host_params);
                 splits.push(SplitAttention { split: d.len(), reduce: d.len() + 1, params, kernel });
                 d.push(split);

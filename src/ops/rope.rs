@@ -160,8 +160,7 @@ pub fn rope_kv(
     }
     let (params, grid) = shape.params(gpu, kv)?;
     let pipeline = gpu.pipeline(&shaders::ROPE, "rope_kv", &[])?;
-    let buffers =
-        [(1, table), (2, k), (3, v), (4, k_cache), (5, v_cache), (6, tokens.meta), (7, tokens.block_table)];
+    let buffers = [(1, table), (2, k), (3, v), (4, k_cache), (5, v_cache), (6, tokens.meta), (7, tokens.block_table)];
     gpu.dispatch_at("rope_kv", pipeline, &params, &buffers, grid)
 }
 
