@@ -166,7 +166,7 @@ fn matmul_regs(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_
 
 const MB_ROWS: u32 = 16u;
 const MB_TOKENS: u32 = 4u;
-const MB_WG: u32 = 16u;
+const MB_WG: u32 = 8u;
 
 @compute @workgroup_size(MB_WG)
 fn matmul_blocks(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {

@@ -42,7 +42,7 @@ impl MatmulKernel {
     fn entry_and_tiles(self, cols: u32) -> (&'static str, u32, u32) {
         match self {
             MatmulKernel::Tiled => ("matmul", 64, 64),
-            MatmulKernel::Blocks if cols.is_multiple_of(32) => ("matmul_blocks", 16 * 16, 4),
+            MatmulKernel::Blocks if cols.is_multiple_of(32) => ("matmul_blocks", 8 * 16, 4),
             MatmulKernel::Registers | MatmulKernel::Blocks => ("matmul_regs", 32, 32),
         }
     }
