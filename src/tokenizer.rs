@@ -63,6 +63,45 @@ impl std::fmt::Debug for Tokenizer {
     }
 }
 
+/// Run `f`, turning a panic inside it into an error with the panic's message, printed nowhere.
+///
+/// Why: tokenizers 0.22.2 panics on some malformed tokenizer.json files instead of returning an
+/// error. Its `DecoderWrapper` and `NormalizerWrapper` deserialisers call
+/// `Helper::deserialize(deserializer).expect("Helper")` (src/decoders/mod.rs:90,
+/// src/normalizers/mod.rs), so a syntax error or a bad escape inside the `decoder` or
+/// `normalizer` object aborts the caller. Upstream, those `expect`s should become `map_err`.
+/// 1.0.0-rc.3 (read in its source, 2026-12) replaces the serde readers with its own JSON parser
+/// (tk-serialize) that has no such `expect`, but it is a release candidate with a new API
+/// (`PipelineTokenizer`, a canonicalising pass for older files); kiln stays on 0.22 for now and
+/// keeps this guard either way.
+pub(crate) fn without_panics<T>(f: impl FnOnce() -> T) -> std::result::Result<T, String> {
+    use std::cell::Cell;
+    thread_local! {
+        static QUIET: Cell<bool> = const { Cell::new(false) };
+    }
+    // One process-wide hook that stays silent on threads inside this guard and otherwise
+    // defers to the hook it replaced.
+    static INSTALL: std::sync::Once = std::sync::Once::new();
+    INSTALL.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !QUIET.with(Cell::get) {
+                previous(info);
+            }
+        }));
+    });
+    let was_quiet = QUIET.with(|q| q.replace(true));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    QUIET.with(|q| q.set(was_quiet));
+    result.map_err(|payload| {
+        payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "the tokenizers crate panicked".into())
+    })
+}
+
 impl Tokenizer {
     /// Load a Hugging Face model directory's `tokenizer.json` and, if present,
     /// `tokenizer_config.json`.
@@ -80,6 +119,20 @@ impl Tokenizer {
             None => TokenizerConfig::default(),
         };
         Self::from_parts(&bytes, config, tokenizer_json, tokenizer_config)
+    }
+
+    /// From the bytes of a tokenizer.json and, optionally, a tokenizer_config.json; `origin`
+    /// names them in errors (the fuzz target's entry point).
+    pub fn from_bytes(tokenizer_json: &[u8], tokenizer_config: Option<&[u8]>, origin: &Path) -> Result<Tokenizer> {
+        let config = match tokenizer_config {
+            Some(bytes) => {
+                let json: serde_json::Value = serde_json::from_slice(bytes)
+                    .map_err(|e| KilnError::model(origin, format!("tokenizer_config: not valid JSON: {e}")))?;
+                TokenizerConfig::from_json(origin, &json)?
+            }
+            None => TokenizerConfig::default(),
+        };
+        Self::from_parts(tokenizer_json, config, origin, None)
     }
 
     /// From the JSON of a tokenizer.json and a tokenizer_config.json made elsewhere (a GGUF
@@ -100,8 +153,11 @@ impl Tokenizer {
         tokenizer_json: &Path,
         tokenizer_config: Option<&Path>,
     ) -> Result<Tokenizer> {
-        let inner = tokenizers::Tokenizer::from_bytes(bytes)
-            .map_err(|e| KilnError::model(tokenizer_json, format!("not a valid tokenizer.json: {e}")))?;
+        let damaged =
+            |e: String| KilnError::model(tokenizer_json, format!("damaged or not a valid tokenizer.json: {e}"));
+        let inner = without_panics(|| tokenizers::Tokenizer::from_bytes(bytes))
+            .map_err(damaged)?
+            .map_err(|e| damaged(e.to_string()))?;
 
         // A bos/eos the vocabulary lacks would silently never match (generation would not stop),
         // so it is an error here rather than a `None`.

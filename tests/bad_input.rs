@@ -145,6 +145,48 @@ fn missing_tokenizer() {
     assert!(err.contains("tokenizer.json"), "{err}");
 }
 
+/// A damaged tokenizer.json: the CLI says which file and that it is damaged, exits non-zero,
+/// and prints nothing else (the tokenizers crate panics on these; kiln must not).
+fn assert_damaged_tokenizer(tag: &str, damage: impl Fn(&str) -> String) {
+    let dir = copy_model("qwen2-tiny", tag);
+    let path = dir.join("tokenizer.json");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let damaged = damage(&text);
+    assert_ne!(damaged, text, "{tag}: the damage changed the file");
+    std::fs::write(&path, damaged).unwrap();
+    let err = load_err(&dir);
+    assert!(err.contains("tokenizer.json") && err.contains("damaged"), "{tag}: {err}");
+    for command in ["info", "chat"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .args([command, "--model", dir.to_str().unwrap()])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{tag} {command}: a clear error, not a panic (101):\n{stderr}");
+        let lines: Vec<&str> = stderr.lines().filter(|l| !l.contains("XDG_RUNTIME_DIR")).collect();
+        assert_eq!(lines.len(), 1, "{tag} {command}: only the error on stderr:\n{stderr}");
+        assert!(lines[0].starts_with("error: ") && lines[0].contains("damaged"), "{tag} {command}: {stderr}");
+    }
+}
+
+/// Replace the first `from` after `section` in `text` by `to`.
+fn damage_after(text: &str, section: &str, from: &str, to: &str) -> String {
+    let at = text.find(section).unwrap_or_else(|| panic!("no {section}"));
+    let rel = text[at..].find(from).unwrap_or_else(|| panic!("no {from} after {section}"));
+    format!("{}{to}{}", &text[..at + rel], &text[at + rel + from.len()..])
+}
+
+#[test]
+fn damaged_tokenizer_json_is_a_clear_error_not_a_panic() {
+    // An invalid escape inside the decoder object, as a flipped byte makes one.
+    assert_damaged_tokenizer("tok-decoder", |t| damage_after(t, "\"decoder\"", "\"ByteLevel\"", "\"Byte\\uZZZZ\""));
+    // A key that is not a string inside the normalizer object.
+    assert_damaged_tokenizer("tok-normalizer", |t| damage_after(t, "\"normalizer\"", "\"type\"", "7"));
+    // A file cut short.
+    assert_damaged_tokenizer("tok-truncated", |t| t[..t.len() / 2].to_string());
+}
+
 #[test]
 fn cli_reports_errors_with_a_nonzero_exit() {
     let model = fixture("llama3-tiny");
