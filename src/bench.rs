@@ -371,7 +371,7 @@ fn serve_streams(
         max_tokens: options.gen_tokens.max(2),
         sampling: SamplingParams::default(),
         stop_at_eos: false,
-        stop: Vec::new(),
+        ..Default::default()
     };
     // Warm-up: compiles the pipelines the batched steps use.
     let warm: Vec<u32> =

@@ -140,6 +140,7 @@ impl SamplingArgs {
             min_p: pick(self.min_p, g.min_p, 0.0),
             repeat_penalty: pick(self.repeat_penalty, g.repetition_penalty, 1.0),
             seed: self.seed,
+            ..Default::default()
         };
         GenerateParams { max_tokens: self.max_tokens, sampling, stop_at_eos: true }
     }

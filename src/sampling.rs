@@ -28,13 +28,27 @@ pub struct SamplingParams {
     /// Penalise every token already in the prompt or output (HF semantics, see
     /// [`apply_repetition_penalty`]); 1.0 = off.
     pub repeat_penalty: f32,
+    /// OpenAI's penalties on the generated tokens (not the prompt): every token already
+    /// generated loses `presence_penalty` once and `frequency_penalty` per occurrence from its
+    /// logit. 0 = off; each in [-2, 2].
+    pub presence_penalty: f32,
+    pub frequency_penalty: f32,
     /// Seed of the sampler's random number generator: the same seed and logits give the same tokens.
     pub seed: u64,
 }
 
 impl Default for SamplingParams {
     fn default() -> Self {
-        SamplingParams { temperature: 0.0, top_k: 0, top_p: 1.0, min_p: 0.0, repeat_penalty: 1.0, seed: 0 }
+        SamplingParams {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            repeat_penalty: 1.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            seed: 0,
+        }
     }
 }
 
@@ -42,6 +56,11 @@ impl SamplingParams {
     /// Greedy decoding: argmax, no randomness (temperature `<= 0`).
     pub fn is_greedy(&self) -> bool {
         self.temperature <= 0.0
+    }
+
+    /// Greedy with no penalty: the argmax of the raw logits is the pick (the GPU can make it).
+    pub fn is_plain_argmax(&self) -> bool {
+        self.is_greedy() && self.repeat_penalty == 1.0 && self.presence_penalty == 0.0 && self.frequency_penalty == 0.0
     }
 
     /// Reject values that have no meaning, naming the parameter, so a bad request or flag fails
@@ -59,6 +78,11 @@ impl SamplingParams {
         }
         if !self.repeat_penalty.is_finite() || self.repeat_penalty <= 0.0 {
             return bad(format!("repeat_penalty must be a finite number > 0 (1 = off), got {}", self.repeat_penalty));
+        }
+        for (name, v) in [("presence_penalty", self.presence_penalty), ("frequency_penalty", self.frequency_penalty)] {
+            if !(-2.0..=2.0).contains(&v) {
+                return bad(format!("{name} must be in [-2, 2] (0 = off), got {v}"));
+            }
         }
         Ok(())
     }
@@ -83,6 +107,24 @@ impl Sampler {
 
     pub fn params(&self) -> &SamplingParams {
         &self.params
+    }
+
+    /// As [`Sampler::sample`], after OpenAI's presence and frequency penalties on the tokens of
+    /// `history` past `prompt_len` (the generated ones).
+    pub fn sample_output(&mut self, logits: &mut [f32], history: &[u32], prompt_len: usize) -> u32 {
+        let (presence, frequency) = (self.params.presence_penalty, self.params.frequency_penalty);
+        if presence != 0.0 || frequency != 0.0 {
+            let mut counts = std::collections::HashMap::new();
+            for &id in &history[prompt_len.min(history.len())..] {
+                *counts.entry(id).or_insert(0u32) += 1;
+            }
+            for (id, n) in counts {
+                if let Some(l) = logits.get_mut(id as usize) {
+                    *l -= presence + frequency * n as f32;
+                }
+            }
+        }
+        self.sample(logits, history)
     }
 
     /// Pick the next token from one row of logits (`[vocab]`). `history` holds every id of the
@@ -199,6 +241,28 @@ pub fn apply_repetition_penalty(logits: &mut [f32], history: &[u32], penalty: f3
         let l = logits[i];
         logits[i] = if l > 0.0 { l / penalty } else { l * penalty };
     }
+}
+
+/// The log-probability of `id` under softmax(`logits`), and the `top` most likely tokens with
+/// theirs (most likely first, ties by id). NaN logits count as impossible.
+pub fn logprobs(logits: &[f32], id: u32, top: usize) -> (f32, Vec<(u32, f32)>) {
+    let max = logits.iter().copied().filter(|l| !l.is_nan()).fold(f32::NEG_INFINITY, f32::max) as f64;
+    let sum: f64 = logits.iter().filter(|l| !l.is_nan()).map(|&l| (l as f64 - max).exp()).sum();
+    let lse = max + sum.ln();
+    let lp = |l: f32| if l.is_nan() { f32::NEG_INFINITY } else { (l as f64 - lse) as f32 };
+    let chosen = logits.get(id as usize).map_or(f32::NEG_INFINITY, |&l| lp(l));
+    let mut best: Vec<(u32, f32)> = Vec::with_capacity(top + 1);
+    if top > 0 {
+        for (i, &l) in logits.iter().enumerate() {
+            if l.is_nan() || (best.len() == top && l <= best[top - 1].1) {
+                continue;
+            }
+            let at = best.partition_point(|b| b.1 >= l);
+            best.insert(at, (i as u32, l));
+            best.truncate(top);
+        }
+    }
+    (chosen, best.into_iter().map(|(i, l)| (i, lp(l))).collect())
 }
 
 /// Index of the largest logit; the first one on ties; NaN never wins. `None` if every value is

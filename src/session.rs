@@ -243,13 +243,14 @@ impl<'m> Session<'m> {
         let model = self.model();
         let eos = &model.generation.eos_token_ids;
         let mut sampler = Sampler::new(params.sampling.clone());
-        let gpu_greedy = params.sampling.is_greedy() && params.sampling.repeat_penalty == 1.0;
+        let gpu_greedy = params.sampling.is_plain_argmax();
+        let prompt_end = self.tokens.len() + prompt.len();
         let mut decoder = StreamDecoder::new(&model.tokenizer, true);
         let mut text = String::new();
         let mut tokens = Vec::new();
 
         let start = Instant::now();
-        let mut next = self.next_token(prompt, gpu_greedy, &mut sampler)?;
+        let mut next = self.next_token(prompt, gpu_greedy, &mut sampler, prompt_end)?;
         let prefill_seconds = start.elapsed().as_secs_f64();
         let decode_start = Instant::now();
         let stop = loop {
@@ -266,7 +267,7 @@ impl<'m> Session<'m> {
                 // consistent with `tokens()` by feeding it only when generation continues.
                 break StopReason::MaxTokens;
             }
-            next = self.next_token(&[next], gpu_greedy, &mut sampler)?;
+            next = self.next_token(&[next], gpu_greedy, &mut sampler, prompt_end)?;
         };
         if let Some(piece) = decoder.finish()? {
             on_text(&piece);
@@ -282,11 +283,12 @@ impl<'m> Session<'m> {
         })
     }
 
-    fn next_token(&mut self, ids: &[u32], gpu_greedy: bool, sampler: &mut Sampler) -> Result<u32> {
+    /// Feed `ids` and pick the next token; tokens past `prompt_end` are the generated ones.
+    fn next_token(&mut self, ids: &[u32], gpu_greedy: bool, sampler: &mut Sampler, prompt_end: usize) -> Result<u32> {
         if gpu_greedy {
             return self.feed_greedy(ids);
         }
         let mut logits = self.feed(ids)?;
-        Ok(sampler.sample(&mut logits, &self.tokens))
+        Ok(sampler.sample_output(&mut logits, &self.tokens, prompt_end))
     }
 }

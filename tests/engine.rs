@@ -176,7 +176,7 @@ fn mixed_batches_give_each_sequence_its_solo_logits() {
 }
 
 fn greedy(max_tokens: usize) -> RequestParams {
-    RequestParams { max_tokens, sampling: SamplingParams::default(), stop_at_eos: false, stop: Vec::new() }
+    RequestParams { max_tokens, sampling: SamplingParams::default(), stop_at_eos: false, ..Default::default() }
 }
 
 fn solo_greedy(model: &Model, prompt: &[u32], max_tokens: usize) -> Vec<u32> {
@@ -430,4 +430,50 @@ fn stop_strings_end_the_stream_without_sending_them() {
     let cut = engine.submit(prompt, params).unwrap().wait().unwrap();
     assert_eq!(cut.reason, FinishReason::Stop(stop.clone()));
     assert_eq!(cut.text, full.text[..at], "{path}: the text before the stop string, and nothing of it");
+}
+
+#[test]
+fn the_choices_of_one_request_share_its_prompt_blocks() {
+    let mut rng = rng("choices");
+    let (path, gpu) = devices().remove(0);
+    let model = load("llama3-tiny", gpu);
+    let vocab = model.config.vocab_size;
+    let engine = small_engine(&model, 1024, 64);
+    let prompt = random_tokens(&mut rng, 40, vocab);
+    let choices = engine.submit_n(prompt.clone(), greedy(5), 3).unwrap();
+    let outs: Vec<_> = choices.into_iter().map(|r| r.wait().unwrap()).collect();
+    let solo = solo_greedy(&model, &prompt, 5);
+    for (i, c) in outs.iter().enumerate() {
+        assert_eq!(c.tokens, solo, "{path}: choice {i}");
+        assert_eq!(c.usage.cached_tokens, if i == 0 { 0 } else { 32 }, "{path}: choice {i} reuses the first's blocks");
+    }
+    assert_pool_empty(&engine, path);
+}
+
+#[test]
+fn logprobs_are_the_log_softmax_of_the_model_logits() {
+    let mut rng = rng("logprobs");
+    let (path, gpu) = devices().remove(1);
+    let model = load("qwen2-tiny", gpu);
+    let vocab = model.config.vocab_size;
+    let engine = small_engine(&model, 1024, 64);
+    let prompt = random_tokens(&mut rng, 9, vocab);
+    let params = RequestParams { logprobs: Some(4), ..greedy(3) };
+    let request = engine.submit(prompt.clone(), params).unwrap();
+    let mut session = Session::new(&model, Some(256)).unwrap();
+    let mut logits = session.feed(&prompt).unwrap();
+    for step in 0..3 {
+        let Some(Event::Token { id, logprob: Some(lp), .. }) = request.next_event(Duration::from_secs(30)) else {
+            panic!("{path}: a token with its logprob");
+        };
+        let m = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+        let lse = m + logits.iter().map(|&l| (l as f64 - m).exp()).sum::<f64>().ln();
+        let want = (logits[id as usize] as f64 - lse) as f32;
+        assert!((lp.logprob - want).abs() < 1e-5, "{path} step {step}: {} vs {want}", lp.logprob);
+        assert_eq!(lp.top.len(), 4);
+        assert_eq!(lp.top[0].0, id, "greedy picks the most likely token");
+        assert!(lp.top.windows(2).all(|w| w[0].1 >= w[1].1), "most likely first");
+        assert!(lp.top.iter().all(|t| t.1 <= 0.0 && t.1.is_finite()));
+        logits = session.feed(&[id]).unwrap();
+    }
 }

@@ -292,7 +292,15 @@ fn sampling_is_reproducible_by_seed() {
     let prompt = u32s(&golden("qwen2-tiny")["greedy"][0]["prompt_ids"]);
     let params = |seed| GenerateParams {
         max_tokens: 16,
-        sampling: SamplingParams { temperature: 1.0, top_k: 50, top_p: 0.95, min_p: 0.01, repeat_penalty: 1.1, seed },
+        sampling: SamplingParams {
+            temperature: 1.0,
+            top_k: 50,
+            top_p: 0.95,
+            min_p: 0.01,
+            repeat_penalty: 1.1,
+            seed,
+            ..Default::default()
+        },
         stop_at_eos: false,
     };
     let run = |seed| Session::new(&model, None).unwrap().generate(&prompt, &params(seed), |_| {}).unwrap().tokens;

@@ -206,8 +206,15 @@ fn repetition_penalty_has_hf_semantics() {
 #[test]
 fn validate_rejects_meaningless_values() {
     assert!(SamplingParams::default().validate().is_ok());
-    let typical =
-        SamplingParams { temperature: 0.7, top_k: 20, top_p: 0.8, min_p: 0.05, repeat_penalty: 1.05, seed: 1 };
+    let typical = SamplingParams {
+        temperature: 0.7,
+        top_k: 20,
+        top_p: 0.8,
+        min_p: 0.05,
+        repeat_penalty: 1.05,
+        seed: 1,
+        ..Default::default()
+    };
     assert!(typical.validate().is_ok());
     assert!(SamplingParams { top_p: 1.0, min_p: 1.0, ..typical.clone() }.validate().is_ok());
 
@@ -232,4 +239,35 @@ fn validate_rejects_meaningless_values() {
             other => panic!("{p:?} should be rejected as a bad request, got {other:?}"),
         }
     }
+}
+
+#[test]
+fn presence_and_frequency_penalties_apply_to_generated_tokens_only() {
+    // Token 0 leads by 1.0; it was generated twice, token 2 is only in the prompt.
+    let params = SamplingParams { presence_penalty: 0.5, frequency_penalty: 0.3, ..Default::default() };
+    let mut s = Sampler::new(params);
+    let history = [2u32, 2, 0, 0];
+    let mut logits = vec![3.0f32, 2.0, 2.9];
+    // 0: 3.0 − 0.5 − 2·0.3 = 1.9; 2 keeps 2.9 (prompt only): greedy picks 2.
+    assert_eq!(s.sample_output(&mut logits, &history, 2), 2);
+    assert!((logits[0] - 1.9).abs() < 1e-6 && logits[2] == 2.9, "{logits:?}");
+    let bad = SamplingParams { presence_penalty: 2.5, ..Default::default() };
+    assert!(bad.validate().unwrap_err().to_string().contains("presence_penalty"));
+    assert!(!params_with_penalty().is_plain_argmax());
+}
+
+fn params_with_penalty() -> SamplingParams {
+    SamplingParams { frequency_penalty: 0.1, ..Default::default() }
+}
+
+#[test]
+fn logprobs_are_log_softmax_with_the_top_tokens_first() {
+    let logits = [1.0f32, 3.0, f32::NAN, 2.0, 3.0];
+    let (lp, top) = kiln::sampling::logprobs(&logits, 3, 3);
+    let lse = (1f64.exp() + 3f64.exp() + 2f64.exp() + 3f64.exp()).ln();
+    assert!((lp as f64 - (2.0 - lse)).abs() < 1e-6);
+    assert_eq!(top.iter().map(|t| t.0).collect::<Vec<_>>(), [1, 4, 3], "ties keep the lower id first");
+    assert!((top[0].1 as f64 - (3.0 - lse)).abs() < 1e-6);
+    let (nan, _) = kiln::sampling::logprobs(&logits, 2, 0);
+    assert_eq!(nan, f32::NEG_INFINITY, "a NaN logit is impossible");
 }

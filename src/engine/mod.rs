@@ -114,12 +114,28 @@ pub struct RequestParams {
     pub stop_at_eos: bool,
     /// Stop when the text contains any of these; the stop string itself is not sent.
     pub stop: Vec<String>,
+    /// Report each generated token's log-probability and this many most likely alternatives.
+    pub logprobs: Option<usize>,
 }
 
 impl Default for RequestParams {
     fn default() -> Self {
-        RequestParams { max_tokens: 128, sampling: SamplingParams::default(), stop_at_eos: true, stop: Vec::new() }
+        RequestParams {
+            max_tokens: 128,
+            sampling: SamplingParams::default(),
+            stop_at_eos: true,
+            stop: Vec::new(),
+            logprobs: None,
+        }
     }
+}
+
+/// A generated token's log-probability under the model (softmax of the raw logits), and the
+/// most likely tokens' (most likely first).
+#[derive(Clone, Debug, PartialEq)]
+pub struct TokenLogprob {
+    pub logprob: f32,
+    pub top: Vec<(u32, f32)>,
 }
 
 /// Why a sequence ended.
@@ -153,6 +169,7 @@ pub enum Event {
     Token {
         id: u32,
         text: String,
+        logprob: Option<TokenLogprob>,
     },
     /// Text held back until the end.
     Text(String),
@@ -199,7 +216,7 @@ impl Request {
         let (mut tokens, mut text) = (Vec::new(), String::new());
         for event in self.events.iter() {
             match event {
-                Event::Token { id, text: t } => {
+                Event::Token { id, text: t, .. } => {
                     tokens.push(id);
                     text += &t;
                 }
@@ -246,6 +263,8 @@ struct Submission {
     params: RequestParams,
     events: Sender<Event>,
     cancel: Arc<AtomicBool>,
+    /// Start only once this request's prompt is in the cache (the choices of one request).
+    after: Option<u64>,
 }
 
 pub struct Engine {
@@ -346,9 +365,53 @@ impl Engine {
     /// prompt, token ids outside the vocabulary, bad sampling values, prompt + max_tokens past
     /// the context or larger than the whole KV pool) or if the queue is full ([`KilnError::Busy`]).
     pub fn submit(&self, prompt: Vec<u32>, params: RequestParams) -> Result<Request> {
+        Ok(self.submit_n(prompt, params, 1)?.remove(0))
+    }
+
+    /// Queue `n` choices of one prompt (OpenAI's `n`): the first computes the prompt, the others
+    /// start once it is in the prefix cache and share its blocks. Choice i samples with seed
+    /// `seed + i`. All are queued, or none.
+    pub fn submit_n(&self, prompt: Vec<u32>, params: RequestParams, n: usize) -> Result<Vec<Request>> {
+        self.check(&prompt, &params, n)?;
+        let limit = self.max_waiting + self.max_running;
+        if self.in_flight.fetch_add(n, Ordering::SeqCst) + n > limit {
+            self.in_flight.fetch_sub(n, Ordering::SeqCst);
+            return Err(KilnError::Busy(format!("{limit} requests are already queued or running")));
+        }
+        let mut requests = Vec::with_capacity(n);
+        let mut first = None;
+        for i in 0..n {
+            let id = self.next_id.fetch_add(1, Ordering::Relaxed) as u64;
+            let (events_tx, events) = mpsc::channel();
+            let cancel = Arc::new(AtomicBool::new(false));
+            let mut params = params.clone();
+            params.sampling.seed = params.sampling.seed.wrapping_add(i as u64);
+            let submission = Submission {
+                id,
+                prompt: prompt.clone(),
+                params,
+                events: events_tx,
+                cancel: cancel.clone(),
+                after: first,
+            };
+            first = first.or(Some(id));
+            let sent = self.submissions.as_ref().map(|s| s.send(submission).is_ok()).unwrap_or(false);
+            if !sent {
+                self.in_flight.fetch_sub(n - i, Ordering::SeqCst);
+                return Err(KilnError::Request("the engine has stopped".into()));
+            }
+            requests.push(Request { id, events, cancel });
+        }
+        Ok(requests)
+    }
+
+    fn check(&self, prompt: &[u32], params: &RequestParams, n: usize) -> Result<()> {
         params.sampling.validate()?;
         if prompt.is_empty() {
             return Err(KilnError::Request("the prompt is empty".into()));
+        }
+        if n == 0 {
+            return Err(KilnError::Request("n must be at least 1".into()));
         }
         let vocab = self.model.config.vocab_size as u32;
         if let Some(t) = prompt.iter().find(|&&t| t >= vocab) {
@@ -372,21 +435,7 @@ impl Engine {
                 "{needed} tokens can never fit the KV cache of {pool_tokens} tokens (raise --kv-memory)"
             )));
         }
-        let limit = self.max_waiting + self.max_running;
-        if self.in_flight.fetch_add(1, Ordering::SeqCst) >= limit {
-            self.in_flight.fetch_sub(1, Ordering::SeqCst);
-            return Err(KilnError::Busy(format!("{limit} requests are already queued or running")));
-        }
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed) as u64;
-        let (events_tx, events) = mpsc::channel();
-        let cancel = Arc::new(AtomicBool::new(false));
-        let submission = Submission { id, prompt, params, events: events_tx, cancel: cancel.clone() };
-        let sent = self.submissions.as_ref().map(|s| s.send(submission).is_ok()).unwrap_or(false);
-        if !sent {
-            self.in_flight.fetch_sub(1, Ordering::SeqCst);
-            return Err(KilnError::Request("the engine has stopped".into()));
-        }
-        Ok(Request { id, events, cancel })
+        Ok(())
     }
 
     /// Stop taking requests, let the engine finish what it has, and wait for it.
@@ -447,7 +496,8 @@ impl<'m> EngineLoop<'m> {
     }
 
     fn accept(&mut self, s: Submission) {
-        let seq = Sequence::new(s.id, s.prompt, s.params, &self.model.tokenizer, s.events, s.cancel);
+        let mut seq = Sequence::new(s.id, s.prompt, s.params, &self.model.tokenizer, s.events, s.cancel);
+        seq.after = s.after;
         self.scheduler.waiting.push_back(seq);
     }
 
@@ -508,8 +558,8 @@ impl<'m> EngineLoop<'m> {
             .filter(|(st, _)| st.wanted == Wanted::Last)
             .map(|(_, s)| &running[s.index])
             .collect();
-        let all_argmax = rows.iter().all(|s| s.wants_argmax_only());
-        let any_argmax = rows.iter().any(|s| s.wants_argmax_only());
+        let all_argmax = rows.iter().all(|s| !s.needs_logits());
+        let any_argmax = rows.iter().any(|s| !s.needs_logits());
         let readback = match (all_argmax, any_argmax) {
             (true, _) => Readback::Argmax,
             (false, true) => Readback::Both,
@@ -540,14 +590,20 @@ impl<'m> EngineLoop<'m> {
             if seq.computed < seq.tokens.len() {
                 continue;
             }
-            let next = if seq.wants_argmax_only() {
-                out.argmax[row]
+            let (next, logprob) = if seq.needs_logits() {
+                let raw = &out.logits[row * vocab..(row + 1) * vocab];
+                let mut logits = raw.to_vec();
+                let next = seq.sampler.sample_output(&mut logits, &seq.tokens, seq.prompt_len);
+                let logprob = seq.params.logprobs.map(|top| {
+                    let (logprob, top) = crate::sampling::logprobs(raw, next, top);
+                    TokenLogprob { logprob, top }
+                });
+                (next, logprob)
             } else {
-                let mut logits = out.logits[row * vocab..(row + 1) * vocab].to_vec();
-                seq.sampler.sample(&mut logits, &seq.tokens)
+                (out.argmax[row], None)
             };
             row += 1;
-            match seq.push_token(next, eos) {
+            match seq.push_token(next, logprob, eos) {
                 Ok(None) => {}
                 Ok(Some(reason)) => finished.push((s.index, Ok(reason))),
                 Err(e) => finished.push((s.index, Err(e.to_string()))),

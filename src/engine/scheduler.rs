@@ -97,6 +97,15 @@ impl<'t> Scheduler<'t> {
         }
         // Admit waiting requests in order, as long as the head fits.
         while budget > 0 && self.running.len() < self.max_running && out.len() == self.running.len() {
+            let Some(seq) = self.waiting.front() else { break };
+            // A later choice of a request waits until the first has its prompt cached.
+            if let Some(first) = seq.after {
+                let computing = self.running.iter().any(|s| s.id == first && s.computed < s.prompt_len)
+                    || self.waiting.iter().any(|s| s.id == first);
+                if computing {
+                    break;
+                }
+            }
             let Some(seq) = self.waiting.front_mut() else { break };
             let bs = self.block_size;
             self.hasher.extend(&mut seq.keys, &seq.tokens, bs);

@@ -3,7 +3,7 @@
 //! start of a stop string).
 
 use super::block_pool::BlockKey;
-use super::{Event, FinishReason, RequestParams, Usage};
+use super::{Event, FinishReason, RequestParams, TokenLogprob, Usage};
 use crate::sampling::Sampler;
 use crate::tokenizer::{StreamDecoder, Tokenizer};
 use crate::Result;
@@ -27,6 +27,8 @@ pub struct Sequence<'t> {
     /// Prompt tokens taken from the prefix cache at first admission.
     pub cached_tokens: usize,
     pub admitted_once: bool,
+    /// Wait until this sequence's prompt is computed (a sibling choice), to share its blocks.
+    pub after: Option<u64>,
     pub params: RequestParams,
     pub sampler: Sampler,
     decoder: StreamDecoder<'t>,
@@ -54,6 +56,7 @@ impl<'t> Sequence<'t> {
             registered: 0,
             cached_tokens: 0,
             admitted_once: false,
+            after: None,
             sampler: Sampler::new(params.sampling.clone()),
             decoder: StreamDecoder::new(tokenizer, true),
             stops: StopMatcher::new(params.stop.clone()),
@@ -71,9 +74,10 @@ impl<'t> Sequence<'t> {
         self.cancel.load(Ordering::Relaxed)
     }
 
-    /// Greedy and without a repetition penalty: the GPU's argmax is the answer.
-    pub fn wants_argmax_only(&self) -> bool {
-        self.params.sampling.is_greedy() && self.params.sampling.repeat_penalty == 1.0
+    /// Whether picking the next token needs the logits read back (the GPU's argmax is the
+    /// answer only for plain greedy decoding without log-probabilities).
+    pub fn needs_logits(&self) -> bool {
+        !self.params.sampling.is_plain_argmax() || self.params.logprobs.is_some()
     }
 
     pub fn usage(&self) -> Usage {
@@ -82,14 +86,14 @@ impl<'t> Sequence<'t> {
 
     /// Take the next token. Returns why the sequence is finished, if it is. A token that ends the
     /// sequence at eos is not kept; the text of a stop string is never sent.
-    pub fn push_token(&mut self, id: u32, eos: &[u32]) -> Result<Option<FinishReason>> {
+    pub fn push_token(&mut self, id: u32, logprob: Option<TokenLogprob>, eos: &[u32]) -> Result<Option<FinishReason>> {
         if self.params.stop_at_eos && eos.contains(&id) {
             return Ok(Some(FinishReason::Eos));
         }
         self.tokens.push(id);
         let piece = self.decoder.push(id)?.unwrap_or_default();
         let (text, stopped) = self.stops.push(&piece);
-        let sent = self.events.send(Event::Token { id, text }).is_ok();
+        let sent = self.events.send(Event::Token { id, text, logprob }).is_ok();
         if !sent {
             // The receiver is gone: nobody will read the rest.
             self.cancel.store(true, Ordering::Relaxed);
