@@ -4,7 +4,9 @@
 //! - [`gpu`]: device selection, pipelines, buffers, typed GPU errors.
 //! - [`ops`]: one module per kernel family in `shaders/`, each with its CPU reference.
 //! - [`model`]: config, checkpoint loading, weights on the GPU, the forward pass.
-//! - [`session`]: a conversation's KV cache; feed tokens, get logits or stream new text.
+//! - [`engine`]: many sequences per step over a paged, prefix-sharing KV cache; the scheduler.
+//! - [`session`]: one conversation on the same machinery; feed tokens, get logits or stream new text.
+//! - [`server`]: `kiln serve`, the OpenAI-compatible HTTP server on the engine.
 
 pub mod bench;
 pub mod engine;
@@ -16,6 +18,7 @@ pub mod model;
 pub mod ops;
 pub mod quant;
 pub mod sampling;
+pub mod server;
 pub mod session;
 pub mod tokenizer;
 

@@ -46,6 +46,37 @@ enum Command {
         #[arg(long)]
         file: PathBuf,
     },
+    /// An OpenAI-compatible HTTP server on the batched engine (chat page at /).
+    Serve {
+        #[command(flatten)]
+        model: ModelArgs,
+        #[arg(long, default_value = "127.0.0.1")]
+        host: String,
+        #[arg(long, default_value_t = 8080)]
+        port: u16,
+        /// The model name clients see (default: the model file's or directory's name).
+        #[arg(long)]
+        served_model_name: Option<String>,
+        /// GPU memory for the KV cache pool, e.g. 512M or 2G (default: as much as the weights
+        /// take, between 256 MiB and 4 GiB).
+        #[arg(long, value_parser = parse_bytes)]
+        kv_memory: Option<u64>,
+        /// Most sequences decoding together.
+        #[arg(long, default_value_t = 64)]
+        max_running: usize,
+        /// Most requests waiting to start; more get 503.
+        #[arg(long, default_value_t = 256)]
+        max_waiting: usize,
+        /// Most tokens one engine step computes (decode tokens plus prompt chunks).
+        #[arg(long, default_value_t = 256)]
+        max_step_tokens: usize,
+        /// Largest request body, e.g. 1M; larger ones get 413.
+        #[arg(long, value_parser = parse_bytes, default_value = "1M")]
+        max_body: u64,
+        /// Seconds running streams may take to finish after SIGINT/SIGTERM.
+        #[arg(long, default_value_t = 30)]
+        shutdown_timeout: u64,
+    },
     /// Architecture, sizes, memory and the adapter.
     Info {
         #[command(flatten)]
@@ -303,6 +334,35 @@ fn run(cli: Cli) -> kiln::Result<()> {
             eprintln!();
             println!("perplexity: {:.4}", (nll / count as f64).exp());
             println!("tokens: {count}");
+        }
+        Command::Serve {
+            model: args,
+            host,
+            port,
+            served_model_name,
+            kv_memory,
+            max_running,
+            max_waiting,
+            max_step_tokens,
+            max_body,
+            shutdown_timeout,
+        } => {
+            let options = kiln::server::ServeOptions {
+                host,
+                port,
+                model_name: served_model_name,
+                engine: EngineConfig {
+                    kv_memory,
+                    max_running,
+                    max_waiting,
+                    max_step_tokens,
+                    max_context: args.ctx,
+                    ..Default::default()
+                },
+                max_body_bytes: max_body.min(usize::MAX as u64) as usize,
+                shutdown_timeout: std::time::Duration::from_secs(shutdown_timeout),
+            };
+            kiln::server::run(options, move || load(&args))?;
         }
         Command::Info { model: args, kv_memory } => {
             let model = load(&args)?;

@@ -99,7 +99,7 @@ impl<'m> Runner<'m> {
         }
         let gpu = &model.gpu;
         let cache = KvCache::new(gpu, c, blocks, block_size)?;
-        let max_step_tokens = max_step_tokens.clamp(1, max_context as u32);
+        let max_step_tokens = max_step_tokens.max(1);
         let act = Activations::new(gpu, c, max_step_tokens, max_context as u32, block_size)?;
         let inv = rope::inv_freq_with_factors(
             c.head_dim,

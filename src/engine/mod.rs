@@ -296,7 +296,7 @@ impl Engine {
         }
         let pool = config.kv_pool(&model)?;
         let (blocks, block_size) = (pool.blocks, pool.block_size);
-        let max_step_tokens = config.max_step_tokens.clamp(1, max_context);
+        let max_step_tokens = config.max_step_tokens.max(1);
         let stats = Arc::new(Mutex::new(EngineStats {
             blocks_total: blocks,
             block_size,
