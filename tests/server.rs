@@ -528,3 +528,55 @@ fn two_replicas_behind_nginx_share_the_load_and_losing_one_loses_no_request() {
     assert_eq!(exit.code(), Some(0), "{}", a.log.lock().unwrap());
     drop(b);
 }
+
+#[test]
+fn a_full_queue_answers_503_and_bad_requests_never_disturb_a_running_stream() {
+    let model = smollm();
+    let server = Server::start(&model, &["--kv-memory", "64M", "--max-running", "1", "--max-waiting", "1"]);
+    let port = server.port;
+    let want = kiln_generate(&model, PROMPT, 24);
+    let body = json!({"prompt": PROMPT, "max_tokens": 24, "temperature": 0, "stream": true}).to_string();
+    let streams: Vec<_> = (0..2)
+        .map(|_| {
+            let body = body.clone();
+            std::thread::spawn(move || http(port, "POST", "/v1/completions", body.as_bytes()).unwrap())
+        })
+        .collect();
+    let start = Instant::now();
+    while server.metric("kiln_running_sequences") + server.metric("kiln_waiting_sequences") < 2.0 {
+        assert!(start.elapsed() < Duration::from_secs(30), "two requests in flight");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // One running and one waiting fill the queue: the next is refused, with Retry-After.
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let extra = json!({"prompt": "hi", "max_tokens": 2}).to_string();
+    write!(
+        s,
+        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{extra}",
+        extra.len()
+    )
+    .unwrap();
+    let mut reply = String::new();
+    s.read_to_string(&mut reply).unwrap();
+    assert!(reply.starts_with("HTTP/1.1 503"), "{reply}");
+    assert!(reply.to_ascii_lowercase().contains("retry-after: 1"), "{reply}");
+    assert!(reply.contains("\"code\":\"server_busy\""), "{reply}");
+    // Garbage while the streams run.
+    for bad in
+        ["{", "[]", "{\"prompt\": 5}", "{\"prompt\": \"x\", \"temperature\": -1}", "{\"prompt\": \"x\", \"n\": 99}"]
+    {
+        let (status, _) = server.request("POST", "/v1/completions", bad.as_bytes());
+        assert_eq!(status, 400, "{bad}");
+    }
+    for stream in streams {
+        let (status, text) = stream.join().unwrap();
+        assert_eq!(status, 200, "{text}");
+        let got: String = sse_data(&text)
+            .iter()
+            .filter(|d| *d != "[DONE]")
+            .map(|d| serde_json::from_str::<Value>(d).unwrap()["choices"][0]["text"].as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(got, want, "each stream's text is kiln generate's");
+    }
+    assert_eq!(server.metric("kiln_requests_total{outcome=\"busy\"}"), 1.0);
+}
