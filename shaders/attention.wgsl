@@ -328,3 +328,48 @@ fn decode_lanes(@builtin(global_invocation_id) gid: vec3<u32>) {
         }
     }
 }
+
+// ---- attention_probs: the attention probabilities themselves, for `kiln attention` (a plan
+// with probes; never part of a normal step). One invocation per (query, head):
+//   probs[h, t, j] = softmax_j(q[t, h] · K[kvh, j] · scale) for j ≤ pos(t), 0 for later keys,
+// with j < split_len (here: the row length of `probs`, the step's longest sequence).
+
+@group(0) @binding(9) var<storage, read_write> probs: array<f32>;   // (n_heads, n_tokens, split_len)
+
+@compute @workgroup_size(WG)
+fn attention_probs(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let i = gid.x;
+    if i >= p.n_tokens * p.n_heads {
+        return;
+    }
+    let t = i / p.n_heads;
+    let h = i % p.n_heads;
+    let tm = tok[t];
+    let kv_len = select(min(tm.x + 1u, p.split_len), 0u, tm.x == NONE);
+    let kv_base = (h / p.group) * p.slots;
+    let q_row = (t * p.n_heads + h) * p.head_dim;
+    let out = (h * p.n_tokens + t) * p.split_len;
+    var m = NEG;
+    for (var j = 0u; j < kv_len; j++) {
+        m = max(m, probe_score(q_row, (kv_base + slot_of(tm.y, j)) * p.head_dim));
+    }
+    var l = 0.0;
+    for (var j = 0u; j < kv_len; j++) {
+        l += exp(probe_score(q_row, (kv_base + slot_of(tm.y, j)) * p.head_dim) - m);
+    }
+    for (var j = 0u; j < p.split_len; j++) {
+        var pj = 0.0;
+        if j < kv_len {
+            pj = exp(probe_score(q_row, (kv_base + slot_of(tm.y, j)) * p.head_dim) - m) / l;
+        }
+        probs[out + j] = pj;
+    }
+}
+
+fn probe_score(q_row: u32, k_row: u32) -> f32 {
+    var s = 0.0;
+    for (var d = 0u; d < p.head_dim; d++) {
+        s += q[q_row + d] * f32(k_cache[k_row + d]);
+    }
+    return s * p.scale;
+}

@@ -7,6 +7,7 @@
 //! - [`engine`]: many sequences per step over a paged, prefix-sharing KV cache; the scheduler.
 //! - [`session`]: one conversation on the same machinery; feed tokens, get logits or stream new text.
 //! - [`server`]: `kiln serve`, the OpenAI-compatible HTTP server on the engine.
+//! - [`bench`], [`pictures`]: whole-model benchmarks, attention maps and charts.
 
 pub mod bench;
 pub mod engine;
@@ -16,6 +17,7 @@ pub mod gguf_tokenizer;
 pub mod gpu;
 pub mod model;
 pub mod ops;
+pub mod pictures;
 pub mod quant;
 pub mod sampling;
 pub mod server;

@@ -120,9 +120,29 @@ enum Command {
         /// (the second served from the prefix cache).
         #[arg(long, default_value_t = 0)]
         shared_prefix: usize,
+        /// Also draw the results as charts into this .svg or .png file.
+        #[arg(long)]
+        plot: Option<PathBuf>,
         /// One JSON object on stdout instead of tables.
         #[arg(long)]
         json: bool,
+    },
+    /// Attention maps: each chosen head's attention probabilities over the prompt, as one PNG of
+    /// heatmaps per layer and the numbers as JSON.
+    Attention {
+        #[command(flatten)]
+        model: ModelArgs,
+        #[arg(long)]
+        prompt: String,
+        /// Layers to draw (default: the first and the last).
+        #[arg(long, value_delimiter = ',')]
+        layers: Vec<usize>,
+        /// Query heads to draw: `all` or a list such as 0,3,7.
+        #[arg(long, default_value = "all")]
+        heads: String,
+        /// Directory for layer-N.png and attention.json (created if missing).
+        #[arg(long)]
+        out: PathBuf,
     },
 }
 
@@ -364,6 +384,9 @@ fn run(cli: Cli) -> kiln::Result<()> {
             };
             kiln::server::run(options, move || load(&args))?;
         }
+        Command::Attention { model: args, prompt, layers, heads, out } => {
+            attention(&args, &prompt, layers, &heads, &out)?
+        }
         Command::Info { model: args, kv_memory } => {
             let model = load(&args)?;
             print!("{}", model.info());
@@ -389,6 +412,7 @@ fn run(cli: Cli) -> kiln::Result<()> {
             concurrency,
             stream_prompt_tokens,
             shared_prefix,
+            plot,
             json,
         } => {
             let model = match (model, synthetic) {
@@ -405,6 +429,15 @@ fn run(cli: Cli) -> kiln::Result<()> {
                 }
                 (None, None) => unreachable!("clap requires --model or --synthetic"),
             };
+            if let Some(path) = &plot {
+                let ext = path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase);
+                if !matches!(ext.as_deref(), Some("svg" | "png")) {
+                    return Err(kiln::KilnError::Request(format!(
+                        "{}: the plot must be a .svg or .png file",
+                        path.display()
+                    )));
+                }
+            }
             let model = std::sync::Arc::new(model);
             let options = kiln::bench::BenchOptions {
                 prompt_tokens,
@@ -416,6 +449,10 @@ fn run(cli: Cli) -> kiln::Result<()> {
                 shared_prefix_tokens: shared_prefix,
             };
             let report = kiln::bench::run(&model, &options, |step| eprintln!("bench: {step}"))?;
+            if let Some(path) = &plot {
+                kiln::pictures::bench_chart(path, &report)?;
+                eprintln!("bench: charts in {}", path.display());
+            }
             if json {
                 println!("{}", report.to_json());
             } else {
@@ -423,6 +460,63 @@ fn run(cli: Cli) -> kiln::Result<()> {
             }
         }
     }
+    Ok(())
+}
+
+/// `kiln attention`: run the prompt once with probes, write a PNG per layer and the JSON.
+fn attention(
+    args: &ModelArgs,
+    prompt: &str,
+    layers: Vec<usize>,
+    heads: &str,
+    out: &std::path::Path,
+) -> kiln::Result<()> {
+    if prompt.is_empty() {
+        return Err(kiln::KilnError::Request("the prompt is empty".into()));
+    }
+    let model = load(args)?;
+    let c = &model.config;
+    let layers = if layers.is_empty() { vec![0, c.n_layers - 1] } else { layers };
+    let heads: Vec<usize> = if heads == "all" {
+        (0..c.n_heads).collect()
+    } else {
+        let parsed: Result<Vec<usize>, _> = heads.split(',').map(|h| h.trim().parse::<usize>()).collect();
+        match parsed {
+            Ok(h) if !h.is_empty() && h.iter().all(|&h| h < c.n_heads) => h,
+            _ => {
+                return Err(kiln::KilnError::Request(format!(
+                    "--heads must be `all` or head numbers below {}, got `{heads}`",
+                    c.n_heads
+                )))
+            }
+        }
+    };
+    let ids = model.tokenizer.encode(prompt, true)?;
+    let mut session = Session::new(&model, args.ctx)?;
+    let maps = session.attention_maps(&ids, &layers)?;
+    std::fs::create_dir_all(out).map_err(|e| kiln::KilnError::io(out, e))?;
+    let texts: Vec<String> = ids.iter().map(|&id| model.tokenizer.decode(&[id], false).unwrap_or_default()).collect();
+    let labels: Vec<String> = texts.iter().map(|t| kiln::pictures::token_label(t)).collect();
+    let group = c.n_heads / c.n_kv_heads;
+    let mut json_layers = Vec::new();
+    for map in &maps {
+        let png = out.join(format!("layer-{}.png", map.layer));
+        kiln::pictures::attention_png(&png, map, &heads, group, &labels)?;
+        eprintln!("attention: {}", png.display());
+        let (t, k) = (map.tokens, map.keys);
+        json_layers.push(serde_json::json!({
+            "layer": map.layer,
+            "heads": heads.iter().map(|&h| serde_json::json!({
+                "head": h,
+                "kv_head": h / group,
+                "probs": (0..t).map(|i| map.probs[(h * t + i) * k..(h * t + i + 1) * k].to_vec()).collect::<Vec<_>>(),
+            })).collect::<Vec<_>>(),
+        }));
+    }
+    let json = serde_json::json!({"prompt": prompt, "token_ids": ids, "tokens": texts, "layers": json_layers});
+    let path = out.join("attention.json");
+    std::fs::write(&path, json.to_string()).map_err(|e| kiln::KilnError::io(&path, e))?;
+    eprintln!("attention: {}", path.display());
     Ok(())
 }
 

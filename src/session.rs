@@ -14,7 +14,7 @@
 //! # Ok(()) }
 //! ```
 
-use crate::engine::batch::{Readback, Runner, SeqStep, Wanted};
+use crate::engine::batch::{LayerAttention, Readback, Runner, SeqStep, Wanted};
 use crate::model::forward::PlanKey;
 use crate::model::Model;
 use crate::sampling::{Sampler, SamplingParams};
@@ -174,6 +174,31 @@ impl<'m> Session<'m> {
         }
         self.tokens.resize(len, 0);
         Ok(())
+    }
+
+    /// Feed `ids` in one step and return the attention probabilities of `layers`
+    /// ([`LayerAttention`]: per query head, each token's softmax over the keys it sees, earlier
+    /// turns included). For `kiln attention`.
+    pub fn attention_maps(&mut self, ids: &[u32], layers: &[usize]) -> Result<Vec<LayerAttention>> {
+        self.check_room(ids.len())?;
+        if ids.len() > self.runner.max_step_tokens() {
+            return Err(KilnError::Request(format!(
+                "attention maps take the prompt in one step: {} tokens, at most {}",
+                ids.len(),
+                self.runner.max_step_tokens()
+            )));
+        }
+        let step =
+            SeqStep { tokens: ids, pos0: self.tokens.len(), block_table: &self.block_table, wanted: Wanted::None };
+        let maps = self.runner.attention_maps(step, layers)?;
+        self.tokens.extend_from_slice(ids);
+        Ok(maps)
+    }
+
+    /// Layer `layer`'s keys as the cache holds them, (n_kv_heads, slots, head_dim); position p is
+    /// slot p (a session's block table is the identity).
+    pub fn k_cache(&self, layer: usize) -> Result<Vec<f32>> {
+        self.runner.cache.read_k(&self.model().gpu, layer)
     }
 
     /// Dispatches in a greedy decode step, once one has run.

@@ -914,3 +914,60 @@ fn gather_rows_picks_the_wanted_rows() {
         );
     }
 }
+
+#[test]
+fn attention_probabilities_match_reference_on_paged_tables() {
+    let mut rng = rng("attention_probs");
+    for (name, gpu) in devices() {
+        let (n_heads, n_kv_heads, head_dim, block_size) = (9u32, 3u32, 64u32, 16u32);
+        let blocks = 9u32;
+        let kv = KvGeometry { slots: blocks * block_size, block_size };
+        let shape = attention::AttentionShape { n_heads, n_kv_heads, head_dim, kv };
+        let pool = shuffled_blocks(&mut rng, blocks);
+        // A 21-token prompt chunk after 17 cached positions, a decode token at 40, a padding token.
+        let block_table: Vec<u32> = pool[..3].iter().chain(&pool[3..6]).copied().collect();
+        let mut meta: Vec<[u32; 2]> = (17..38).map(|p| [p, 0]).collect();
+        meta.push([40, 3]);
+        meta.push([NO_POSITION, 0]);
+        let n_tokens = meta.len() as u32;
+        let n_keys = 41usize;
+        let cache_len = (n_kv_heads * kv.slots * head_dim) as usize;
+        let k = uniform(&mut rng, cache_len, -1.0, 1.0);
+        let k = if gpu.caps.f16 { round_f16(&k) } else { k };
+        let kc = if gpu.caps.f16 { gpu.upload("k", &f16_bytes(&k)).unwrap() } else { upload_f32(&gpu, "k", &k) };
+        let q = uniform(&mut rng, (n_tokens * n_heads * head_dim) as usize, -1.0, 1.0);
+        let (meta_b, table_b) = step_tokens(&gpu, &meta, &block_table);
+        let tokens = StepTokens { meta: &meta_b, block_table: &table_b };
+        let len = n_heads as usize * n_tokens as usize * n_keys;
+        let probs = poisoned(&gpu, "probs", len);
+        let d = attention::probabilities(
+            &gpu,
+            &shape,
+            &upload_f32(&gpu, "q", &q),
+            &kc,
+            &probs,
+            n_tokens,
+            n_keys as u32,
+            tokens,
+        )
+        .unwrap();
+        gpu.run("attention probs", &[&d]).unwrap();
+        let got = gpu.read_f32(&probs, len).unwrap();
+        let want = attention::probabilities_cpu(&shape, &q, &k, &meta, &block_table, n_keys);
+        // Each probability is exp(score error) off: scores carry ≤ D·u·|s|max, exp ≤ (3 + 2|s|) ulp,
+        // the normalising sum kv_len·u; probabilities are ≤ 1, so that relative bound is absolute.
+        let smax = (head_dim as f64).sqrt();
+        let tol = 2.0 * (head_dim as f64 * U32 * smax + (3.0 + 4.0 * smax) * U32 + n_keys as f64 * U32);
+        assert_close(&format!("attention probs {name}"), &got, &want, tol, "score, exp and sum error bounds");
+        for (row, r) in got.chunks(n_keys).enumerate() {
+            let t = row % n_tokens as usize;
+            let sum: f32 = r.iter().sum();
+            if meta[t][0] == NO_POSITION {
+                assert!(r.iter().all(|&x| x == 0.0), "{name}: a padding row is zeros");
+            } else {
+                assert!((sum - 1.0).abs() < 1e-5, "{name}: row {row} sums to {sum}");
+                assert!(r[meta[t][0] as usize + 1..].iter().all(|&x| x == 0.0), "{name}: row {row} sees no later key");
+            }
+        }
+    }
+}

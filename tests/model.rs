@@ -307,3 +307,45 @@ fn sampling_is_reproducible_by_seed() {
     assert_eq!(run(7), run(7), "same seed, same tokens");
     assert_ne!(run(7), run(8), "another seed, other tokens (16 draws at temperature 1)");
 }
+
+#[test]
+fn attention_maps_are_each_layers_softmax_over_the_keys_it_sees() {
+    use kiln::ops::{attention, KvGeometry};
+    for (path, gpu) in devices() {
+        for name in MODELS {
+            let model = load(name, gpu.clone());
+            let c = &model.config;
+            let mut session = Session::new(&model, Some(64)).unwrap();
+            // Maps of a second turn: its queries also see the first turn's keys.
+            let first = model.tokenizer.encode("The license grants", true).unwrap();
+            session.feed(&first).unwrap();
+            let ids = model.tokenizer.encode(" you the freedom to share and change", false).unwrap();
+            let layers = [0, c.n_layers - 1];
+            let maps = session.attention_maps(&ids, &layers).unwrap();
+            assert_eq!(maps.len(), 2);
+            let shape = attention::AttentionShape {
+                n_heads: c.n_heads as u32,
+                n_kv_heads: c.n_kv_heads as u32,
+                head_dim: c.head_dim as u32,
+                kv: KvGeometry { slots: 64, block_size: 16 },
+            };
+            let table: Vec<u32> = (0..4).collect();
+            let meta: Vec<[u32; 2]> = (0..ids.len()).map(|i| [(first.len() + i) as u32, 0]).collect();
+            for map in &maps {
+                let what = format!("{name} {path} layer {}", map.layer);
+                assert_eq!((map.tokens, map.keys), (ids.len(), first.len() + ids.len()), "{what}");
+                let k = session.k_cache(map.layer).unwrap();
+                let want = attention::probabilities_cpu(&shape, &map.q, &k, &meta, &table, map.keys);
+                assert_close(&what, &map.probs, &want, 1e-5, "probabilities ≤ 1 from f32 scores of O(1)");
+                for (row, r) in map.probs.chunks(map.keys).enumerate() {
+                    let i = row % map.tokens;
+                    let sum: f32 = r.iter().sum();
+                    assert!((sum - 1.0).abs() < 1e-5, "{what}: row {row} sums to {sum}");
+                    assert!(r[first.len() + i + 1..].iter().all(|&p| p == 0.0), "{what}: causal mask");
+                }
+            }
+            // The session goes on as if the tokens had been fed normally.
+            assert_eq!(session.tokens().len(), first.len() + ids.len());
+        }
+    }
+}

@@ -3,7 +3,7 @@
 //! runs the plan recorded for the step's bucket, and reads back the logit rows or their argmax.
 //! Both the scheduler ([`super::Engine`]) and the single-sequence [`crate::Session`] drive it.
 
-use crate::model::forward::{self, Activations, KvCache, PlanKey, StepPlan};
+use crate::model::forward::{self, Activations, AttentionProbes, KvCache, PlanKey, ProbedLayer, StepPlan};
 use crate::model::Model;
 use crate::ops::{rope, NO_POSITION};
 use crate::{KilnError, Result};
@@ -58,6 +58,19 @@ pub struct StepOutput {
     pub argmax: Vec<u32>,
     /// (rows, vocab) row-major (`Logits`, `Both`).
     pub logits: Vec<f32>,
+}
+
+/// One layer's attention probabilities for a step of one sequence.
+#[derive(Clone, Debug)]
+pub struct LayerAttention {
+    pub layer: usize,
+    /// Query tokens (rows) and keys (columns) of each head's matrix.
+    pub tokens: usize,
+    pub keys: usize,
+    /// (n_heads, tokens, keys): row t is query t's softmax over keys 0 ..= its position.
+    pub probs: Vec<f32>,
+    /// The layer's rotated queries (tokens, n_heads·head_dim), to check `probs` against a reference.
+    pub q: Vec<f32>,
 }
 
 /// Recorded plans kept at once; the least recently used goes first.
@@ -226,6 +239,17 @@ impl<'m> Runner<'m> {
         Ok((key, max_kv_len))
     }
 
+    /// Write the staged step inputs into their GPU buffers.
+    fn upload_inputs(&self) {
+        let (gpu, inputs) = (&self.model.gpu, &self.act.inputs);
+        gpu.queue.write_buffer(&inputs.ids, 0, bytemuck::cast_slice(&self.ids));
+        gpu.queue.write_buffer(&inputs.meta, 0, bytemuck::cast_slice(&self.meta));
+        gpu.queue.write_buffer(&inputs.block_table, 0, bytemuck::cast_slice(&self.table));
+        if !self.rows.is_empty() {
+            gpu.queue.write_buffer(&inputs.rows, 0, bytemuck::cast_slice(&self.rows));
+        }
+    }
+
     /// The plan for `key`, recorded if it is not kept, prepared for the staged step, inputs uploaded.
     fn prepared_plan(&mut self, key: PlanKey, max_kv_len: u32) -> Result<&mut StepPlan> {
         let model = self.model;
@@ -238,19 +262,21 @@ impl<'m> Runner<'m> {
                     let oldest = (0..self.plans.len()).min_by_key(|&i| self.plans[i].2).expect("plans are kept");
                     self.plans.swap_remove(oldest);
                 }
-                let plan =
-                    forward::plan(gpu, &model.config, &model.weights, &self.cache, &self.act, &self.rope_table, key)?;
+                let plan = forward::plan(
+                    gpu,
+                    &model.config,
+                    &model.weights,
+                    &self.cache,
+                    &self.act,
+                    &self.rope_table,
+                    key,
+                    None,
+                )?;
                 self.plans.push((key, plan, 0));
                 self.plans.len() - 1
             }
         };
-        let inputs = &self.act.inputs;
-        gpu.queue.write_buffer(&inputs.ids, 0, bytemuck::cast_slice(&self.ids));
-        gpu.queue.write_buffer(&inputs.meta, 0, bytemuck::cast_slice(&self.meta));
-        gpu.queue.write_buffer(&inputs.block_table, 0, bytemuck::cast_slice(&self.table));
-        if !self.rows.is_empty() {
-            gpu.queue.write_buffer(&inputs.rows, 0, bytemuck::cast_slice(&self.rows));
-        }
+        self.upload_inputs();
         let (_, plan, used) = &mut self.plans[i];
         *used = self.clock;
         plan.prepare(gpu, max_kv_len);
@@ -289,6 +315,59 @@ impl<'m> Runner<'m> {
         let (key, max_kv_len) = self.stage(seqs, readback)?;
         let gpu = self.model.gpu.clone();
         self.prepared_plan(key, max_kv_len)?.profile(&gpu)
+    }
+
+    /// Run one step of a single sequence and record the attention probabilities of `layers`
+    /// (a one-off plan with probes; the kept plans never pay for them).
+    pub fn attention_maps(&mut self, seq: SeqStep<'_>, layers: &[usize]) -> Result<Vec<LayerAttention>> {
+        let model = self.model;
+        let c = &model.config;
+        if let Some(l) = layers.iter().find(|&&l| l >= c.n_layers) {
+            return Err(KilnError::Request(format!("layer {l} is past the model's {} layers", c.n_layers)));
+        }
+        let (key, max_kv_len) = self.stage(&[seq], Readback::Argmax)?;
+        let gpu = &model.gpu;
+        let n_keys = max_kv_len;
+        let probes = AttentionProbes {
+            layers: layers
+                .iter()
+                .map(|&layer| {
+                    let probs = (c.n_heads as u64) * key.tokens as u64 * n_keys as u64 * 4;
+                    Ok(ProbedLayer {
+                        layer,
+                        probs: gpu.buffer(&format!("attention probs {layer}"), probs)?,
+                        q: gpu.buffer(&format!("probed q {layer}"), key.tokens as u64 * c.q_dim() as u64 * 4)?,
+                    })
+                })
+                .collect::<Result<_>>()?,
+            n_keys,
+        };
+        let mut plan =
+            forward::plan(gpu, c, &model.weights, &self.cache, &self.act, &self.rope_table, key, Some(&probes))?;
+        self.upload_inputs();
+        plan.prepare(gpu, max_kv_len);
+        let mut encoder = gpu.encoder("forward with probes");
+        {
+            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some("forward with probes"),
+                timestamp_writes: None,
+            });
+            plan.record(&mut pass);
+        }
+        gpu.submit_and_wait("forward with probes", encoder)?;
+        let n = seq.tokens.len();
+        probes
+            .layers
+            .iter()
+            .map(|pl| {
+                let all = gpu.read_f32(&pl.probs, c.n_heads * key.tokens as usize * n_keys as usize)?;
+                // Rows of padding tokens are dropped: (heads, bucket, keys) → (heads, n, keys).
+                let row = key.tokens as usize * n_keys as usize;
+                let probs = all.chunks(row).flat_map(|h| h[..n * n_keys as usize].iter().copied()).collect();
+                let q = gpu.read_f32(&pl.q, n * c.q_dim())?;
+                Ok(LayerAttention { layer: pl.layer, tokens: n, keys: n_keys as usize, probs, q })
+            })
+            .collect()
     }
 
     /// Dispatches in the plan of `key`, if one is kept.

@@ -68,6 +68,30 @@ impl KvCache {
     pub fn bytes(&self) -> u64 {
         self.k.iter().chain(&self.v).map(|b| b.size()).sum()
     }
+
+    /// Layer `layer`'s K pool as f32, (n_kv_heads, slots, head_dim): for inspection and tests.
+    pub fn read_k(&self, gpu: &Gpu, layer: usize) -> Result<Vec<f32>> {
+        let bytes = gpu.read_bytes(&self.k[layer], self.k[layer].size())?;
+        Ok(if self.element_bytes == 2 {
+            bytes.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect()
+        } else {
+            bytemuck::pod_collect_to_vec(&bytes)
+        })
+    }
+}
+
+/// What a plan with probes records besides the step (`kiln attention`): for each probed layer,
+/// its attention probabilities (n_heads, tokens, n_keys) and its rotated queries
+/// (tokens, n_heads·head_dim), each in its own buffer. A normal step never has probes.
+pub struct AttentionProbes {
+    pub layers: Vec<ProbedLayer>,
+    pub n_keys: u32,
+}
+
+pub struct ProbedLayer {
+    pub layer: usize,
+    pub probs: wgpu::Buffer,
+    pub q: wgpu::Buffer,
 }
 
 /// The shape a plan is recorded for: tokens per step and rows of logits (both already rounded
@@ -237,7 +261,9 @@ fn linear(
     }
 }
 
-/// Build the plan of a step shape (`key.tokens` ≤ `act.max_tokens`, `key.rows` ≤ `act.max_rows`).
+/// Build the plan of a step shape (`key.tokens` ≤ `act.max_tokens`, `key.rows` ≤ `act.max_rows`),
+/// recording attention probabilities where `probes` asks for them.
+#[allow(clippy::too_many_arguments)]
 pub fn plan(
     gpu: &Gpu,
     c: &ModelConfig,
@@ -246,6 +272,7 @@ pub fn plan(
     act: &Activations,
     rope_table: &wgpu::Buffer,
     key: PlanKey,
+    probes: Option<&AttentionProbes>,
 ) -> Result<StepPlan> {
     let n = key.tokens;
     if n == 0 || n > act.max_tokens || key.rows > n.min(act.max_rows) {
@@ -311,6 +338,12 @@ pub fn plan(
                 d.push(reduce);
             }
             None => d.push(attention::prefill(gpu, &shape, &act.q, k_cache, v_cache, &act.attn, n, tokens)?),
+        }
+        if let Some(p) = probes {
+            for pl in p.layers.iter().filter(|pl| pl.layer == l) {
+                d.push(attention::probabilities(gpu, &shape, &act.q, k_cache, &pl.probs, n, p.n_keys, tokens)?);
+                d.push(elementwise::copy(gpu, &act.q, &pl.q, n as u64 * c.q_dim() as u64 * 4)?);
+            }
         }
         d.extend(linear(gpu, &act.attn, &layer.o_proj, layer.o_bias.as_ref(), &act.proj, n)?);
         d.push(elementwise::add_assign(gpu, &act.x, &act.proj, n * hidden)?);

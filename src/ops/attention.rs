@@ -265,21 +265,43 @@ pub fn decode_with(
     ])
 }
 
-/// Reference causal attention in f64. q (n_tokens, n_heads, d); k, v the paged pools
-/// (n_kv_heads, slots, d); `meta[t]` = (position, first block-table entry) of token t, position
-/// [`NO_POSITION`] for padding (zeros out).
-pub fn attention_cpu(
+/// The attention probabilities of q (n_tokens, n_heads, head_dim) over the paged cache →
+/// probs (n_heads, n_tokens, n_keys): row (h, t) is softmax(q[t, h]·Kᵀ·scale) over keys 0 ..= the
+/// token's position, zeros after. `n_keys` ≥ every token's position + 1. For inspection
+/// (`kiln attention`), not for the forward pass.
+#[allow(clippy::too_many_arguments)]
+pub fn probabilities(
+    gpu: &Gpu,
+    shape: &AttentionShape,
+    q: &wgpu::Buffer,
+    k_cache: &wgpu::Buffer,
+    probs: &wgpu::Buffer,
+    n_tokens: u32,
+    n_keys: u32,
+    tokens: StepTokens<'_>,
+) -> Result<Dispatch> {
+    // `split_len` carries the row length of probs for this entry point.
+    let params = shape.params(n_tokens, 1, n_keys)?;
+    let pipeline = gpu.pipeline(&shaders::ATTENTION, "attention_probs", &[])?;
+    let groups = (n_tokens * shape.n_heads).div_ceil(64);
+    super::check_groups(gpu, "attention", "query heads", groups)?;
+    let buffers = [(1, q), (2, k_cache), (7, tokens.meta), (8, tokens.block_table), (9, probs)];
+    gpu.dispatch_at("attention probs", pipeline, &params, &buffers, [groups, 1, 1])
+}
+
+/// The reference's core, in f64: for each real token t and head h, the cache slots of keys
+/// 0 ..= pos(t) and softmax(q[t, h]·Kᵀ·scale) over them; `f(t, h, slots, probabilities)`.
+fn reference_softmax(
     shape: &AttentionShape,
     q: &[f32],
     k: &[f32],
-    v: &[f32],
     meta: &[[u32; 2]],
     block_table: &[u32],
-) -> Vec<f32> {
+    mut f: impl FnMut(usize, usize, &[usize], &[f64]),
+) {
     let (h_n, d, slots) = (shape.n_heads as usize, shape.head_dim as usize, shape.kv.slots as usize);
     let group = (shape.n_heads / shape.n_kv_heads) as usize;
     let scale = 1.0 / (d as f64).sqrt();
-    let mut out = vec![0f32; meta.len() * h_n * d];
     for (t, &[pos, table]) in meta.iter().enumerate() {
         if pos == NO_POSITION {
             continue;
@@ -298,11 +320,50 @@ pub fn attention_cpu(
             let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
             let w: Vec<f64> = scores.iter().map(|s| (s - m).exp()).collect();
             let sum: f64 = w.iter().sum();
-            for e in 0..d {
-                let o: f64 = rows.iter().zip(&w).map(|(&r, wj)| wj * v[(kvh * slots + r) * d + e] as f64).sum();
-                out[(t * h_n + h) * d + e] = (o / sum) as f32;
-            }
+            let p: Vec<f64> = w.iter().map(|x| x / sum).collect();
+            let kv_rows: Vec<usize> = rows.iter().map(|&r| kvh * slots + r).collect();
+            f(t, h, &kv_rows, &p);
         }
     }
+}
+
+/// Reference attention probabilities in f64, laid out as `probabilities` writes them.
+pub fn probabilities_cpu(
+    shape: &AttentionShape,
+    q: &[f32],
+    k: &[f32],
+    meta: &[[u32; 2]],
+    block_table: &[u32],
+    n_keys: usize,
+) -> Vec<f32> {
+    let (h_n, n_tokens) = (shape.n_heads as usize, meta.len());
+    let mut out = vec![0f32; h_n * n_tokens * n_keys];
+    reference_softmax(shape, q, k, meta, block_table, |t, h, _, p| {
+        for (j, pj) in p.iter().enumerate() {
+            out[(h * n_tokens + t) * n_keys + j] = *pj as f32;
+        }
+    });
+    out
+}
+
+/// Reference causal attention in f64. q (n_tokens, n_heads, d); k, v the paged pools
+/// (n_kv_heads, slots, d); `meta[t]` = (position, first block-table entry) of token t, position
+/// [`NO_POSITION`] for padding (zeros out).
+pub fn attention_cpu(
+    shape: &AttentionShape,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    meta: &[[u32; 2]],
+    block_table: &[u32],
+) -> Vec<f32> {
+    let (h_n, d) = (shape.n_heads as usize, shape.head_dim as usize);
+    let mut out = vec![0f32; meta.len() * h_n * d];
+    reference_softmax(shape, q, k, meta, block_table, |t, h, rows, p| {
+        for e in 0..d {
+            let o: f64 = rows.iter().zip(p).map(|(&r, pj)| pj * v[r * d + e] as f64).sum();
+            out[(t * h_n + h) * d + e] = o as f32;
+        }
+    });
     out
 }
