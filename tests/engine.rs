@@ -34,15 +34,21 @@ fn random_prompt(rng: &mut rand::rngs::StdRng, lo: usize, hi: usize, vocab: usiz
     random_tokens(rng, n, vocab)
 }
 
-/// Batched and solo runs can differ only in f32 summation order (gemv against matmul for a
-/// one-token step, other KV splits): the K/V values stored are the same, rounded once. On
-/// lavapipe the tiny fixtures measure exactly 0 (both sides take the same kernels); 1e-4 allows
-/// another device's kernel choices and is still 27× below the smallest bug the fixtures list
-/// (2.7e-3).
-const BATCH_TOL: f64 = 1e-4;
-
-/// SmolLM2's logits (size ~10-30 over 30 layers) batched against solo: f32 summation order only.
-const SMOLLM2_BATCH_TOL: f64 = 1e-3;
+/// How far a sequence's logits in a batch may be from its solo logits. With the kernels for CPU
+/// adapters every matmul row and every attention query is computed in the same order whatever
+/// else is in the step, so batching changes nothing: exactly 0 (measured 0 on the tiny fixtures
+/// and SmolLM2, f16 and f32 KV). With the kernels for real GPUs a one-token step takes gemv and
+/// split-KV attention while the same token in a batch takes the tiled matmul and the fused
+/// attention: only the f32 summation order differs (measured 3.6e-4 on llama3-tiny), bounded by
+/// the tolerance the whole-model tests already justify for the f32-KV path, 1e-3, below every
+/// bug the fixtures list (≥ 2.7e-3).
+fn batch_tol(gpu: &Gpu) -> f64 {
+    if gpu.is_cpu_adapter() {
+        0.0
+    } else {
+        1e-3
+    }
+}
 
 fn smollm() -> PathBuf {
     let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".cache/models/SmolLM2-135M-Instruct.Q4_1.gguf");
@@ -55,7 +61,7 @@ fn smollm2_batches_match_solo_runs() {
     let mut rng = rng("smollm2_batches");
     for (path, gpu) in devices() {
         let model = Arc::new(Model::load(&smollm(), gpu, &mut |_, _| {}).unwrap());
-        check_mixed_batches(&model, &format!("SmolLM2 {path}"), &[40, 35, 17, 3], SMOLLM2_BATCH_TOL, &mut rng);
+        check_mixed_batches(&model, &format!("SmolLM2 {path}"), &[40, 35, 17, 3], batch_tol(&model.gpu), &mut rng);
         // Chats sharing a system prompt, served together: greedy tokens as when alone.
         let engine = small_engine(&model, 1024, 64);
         let system =
@@ -153,24 +159,18 @@ fn check_mixed_batches(model: &Model, what: &str, lens: &[usize], tol: f64, rng:
     }
     assert!(steps > 2, "several mixed steps ran");
     for (i, (g, s)) in got.iter().zip(&solo).enumerate() {
-        assert_close(
-            &format!("{what} seq {i} (len {})", seqs[i].len()),
-            g,
-            s,
-            tol,
-            "see BATCH_TOL / SMOLLM2_BATCH_TOL",
-        );
+        assert_close(&format!("{what} seq {i} (len {})", seqs[i].len()), g, s, tol, "see batch_tol");
     }
 }
 
 #[test]
 fn mixed_batches_give_each_sequence_its_solo_logits() {
     let mut rng = rng("mixed_batches");
-    for (path, gpu) in devices() {
+    for (path, gpu) in model_devices() {
         for name in MODELS {
             let model = load(name, gpu.clone());
             // Exactly one block, one past a block, chunks across boundaries, a single token.
-            check_mixed_batches(&model, &format!("{name} {path}"), &[40, 37, 16, 17, 1, 33], BATCH_TOL, &mut rng);
+            check_mixed_batches(&model, &format!("{name} {path}"), &[40, 37, 16, 17, 1, 33], batch_tol(&gpu), &mut rng);
         }
     }
 }

@@ -49,7 +49,7 @@ fn logit_tol(gpu: &Gpu) -> f64 {
 
 #[test]
 fn logits_match_transformers() {
-    for (path, gpu) in devices() {
+    for (path, gpu) in model_devices() {
         for name in MODELS {
             let g = golden(name);
             let model = load(name, gpu.clone());
@@ -92,7 +92,7 @@ fn greedy(tokens: usize) -> GenerateParams {
 
 #[test]
 fn greedy_generation_is_token_identical() {
-    for (path, gpu) in devices() {
+    for (path, gpu) in model_devices() {
         for name in MODELS {
             let g = golden(name);
             let model = load(name, gpu.clone());
@@ -121,7 +121,7 @@ fn greedy_generation_is_token_identical() {
 
 #[test]
 fn incremental_decoding_equals_a_full_forward() {
-    for (path, gpu) in devices() {
+    for (path, gpu) in model_devices() {
         for name in MODELS {
             let g = golden(name);
             let inc = &g["incremental"];
@@ -311,7 +311,7 @@ fn sampling_is_reproducible_by_seed() {
 #[test]
 fn attention_maps_are_each_layers_softmax_over_the_keys_it_sees() {
     use kiln::ops::{attention, KvGeometry};
-    for (path, gpu) in devices() {
+    for (path, gpu) in model_devices() {
         for name in MODELS {
             let model = load(name, gpu.clone());
             let c = &model.config;

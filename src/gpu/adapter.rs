@@ -54,6 +54,15 @@ pub struct GpuOptions {
     /// Cap on one storage binding's size, below the adapter's (`KILN_MAX_BINDING`, bytes):
     /// lets tests exercise the split-weight path with small tensors.
     pub max_binding: Option<u64>,
+    /// Which kernel family the ops pick (`KILN_KERNELS=cpu|gpu`); default: by adapter type.
+    pub kernels: Option<KernelFamily>,
+}
+
+/// The two kernel families: for CPU adapters (barrier-free) and for real GPUs (shared memory).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KernelFamily {
+    Cpu,
+    Gpu,
 }
 
 impl GpuOptions {
@@ -70,7 +79,16 @@ impl GpuOptions {
             ),
             _ => None,
         };
+        let kernels = match std::env::var("KILN_KERNELS").as_deref() {
+            Ok("cpu") => Some(KernelFamily::Cpu),
+            Ok("gpu") => Some(KernelFamily::Gpu),
+            Ok("") | Err(_) => None,
+            Ok(other) => {
+                return Err(KilnError::Unsupported(format!("KILN_KERNELS={other}: expected cpu or gpu")));
+            }
+        };
         Ok(GpuOptions {
+            kernels,
             backend,
             adapter_name: std::env::var("KILN_ADAPTER").ok().filter(|s| !s.is_empty()),
             disable_subgroups: flag("KILN_NO_SUBGROUPS"),
@@ -99,12 +117,45 @@ fn feature_score(features: wgpu::Features) -> u32 {
         .count() as u32
 }
 
-pub(super) async fn open(options: &GpuOptions) -> Result<Gpu> {
-    let backends = options.backend.map(Backend::backends).unwrap_or(wgpu::Backends::all());
+/// Keep Mesa's device-select Vulkan layer out of the way. It is an implicit layer that, on every
+/// physical-device enumeration, connects to the Wayland display to order the devices, and on a
+/// machine without one prints `error: XDG_RUNTIME_DIR is invalid or not set in the environment.`
+/// twice on stderr. kiln ranks adapters itself (and `KILN_ADAPTER` picks one), so the layer's
+/// ordering changes nothing here; a user who asked for it (`MESA_VK_DEVICE_SELECT`) or set its
+/// switch keeps their choice. Set once, before any instance exists, so no other thread is
+/// reading the environment inside the Vulkan loader at that moment.
+fn quiet_device_select() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        if std::env::var_os("MESA_VK_DEVICE_SELECT").is_none() && std::env::var_os("NODEVICE_SELECT").is_none() {
+            std::env::set_var("NODEVICE_SELECT", "1");
+        }
+    });
+}
+
+/// The adapters of `backends`.
+async fn adapters_of(backends: wgpu::Backends) -> Vec<wgpu::Adapter> {
+    quiet_device_select();
     let mut desc = wgpu::InstanceDescriptor::new_without_display_handle();
     desc.backends = backends;
-    let instance = wgpu::Instance::new(desc);
-    let adapters = instance.enumerate_adapters(backends).await;
+    wgpu::Instance::new(desc).enumerate_adapters(backends).await
+}
+
+pub(super) async fn open(options: &GpuOptions) -> Result<Gpu> {
+    // Without KILN_BACKEND: Vulkan, Metal and DX12 first, and GL only where none of them has an
+    // adapter. Probing GL through EGL makes Mesa print warnings (XDG_RUNTIME_DIR) on stderr,
+    // and its adapters lose to the others anyway (no SHADER_F16, no SUBGROUP).
+    let adapters = match options.backend {
+        Some(b) => adapters_of(b.backends()).await,
+        None => {
+            let primary = adapters_of(wgpu::Backends::PRIMARY).await;
+            if primary.is_empty() {
+                adapters_of(wgpu::Backends::SECONDARY).await
+            } else {
+                primary
+            }
+        }
+    };
     let seen: Vec<String> = adapters
         .iter()
         .map(|a| {
@@ -160,6 +211,10 @@ pub(super) async fn open(options: &GpuOptions) -> Result<Gpu> {
         f16: wanted_features.contains(wgpu::Features::SHADER_F16) && !options.disable_f16,
         subgroups: wanted_features.contains(wgpu::Features::SUBGROUP) && !options.disable_subgroups,
         timestamps: wanted_features.contains(wgpu::Features::TIMESTAMP_QUERY),
+        cpu_kernels: match options.kernels {
+            Some(k) => k == KernelFamily::Cpu,
+            None => info.device_type == wgpu::DeviceType::Cpu,
+        },
     };
     let adapter_max = limits.max_storage_buffer_binding_size.min(limits.max_buffer_size);
     let max_binding = options.max_binding.map_or(adapter_max, |m| m.min(adapter_max)).max(256);

@@ -12,7 +12,7 @@ mod pipelines;
 pub mod shaders;
 mod timer;
 
-pub use adapter::{Backend, GpuOptions};
+pub use adapter::{Backend, GpuOptions, KernelFamily};
 pub use buffer::{DType, Weight, WeightChunk};
 pub use dispatch::Dispatch;
 pub use pipelines::{PipelineKey, Variant};
@@ -34,6 +34,9 @@ pub struct Caps {
     pub subgroups: bool,
     /// `TIMESTAMP_QUERY`: benchmarks read GPU time; without it, they time on the host after a sync.
     pub timestamps: bool,
+    /// Ops pick the kernels written for CPU adapters (barrier-free, many rows per invocation):
+    /// on software adapters, unless `KILN_KERNELS` says otherwise.
+    pub cpu_kernels: bool,
 }
 
 pub struct Gpu {
@@ -64,13 +67,14 @@ impl Gpu {
     /// One line for logs: adapter name, backend, device type and the chosen paths.
     pub fn describe(&self) -> String {
         format!(
-            "{} ({:?}, {:?}); f16 KV: {}, subgroups: {}, timestamps: {}, max binding {} MiB",
+            "{} ({:?}, {:?}); f16 KV: {}, subgroups: {}, timestamps: {}, kernels: {}, max binding {} MiB",
             self.info.name,
             self.info.backend,
             self.info.device_type,
             self.caps.f16,
             self.caps.subgroups,
             self.caps.timestamps,
+            if self.caps.cpu_kernels { "cpu" } else { "gpu" },
             self.max_binding >> 20
         )
     }
@@ -110,11 +114,13 @@ impl Gpu {
         }
     }
 
-    /// A software adapter (lavapipe, WARP, SwiftShader): workgroups run as SIMD loops on CPU
-    /// cores, where barriers and cross-lane shared memory cost more than re-reading memory, so
-    /// ops pick their barrier-free kernel variants (benches/RESULTS.md).
+    /// Whether ops pick their kernels for CPU adapters. On a software adapter (lavapipe, WARP,
+    /// SwiftShader) workgroups run as SIMD loops on CPU cores, where barriers and cross-lane shared
+    /// memory cost more than re-reading memory, so the barrier-free variants win
+    /// (benches/RESULTS.md); real GPUs take the shared-memory kernels. `KILN_KERNELS=gpu|cpu`
+    /// overrides the choice, so the GPU kernels run whole models on lavapipe in CI.
     pub fn is_cpu_adapter(&self) -> bool {
-        self.info.device_type == wgpu::DeviceType::Cpu
+        self.caps.cpu_kernels
     }
 
     pub fn encoder(&self, label: &str) -> wgpu::CommandEncoder {

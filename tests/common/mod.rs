@@ -2,7 +2,7 @@
 //! and a comparison that names the index, the values and the reason for its tolerance.
 #![allow(dead_code)]
 
-use kiln::gpu::{Gpu, GpuOptions};
+use kiln::gpu::{Gpu, GpuOptions, KernelFamily};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use std::sync::{Arc, OnceLock};
 
@@ -18,6 +18,22 @@ pub fn devices() -> Vec<(&'static str, Arc<Gpu>)> {
         .get_or_init(|| open(GpuOptions { disable_subgroups: true, disable_f16: true, ..Default::default() }))
         .clone();
     vec![("fast", fast), ("fallback", fallback)]
+}
+
+/// `devices()` plus the kernels chosen for real GPUs (tiled matmul, reduce gemv, workgroup
+/// attention) on the same adapter ("gpu-kernels", as `KILN_KERNELS=gpu`): the whole-model tests
+/// run them too, so the discrete-GPU path is checked end to end without a GPU.
+pub fn model_devices() -> Vec<(&'static str, Arc<Gpu>)> {
+    static GPU_KERNELS: OnceLock<Arc<Gpu>> = OnceLock::new();
+    let gpu_kernels = GPU_KERNELS
+        .get_or_init(|| {
+            Gpu::with_options(&GpuOptions { kernels: Some(KernelFamily::Gpu), ..Default::default() })
+                .unwrap_or_else(|e| panic!("GPU tests need an adapter: {e}"))
+        })
+        .clone();
+    let mut all = devices();
+    all.push(("gpu-kernels", gpu_kernels));
+    all
 }
 
 /// A device whose storage bindings are capped at `max_binding` bytes, to split weights into
