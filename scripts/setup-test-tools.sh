@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# The real clients and parts the server tests drive (tests/server.rs): Debian's chromium and
-# chromedriver (the chat page in a headless browser) and nginx (two replicas behind a load
-# balancer), and a Python virtual environment in .cache/venv with the official openai client and
+# The real clients and parts the tests drive: Debian's chromium and chromedriver (the chat page in
+# a headless browser) and nginx (two replicas behind a load balancer) for tests/server.rs;
+# spirv-tools and glslang-tools (the Khronos validators) for tests/shaders_translate.rs; and a
+# Python virtual environment in .cache/venv with the official openai client and
 # selenium. Idempotent; runs as root on a fresh Debian machine (no sudo).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need=()
-for pair in chromium:/usr/bin/chromium chromium-driver:/usr/bin/chromedriver nginx:/usr/sbin/nginx python3-venv:/usr/lib/python3/dist-packages; do
+for pair in chromium:/usr/bin/chromium chromium-driver:/usr/bin/chromedriver nginx:/usr/sbin/nginx spirv-tools:/usr/bin/spirv-val glslang-tools:/usr/bin/glslangValidator python3-venv:/usr/lib/python3/dist-packages; do
     pkg=${pair%%:*}
     path=${pair#*:}
     if [ "$pkg" = python3-venv ]; then

@@ -51,6 +51,10 @@ pub enum KilnError {
     #[error("{0}")]
     Request(String),
 
+    /// The engine is no longer running (shut down, or its thread ended).
+    #[error("the engine has stopped: {0}")]
+    Stopped(String),
+
     /// The server is at capacity: its queue of waiting requests is full. Try again later.
     #[error("busy: {0}")]
     Busy(String),

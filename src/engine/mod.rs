@@ -225,7 +225,7 @@ impl Request {
                 Event::Failed(message) => return Err(KilnError::Request(message)),
             }
         }
-        Err(KilnError::Request("the engine stopped before the request finished".into()))
+        Err(KilnError::Stopped("it ended before the request finished".into()))
     }
 }
 
@@ -398,7 +398,7 @@ impl Engine {
             let sent = self.submissions.as_ref().map(|s| s.send(submission).is_ok()).unwrap_or(false);
             if !sent {
                 self.in_flight.fetch_sub(n - i, Ordering::SeqCst);
-                return Err(KilnError::Request("the engine has stopped".into()));
+                return Err(KilnError::Stopped("no new requests are taken".into()));
             }
             requests.push(Request { id, events, cancel });
         }

@@ -440,6 +440,9 @@ fn submit(ready: &Ready, job: &mut Job) -> ApiResult<Vec<Request>> {
                 return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", format!("server busy: {m}"))
                     .with_code("server_busy"))
             }
+            Err(e @ KilnError::Stopped(_)) => {
+                return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", e.to_string()))
+            }
             Err(e) => return Err(ApiError::bad("", e.to_string())),
         }
     }
