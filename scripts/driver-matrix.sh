@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The driver matrix: the kernel suite, the whole-model goldens (all three kernel paths) and the
+# The driver matrix: the kernel suite, the whole-model goldens (all three kernel paths), `kiln doctor` and the
 # engine's batch-invariance and scheduling tests on every driver this machine can run (no GPU
 # needed), each a real driver from Debian packages (../shared/DRIVERS.md):
 #   lavapipe with subgroup size 4 and 16 (LP_NATIVE_VECTOR_WIDTH=128|512; the default 8 is the
@@ -21,7 +21,7 @@ run() {
     local name=$1
     shift
     echo "driver-matrix: $name"
-    env "$@" cargo test --release --test kernels --test model --test engine -- --skip smollm2
+    env "$@" cargo test --release --test kernels --test model --test engine --test doctor -- --skip smollm2
 }
 
 run "lavapipe, subgroup size 4" LP_NATIVE_VECTOR_WIDTH=128

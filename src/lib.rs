@@ -7,9 +7,11 @@
 //! - [`engine`]: many sequences per step over a paged, prefix-sharing KV cache; the scheduler.
 //! - [`session`]: one conversation on the same machinery; feed tokens, get logits or stream new text.
 //! - [`server`]: `kiln serve`, the OpenAI-compatible HTTP server on the engine.
-//! - [`bench`], [`pictures`]: whole-model benchmarks, attention maps and charts.
+//! - [`bench`], [`doctor`], [`pictures`]: whole-model benchmarks, kernel checks on the user's
+//!   driver, attention maps and charts.
 
 pub mod bench;
+pub mod doctor;
 pub mod engine;
 pub mod error;
 pub mod gguf;

@@ -127,6 +127,20 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Check every kernel a model uses on this adapter and driver against the CPU reference, at the
+    /// model's shapes and with its own weights: pass or fail, worst error against its bound, speed.
+    /// Exits non-zero if any check fails.
+    Doctor {
+        /// A model directory, .gguf file or hub repo id.
+        #[arg(long, conflicts_with = "synthetic", required_unless_present = "synthetic")]
+        model: Option<PathBuf>,
+        /// A synthetic model made on the device (as for `kiln bench`).
+        #[arg(long)]
+        synthetic: Option<String>,
+        /// One JSON object on stdout instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Attention maps: each chosen head's attention probabilities over the prompt, as one PNG of
     /// heatmaps per layer and the numbers as JSON.
     Attention {
@@ -383,6 +397,23 @@ fn run(cli: Cli) -> kiln::Result<()> {
                 shutdown_timeout: std::time::Duration::from_secs(shutdown_timeout),
             };
             kiln::server::run(options, move || load(&args))?;
+        }
+        Command::Doctor { model, synthetic, json } => {
+            let model = match (model, synthetic) {
+                (Some(path), _) => load(&ModelArgs { model: path, ctx: None })?,
+                (None, Some(name)) => Model::synthetic(&name, Some(1), Gpu::new()?, 0)?,
+                (None, None) => unreachable!("clap requires --model or --synthetic"),
+            };
+            eprintln!("doctor: {}", model.gpu.describe());
+            let report = kiln::doctor::run(&model, |check| eprintln!("doctor: {check}"))?;
+            if json {
+                println!("{}", report.to_json());
+            } else {
+                print!("{}", report.to_table());
+            }
+            if !report.passed() {
+                return Err(kiln::KilnError::Request("some kernels computed wrong results on this device".into()));
+            }
         }
         Command::Attention { model: args, prompt, layers, heads, out } => {
             attention(&args, &prompt, layers, &heads, &out)?

@@ -106,7 +106,11 @@ impl Weight {
         let row_bytes = dtype.bytes_for(cols as u64) as usize;
         Self::build(gpu, name, rows, cols, dtype, |label, first, n| {
             let data = &bytes[first as usize * row_bytes..(first + n) as usize * row_bytes];
-            gpu.upload_padded(label, data, wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST)
+            gpu.upload_padded(
+                label,
+                data,
+                wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+            )
         })
     }
 
