@@ -5,7 +5,8 @@
 #   lavapipe with subgroup size 4 and 16 (LP_NATIVE_VECTOR_WIDTH=128|512; the default 8 is the
 #   main test run), SwiftShader (an independent Vulkan: no f16, subgroup size 4, WebGPU-like
 #   limits; from chromium-common, which scripts/setup-test-tools.sh installs with chromium), and
-#   wgpu's GL backend on llvmpipe through EGL (no subgroups, no f16).
+#   wgpu's GL backend on llvmpipe through EGL (no subgroups, no f16), and Mesa 25's lavapipe from
+#   bookworm-backports (scripts/fetch-mesa25.sh unpacks it under .cache without touching apt).
 # The SmolLM2 batch test is left to the main run (minutes on SwiftShader). Fails on the first
 # driver that fails.
 set -euo pipefail
@@ -28,4 +29,6 @@ run "lavapipe, subgroup size 4" LP_NATIVE_VECTOR_WIDTH=128
 run "lavapipe, subgroup size 16" LP_NATIVE_VECTOR_WIDTH=512
 run "SwiftShader" VK_DRIVER_FILES="$swiftshader"
 run "GL backend on llvmpipe (EGL, surfaceless)" KILN_BACKEND=gl EGL_PLATFORM=surfaceless
+# shellcheck disable=SC2046 # the script prints VAR=value words for env
+run "lavapipe from Mesa 25 (bookworm-backports)" $(scripts/fetch-mesa25.sh)
 echo "driver-matrix: every driver passed"

@@ -67,10 +67,11 @@ impl Gpu {
     /// One line for logs: adapter name, backend, device type and the chosen paths.
     pub fn describe(&self) -> String {
         format!(
-            "{} ({:?}, {:?}); f16 KV: {}, subgroups: {}, timestamps: {}, kernels: {}, max binding {} MiB",
+            "{} ({:?}, {:?}{}); f16 KV: {}, subgroups: {}, timestamps: {}, kernels: {}, max binding {} MiB",
             self.info.name,
             self.info.backend,
             self.info.device_type,
+            if self.info.driver_info.is_empty() { String::new() } else { format!(", {}", self.info.driver_info) },
             self.caps.f16,
             self.caps.subgroups,
             self.caps.timestamps,
