@@ -5,8 +5,7 @@
 //! kernel wrongly show up here instead of as silently wrong text.
 
 use crate::bench::best_seconds;
-use crate::gguf::GgmlType;
-use crate::gpu::{DType, Gpu, Weight};
+use crate::gpu::{Gpu, Weight};
 use crate::model::Model;
 use crate::ops::{argmax, attention, gemv, matmul, rms_norm, rope, KvGeometry, StepTokens};
 use crate::{KilnError, Result};
@@ -103,24 +102,7 @@ fn weight_rows(gpu: &Gpu, w: &Weight, rows: usize) -> Result<Vec<f32>> {
     let n = rows * w.cols as usize;
     let bytes = w.dtype.bytes_for(n as u64);
     let raw = gpu.read_bytes(&chunk.buffer, bytes)?;
-    let ggml = match w.dtype {
-        DType::F32 => return Ok(bytemuck::pod_collect_to_vec(&raw)),
-        DType::F16 => {
-            return Ok(raw.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect())
-        }
-        DType::BF16 => {
-            return Ok(raw.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect())
-        }
-        DType::Q8_0 => GgmlType::Q8_0,
-        DType::Q4_0 => GgmlType::Q4_0,
-        DType::Q4_1 => GgmlType::Q4_1,
-        DType::Q5_0 => GgmlType::Q5_0,
-        DType::Q5_1 => GgmlType::Q5_1,
-        DType::Q4K => GgmlType::Q4_K,
-        DType::Q5K => GgmlType::Q5_K,
-        DType::Q6K => GgmlType::Q6_K,
-    };
-    crate::quant::dequantize(ggml, &raw, n)
+    crate::quant::decode(w.dtype, &raw, n)
 }
 
 /// Rows of each weight checked against the CPU (the GPU computes them all).

@@ -21,6 +21,7 @@
 //! | Q6_K | 256 | 210 | ql\[128\], qh\[64\], scales\[16\] i8, d (last) |
 
 use crate::gguf::GgmlType;
+use crate::gpu::DType;
 use crate::{KilnError, Result};
 use half::f16;
 
@@ -31,6 +32,32 @@ pub const QK: usize = 32;
 pub const QK_K: usize = 256;
 
 /// `n_elements` values of type `ty` from `data`, which must be exactly their size.
+/// Decode `n_elements` weights stored as kiln keeps `dtype` on the GPU (f32, f16 and bf16
+/// little-endian; GGUF blocks byte for byte): the CPU reference for any weight buffer.
+pub fn decode(dtype: DType, data: &[u8], n_elements: usize) -> Result<Vec<f32>> {
+    let pairs = || data.chunks_exact(2).take(n_elements).map(|c| [c[0], c[1]]);
+    let ty = match dtype {
+        DType::F32 => {
+            return Ok(data
+                .chunks_exact(4)
+                .take(n_elements)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect())
+        }
+        DType::F16 => return Ok(pairs().map(|b| f16::from_le_bytes(b).to_f32()).collect()),
+        DType::BF16 => return Ok(pairs().map(|b| half::bf16::from_le_bytes(b).to_f32()).collect()),
+        DType::Q8_0 => GgmlType::Q8_0,
+        DType::Q4_0 => GgmlType::Q4_0,
+        DType::Q4_1 => GgmlType::Q4_1,
+        DType::Q5_0 => GgmlType::Q5_0,
+        DType::Q5_1 => GgmlType::Q5_1,
+        DType::Q4K => GgmlType::Q4_K,
+        DType::Q5K => GgmlType::Q5_K,
+        DType::Q6K => GgmlType::Q6_K,
+    };
+    dequantize(ty, data, n_elements)
+}
+
 pub fn dequantize(ty: GgmlType, data: &[u8], n_elements: usize) -> Result<Vec<f32>> {
     check_sizes(ty, data.len(), n_elements)?;
     let mut out = vec![0f32; n_elements];

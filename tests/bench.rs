@@ -5,26 +5,11 @@
 mod common;
 
 use common::*;
-use kiln::gguf::GgmlType;
 use kiln::gpu::DType;
 use kiln::model::synthetic::{random_blocks, PRESETS};
 use kiln::{Model, Session};
 use rand::SeedableRng;
 use std::process::Command;
-
-fn ggml(dtype: DType) -> Option<GgmlType> {
-    Some(match dtype {
-        DType::Q8_0 => GgmlType::Q8_0,
-        DType::Q4_0 => GgmlType::Q4_0,
-        DType::Q4_1 => GgmlType::Q4_1,
-        DType::Q5_0 => GgmlType::Q5_0,
-        DType::Q5_1 => GgmlType::Q5_1,
-        DType::Q4K => GgmlType::Q4_K,
-        DType::Q5K => GgmlType::Q5_K,
-        DType::Q6K => GgmlType::Q6_K,
-        _ => return None,
-    })
-}
 
 #[test]
 fn random_blocks_decode_to_finite_weights_of_a_trained_models_scale() {
@@ -33,7 +18,7 @@ fn random_blocks_decode_to_finite_weights_of_a_trained_models_scale() {
         let blocks = 64;
         let bytes = random_blocks(dtype, blocks, &mut rng);
         let n = blocks * dtype.block().0 as usize;
-        let values = kiln::quant::dequantize(ggml(dtype).unwrap(), &bytes, n).unwrap();
+        let values = kiln::quant::decode(dtype, &bytes, n).unwrap();
         assert!(values.iter().all(|v| v.is_finite()), "{dtype:?}: a non-finite weight");
         let rms = (values.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / n as f64).sqrt();
         // Trained projections are ~N(0, 0.02); anything within 10× keeps activations sane.

@@ -67,30 +67,21 @@ fn kiln_attention_writes_a_png_per_layer_and_the_probabilities() {
         }
     }
     // Bad choices are clear errors.
-    let (ok, err) = kiln(&[
-        "attention",
-        "--model",
-        model.to_str().unwrap(),
-        "--prompt",
-        "hi",
-        "--heads",
-        "99",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
-    assert!(!ok && err.contains("--heads"), "{err}");
-    let (ok, err) = kiln(&[
-        "attention",
-        "--model",
-        model.to_str().unwrap(),
-        "--prompt",
-        "hi",
-        "--layers",
-        "99",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
-    assert!(!ok && err.contains("layer 99"), "{err}");
+    for (flag, value, says) in [("--heads", "99", "--heads"), ("--layers", "99", "layer 99")] {
+        let args = [
+            "attention",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompt",
+            "hi",
+            flag,
+            value,
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        let (ok, err) = kiln(&args);
+        assert!(!ok && err.contains(says), "{flag} {value}: {err}");
+    }
     let _ = std::fs::remove_dir_all(&out);
 }
 
