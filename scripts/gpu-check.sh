@@ -8,8 +8,9 @@
 #
 # The Vulkan loader: if the machine has none (`ldconfig -p | grep libvulkan` is empty), prepare
 # .gl/ once here as the device tool's README says (apt-get download libvulkan1 libegl1 ...); this
-# script unpacks it. GPU_CHECK_LAYERS=N keeps the first N layers of the 8B presets (a quick
-# rehearsal on a CPU adapter: GPU_CHECK_LAYERS=1 OUT=/tmp/gpu-check scripts/gpu-check.sh).
+# script unpacks it. GPU_CHECK_PRESETS overrides the synthetic models and GPU_CHECK_LAYERS=N keeps
+# their first N layers: a rehearsal of the script on a CPU adapter is
+#   GPU_CHECK_PRESETS=smollm2-135m-q4_1 GPU_CHECK_LAYERS=2 OUT=/tmp/gpu-check scripts/gpu-check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-check-out}
@@ -33,11 +34,12 @@ command -v nvidia-smi >/dev/null && nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
 step "build"
 cargo build --release --bin kiln --tests > "$OUT/build.log" 2>&1 || { echo "gpu-check: build failed"; tail -30 "$OUT/build.log"; exit 1; }
 kiln=target/release/kiln
+read -r -a presets <<< "${GPU_CHECK_PRESETS:-llama3-8b-q4_0 llama3-8b-f16 qwen2.5-0.5b-q4_k}"
 layers=()
 [ -n "${GPU_CHECK_LAYERS:-}" ] && layers=(--layers "$GPU_CHECK_LAYERS")
 
 step "kiln doctor"
-for preset in llama3-8b-q4_0 llama3-8b-f16 qwen2.5-0.5b-q4_k; do
+for preset in "${presets[@]}"; do
     if ! timeout 120 "$kiln" doctor --synthetic "$preset" --json > "$OUT/doctor-$preset.json" 2> "$OUT/doctor-$preset.err"; then
         echo "gpu-check: doctor $preset FAILED"; tail -5 "$OUT/doctor-$preset.err"; failures=$((failures + 1))
     fi
@@ -49,10 +51,8 @@ if ! timeout 240 cargo test --release --test kernels --test doctor > "$OUT/kerne
 fi
 
 step "benchmarks"
-for preset in llama3-8b-q4_0 llama3-8b-f16 qwen2.5-0.5b-q4_k; do
-    extra=()
-    [[ $preset == llama3-8b-* ]] && extra=("${layers[@]}")
-    if ! timeout 150 "$kiln" bench --synthetic "$preset" "${extra[@]}" --fills 0,2048 --gen-tokens 32 \
+for preset in "${presets[@]}"; do
+    if ! timeout 150 "$kiln" bench --synthetic "$preset" "${layers[@]}" --fills 0,2048 --gen-tokens 32 \
         --concurrency 1,16,64 --json > "$OUT/bench-$preset.json" 2> "$OUT/bench-$preset.err"; then
         echo "gpu-check: bench $preset FAILED"; tail -5 "$OUT/bench-$preset.err"; failures=$((failures + 1))
     fi
