@@ -3,7 +3,7 @@
 //! measured in one run so the ratios mean something on any machine.
 
 use crate::engine::batch::{Readback, Runner, SeqStep, Wanted};
-use crate::engine::{Engine, EngineConfig, Event, Request, RequestParams};
+use crate::engine::{Engine, EngineConfig, Event, Request, RequestParams, Usage};
 use crate::gpu::{Dispatch, Gpu};
 use crate::model::Model;
 use crate::ops::elementwise;
@@ -329,18 +329,18 @@ fn quantile(v: &mut [f64], q: f64) -> f64 {
     v[((q * v.len() as f64).ceil() as usize).clamp(1, v.len()) - 1]
 }
 
-/// The arrival time of every token of a request (blocking until it ends).
-fn token_times(request: &Request) -> Result<Vec<Instant>> {
+/// The arrival time of every token of a request, and its usage (blocking until it ends).
+fn token_times(request: &Request) -> Result<(Vec<Instant>, Usage)> {
     let mut times = Vec::new();
     for event in request.events().iter() {
         match event {
             Event::Token { .. } => times.push(Instant::now()),
             Event::Text(_) => {}
-            Event::Done { .. } => return Ok(times),
+            Event::Done { usage, .. } => return Ok((times, usage)),
             Event::Failed(m) => return Err(crate::KilnError::Request(m)),
         }
     }
-    Ok(times)
+    Err(crate::KilnError::Stopped("it ended before the request finished".into()))
 }
 
 fn bench_engine(model: &Arc<Model>, streams: usize, tokens_per_stream: usize) -> Result<Engine> {
@@ -391,7 +391,7 @@ fn serve_streams(
         let start = Instant::now();
         let requests = prompts.into_iter().map(|p| engine.submit(p, params.clone())).collect::<Result<Vec<_>>>()?;
         let times: Vec<Vec<Instant>> = std::thread::scope(|s| {
-            let handles: Vec<_> = requests.into_iter().map(|r| s.spawn(move || token_times(&r))).collect();
+            let handles: Vec<_> = requests.into_iter().map(|r| s.spawn(move || Ok(token_times(&r)?.0))).collect();
             handles.into_iter().map(|h| h.join().expect("collector thread")).collect::<Result<Vec<_>>>()
         })?;
         // Steady state: from the last stream's first token to the first stream's last one, when
@@ -437,17 +437,9 @@ fn shared_prefix(
     let ttft = |question: Vec<u32>| -> Result<(f64, usize)> {
         let prompt: Vec<u32> = prefix.iter().copied().chain(question).collect();
         let start = Instant::now();
-        let request = engine.submit(prompt, params.clone())?;
-        let mut first = None;
-        for event in request.events().iter() {
-            match event {
-                Event::Token { .. } if first.is_none() => first = Some(start.elapsed().as_secs_f64()),
-                Event::Done { usage, .. } => return Ok((first.unwrap_or(0.0), usage.cached_tokens)),
-                Event::Failed(m) => return Err(crate::KilnError::Request(m)),
-                _ => {}
-            }
-        }
-        Err(crate::KilnError::Request("the engine stopped".into()))
+        let (times, usage) = token_times(&engine.submit(prompt, params.clone())?)?;
+        let first = times.first().map_or(0.0, |t| t.duration_since(start).as_secs_f64());
+        Ok((first, usage.cached_tokens))
     };
     log(&format!("time to first token with a {prefix_tokens}-token shared prefix, cold then cached"));
     let (first_ttft_s, _) = ttft(ids(8))?;

@@ -124,16 +124,13 @@ fn check_linear(gpu: &Gpu, w: &Weight, what: &str, m: usize, rng: &mut rand::rng
     let want = matmul::matmul_cpu(&x, &wr, None, m, rows, k);
     // Only the checked rows of each output row.
     let got: Vec<f32> = (0..m).flat_map(|t| got[t * n..t * n + rows].iter().copied()).collect();
-    // f32 accumulation of a length-k dot product: ≤ (k + 2)·u·Σ|xᵢwᵢ| (recursive summation's
-    // worst case; blocked sums do better), plus the result's own rounding.
     let abs: Vec<f64> = (0..m * rows)
         .map(|i| {
             let (t, r) = (i / rows, i % rows);
             (0..k).map(|j| (x[t * k + j] * wr[r * k + j]).abs() as f64).sum()
         })
         .collect();
-    let (passed, worst, bound) =
-        compare(&got, &want, |i| abs[i] * (k as f64 + 2.0) * U + want[i].abs() as f64 * 2.0 * U + 1e-30);
+    let (passed, worst, bound) = compare(&got, &want, |i| matmul::dot_error_bound(abs[i], k, want[i]));
     let seconds = best_seconds(gpu, "doctor linear", &refs, 0.2)?;
     let rate = if m == 1 {
         format!("{:.2} GB/s", w.bytes() as f64 / seconds / 1e9)
@@ -307,11 +304,7 @@ pub fn run(model: &Model, mut log: impl FnMut(&str)) -> Result<DoctorReport> {
         gpu.run("doctor attention", &refs)?;
         let got = gpu.read_f32(&out, nq)?;
         let want = attention::attention_cpu(&shape, &q, &k, &v, &meta, &table);
-        // As tests/kernels.rs: score error D·u·|s|max, exp error (3 + 2|s|) ulp, doubled for the
-        // normalisation, plus kv_len·u of summation; outputs are convex mixes of |v| ≤ 1.
-        let d = c.head_dim as f64;
-        let smax = d.sqrt();
-        let tol = (2.0 * (d * U * smax + (3.0 + 4.0 * smax) * U) + 2.0 * max_kv as f64 * U) * 2.0;
+        let tol = attention::output_error_bound(shape.head_dim, max_kv);
         let (passed, worst, bound) = compare(&got, &want, |_| tol);
         let seconds = best_seconds(gpu, "doctor attention", &refs, 0.1)?;
         checks.push(Check {

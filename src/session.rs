@@ -94,15 +94,10 @@ impl<'m> Session<'m> {
     /// As `new`, feeding prompts in steps of at most `max_step_tokens` (activation memory grows
     /// with it).
     pub fn with_step_tokens(model: &'m Model, ctx: Option<usize>, max_step_tokens: usize) -> Result<Self> {
+        // The runner checks the context against the model's.
         let ctx = ctx.unwrap_or_else(|| model.default_context());
-        if ctx == 0 || ctx > model.config.max_position_embeddings {
-            return Err(KilnError::Request(format!(
-                "context {ctx} is outside 1..={} (the model's max_position_embeddings)",
-                model.config.max_position_embeddings
-            )));
-        }
         let blocks = (ctx as u32).div_ceil(SESSION_BLOCK);
-        let step = max_step_tokens.clamp(1, ctx) as u32;
+        let step = max_step_tokens.min(ctx).max(1) as u32;
         let runner = Runner::new(model, blocks, SESSION_BLOCK, step, ctx)?;
         Ok(Session { runner, ctx, block_table: (0..blocks).collect(), tokens: Vec::new() })
     }

@@ -224,10 +224,9 @@ fn embedding_gathers_rows_of_f32_and_f16_tables() {
 
 // ---------------------------------------------------------------- gemv / matmul
 
-/// Error bound of an f32-accumulated dot product of length k: k·u·Σ|xᵢwᵢ| (recursive
-/// summation's worst case; the kernels' blocked sums do better), plus rounding of the result.
+/// The bound gemv and matmul are held to (`matmul::dot_error_bound`).
 fn dot_bound(abs_sum: f32, k: usize, value: f32) -> f64 {
-    abs_sum as f64 * (k as f64 + 2.0) * U32 + value.abs() as f64 * 2.0 * U32 + 1e-30
+    matmul::dot_error_bound(abs_sum as f64, k, value)
 }
 
 enum Kernel {
@@ -667,11 +666,7 @@ fn check_attention(gpu: &Gpu, name: &str, c: &AttnCase, rng: &mut rand::rngs::St
     let want = attention::attention_cpu(&shape, &q, &k, &v, &meta, &block_table);
     assert!(want[nq - c.n_heads as usize * d..].iter().all(|&x| x == 0.0), "the reference zeroes padding");
 
-    // Bound: scores s = scale·q·k carry ≤ D·u·scale·Σ|qk| error, exp adds ≤ (3 + 2|s|) ulp; weights
-    // are then off by ≤ 2× that relatively, and the output (a convex mix of |v| ≤ 1) by as much,
-    // plus kv_len·u from summing the mix.
-    let smax = (1.0 / (d as f64).sqrt()) * d as f64;
-    let tol = (2.0 * (d as f64 * U32 * smax + (3.0 + 4.0 * smax) * U32) + 2.0 * max_kv_len as f64 * U32) * 2.0;
+    let tol = attention::output_error_bound(c.head_dim, max_kv_len);
     let why =
         "score error D·u·|s|max plus exp error (3+2|s|) ulp, doubled for the normalisation, plus kv_len·u summation";
     let what = format!("{name} Hq={} Hkv={} D={} seqs={:?}", c.n_heads, c.n_kv_heads, c.head_dim, c.seqs);
@@ -954,10 +949,7 @@ fn attention_probabilities_match_reference_on_paged_tables() {
         gpu.run("attention probs", &[&d]).unwrap();
         let got = gpu.read_f32(&probs, len).unwrap();
         let want = attention::probabilities_cpu(&shape, &q, &k, &meta, &block_table, n_keys);
-        // Each probability is exp(score error) off: scores carry ≤ D·u·|s|max, exp ≤ (3 + 2|s|) ulp,
-        // the normalising sum kv_len·u; probabilities are ≤ 1, so that relative bound is absolute.
-        let smax = (head_dim as f64).sqrt();
-        let tol = 2.0 * (head_dim as f64 * U32 * smax + (3.0 + 4.0 * smax) * U32 + n_keys as f64 * U32);
+        let tol = attention::probability_error_bound(head_dim, n_keys as u32);
         assert_close(&format!("attention probs {name}"), &got, &want, tol, "score, exp and sum error bounds");
         for (row, r) in got.chunks(n_keys).enumerate() {
             let t = row % n_tokens as usize;

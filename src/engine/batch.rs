@@ -290,13 +290,7 @@ impl<'m> Runner<'m> {
         let rows: usize = seqs.iter().map(SeqStep::rows).sum();
         let gpu = self.model.gpu.clone();
         let plan = self.prepared_plan(key, max_kv_len)?;
-        let mut encoder = gpu.encoder("forward");
-        {
-            let mut pass = encoder
-                .begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("forward"), timestamp_writes: None });
-            plan.record(&mut pass);
-        }
-        gpu.submit_and_wait("forward", encoder)?;
+        plan.run(&gpu, "forward")?;
         let mut out = StepOutput { rows, ..Default::default() };
         if rows > 0 {
             if readback != Readback::Logits {
@@ -346,15 +340,7 @@ impl<'m> Runner<'m> {
             forward::plan(gpu, c, &model.weights, &self.cache, &self.act, &self.rope_table, key, Some(&probes))?;
         self.upload_inputs();
         plan.prepare(gpu, max_kv_len);
-        let mut encoder = gpu.encoder("forward with probes");
-        {
-            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                label: Some("forward with probes"),
-                timestamp_writes: None,
-            });
-            plan.record(&mut pass);
-        }
-        gpu.submit_and_wait("forward with probes", encoder)?;
+        plan.run(gpu, "forward with probes")?;
         let n = seq.tokens.len();
         probes
             .layers

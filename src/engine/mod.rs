@@ -286,14 +286,8 @@ impl Engine {
     /// Size the KV pool, start the engine thread. Fails if the pool or the step buffers cannot
     /// be allocated.
     pub fn start(model: Arc<Model>, config: EngineConfig) -> Result<Engine> {
-        let c = &model.config;
+        // The runner checks the context against the model's.
         let max_context = config.max_context.unwrap_or_else(|| model.default_context());
-        if max_context == 0 || max_context > c.max_position_embeddings {
-            return Err(KilnError::Request(format!(
-                "context {max_context} is outside 1..={} (the model's max_position_embeddings)",
-                c.max_position_embeddings
-            )));
-        }
         let pool = config.kv_pool(&model)?;
         let (blocks, block_size) = (pool.blocks, pool.block_size);
         let max_step_tokens = config.max_step_tokens.max(1);
@@ -314,24 +308,25 @@ impl Engine {
             std::thread::Builder::new()
                 .name("kiln-engine".into())
                 .spawn(move || {
+                    // At most one logit row per running sequence fits a step.
                     let runner = Runner::new(&model, blocks, block_size, max_step_tokens as u32, max_context);
-                    let runner = match runner {
+                    let (runner, max_running) = match runner {
                         Ok(r) => {
-                            let _ = ready_tx.send(Ok(r.max_rows()));
-                            r
+                            let max_running = max_running.min(r.max_rows());
+                            let _ = ready_tx.send(Ok(max_running));
+                            (r, max_running)
                         }
                         Err(e) => {
                             let _ = ready_tx.send(Err(e));
                             return;
                         }
                     };
-                    let max_running = max_running.min(runner.max_rows());
                     let scheduler = Scheduler::new(blocks, block_size as usize, runner.max_step_tokens(), max_running);
                     EngineLoop { model: &model, runner, scheduler, stats, in_flight }.run(rx);
                 })
                 .map_err(|e| KilnError::Request(format!("could not start the engine thread: {e}")))?
         };
-        let max_rows =
+        let max_running =
             ready_rx.recv().map_err(|_| KilnError::Request("the engine thread stopped while starting".into()))??;
         Ok(Engine {
             model,
@@ -344,7 +339,7 @@ impl Engine {
             block_size,
             max_context,
             max_waiting: config.max_waiting,
-            max_running: config.max_running.max(1).min(max_rows),
+            max_running,
         })
     }
 

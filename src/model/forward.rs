@@ -72,11 +72,8 @@ impl KvCache {
     /// Layer `layer`'s K pool as f32, (n_kv_heads, slots, head_dim): for inspection and tests.
     pub fn read_k(&self, gpu: &Gpu, layer: usize) -> Result<Vec<f32>> {
         let bytes = gpu.read_bytes(&self.k[layer], self.k[layer].size())?;
-        Ok(if self.element_bytes == 2 {
-            bytes.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect()
-        } else {
-            bytemuck::pod_collect_to_vec(&bytes)
-        })
+        let dtype = if self.element_bytes == 2 { crate::gpu::DType::F16 } else { crate::gpu::DType::F32 };
+        crate::quant::decode(dtype, &bytes, bytes.len() / self.element_bytes as usize)
     }
 }
 
@@ -230,18 +227,21 @@ pub fn attention_shape(c: &ModelConfig, kv: KvGeometry) -> attention::AttentionS
     }
 }
 
-/// A split-KV attention dispatch pair whose split count follows the step's longest sequence.
+/// A layer's split-KV attention: the indices of its (split, reduce) dispatch pair and their params.
 struct SplitAttention {
     split: usize,
     reduce: usize,
     params: attention::Params,
-    kernel: attention::SplitKernel,
 }
 
 /// The recorded dispatches of one step shape.
 pub struct StepPlan {
     pub key: PlanKey,
     dispatches: Vec<Dispatch>,
+    /// Every layer's attention has this shape; with a split kernel, its split count follows the
+    /// step's longest sequence (`prepare`).
+    shape: attention::AttentionShape,
+    split_kernel: Option<attention::SplitKernel>,
     splits: Vec<SplitAttention>,
 }
 
@@ -333,7 +333,7 @@ pub fn plan(
                     tokens,
                 )?;
                 let params = *bytemuck::from_bytes(&split.host_params);
-                splits.push(SplitAttention { split: d.len(), reduce: d.len() + 1, params, kernel });
+                splits.push(SplitAttention { split: d.len(), reduce: d.len() + 1, params });
                 d.push(split);
                 d.push(reduce);
             }
@@ -376,36 +376,30 @@ pub fn plan(
             d.push(argmax::argmax(gpu, &act.logits, &act.tokens, rows, c.vocab_size as u32)?);
         }
     }
-    Ok(StepPlan { key, dispatches: d, splits })
+    Ok(StepPlan { key, dispatches: d, shape, split_kernel, splits })
 }
 
 impl StepPlan {
     /// Point the plan at a step whose longest sequence sees `max_kv_len` keys: split each
     /// attention's keys to keep the device busy.
     pub fn prepare(&mut self, gpu: &Gpu, max_kv_len: u32) {
+        let Some(kernel) = self.split_kernel else { return };
         let n = self.key.tokens;
+        let (n_splits, split_len) = self.shape.splits(n, max_kv_len, ATTENTION_TARGET_GROUPS);
+        let grid = kernel.grid(&self.shape, n, n_splits);
         for s in &mut self.splits {
-            let p = &mut s.params;
-            let shape = attention::AttentionShape {
-                n_heads: p.n_heads,
-                n_kv_heads: p.n_kv_heads,
-                head_dim: p.head_dim,
-                kv: KvGeometry { slots: p.slots, block_size: p.block_size },
-            };
-            let (n_splits, split_len) = shape.splits(n, max_kv_len, ATTENTION_TARGET_GROUPS);
-            p.n_splits = n_splits;
-            p.split_len = split_len;
-            self.dispatches[s.split].set_params(gpu, p);
-            self.dispatches[s.split].workgroups = s.kernel.grid(&shape, n, n_splits);
-            self.dispatches[s.reduce].set_params(gpu, p);
+            s.params.n_splits = n_splits;
+            s.params.split_len = split_len;
+            self.dispatches[s.split].set_params(gpu, &s.params);
+            self.dispatches[s.split].workgroups = grid;
+            self.dispatches[s.reduce].set_params(gpu, &s.params);
         }
     }
 
-    /// Record the (prepared) step into `pass`.
-    pub fn record(&self, pass: &mut wgpu::ComputePass<'_>) {
-        for d in &self.dispatches {
-            d.record(pass);
-        }
+    /// Run the (prepared) step: every dispatch in one compute pass, one submission.
+    pub fn run(&self, gpu: &Gpu, label: &str) -> Result<()> {
+        let dispatches: Vec<&Dispatch> = self.dispatches.iter().collect();
+        gpu.run(label, &dispatches)
     }
 
     /// Run the (prepared) step once with a timestamp around each dispatch: (label, seconds).

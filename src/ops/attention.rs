@@ -289,6 +289,25 @@ pub fn probabilities(
     gpu.dispatch_at("attention probs", pipeline, &params, &buffers, [groups, 1, 1])
 }
 
+/// How far an attention probability may be from the reference, for queries and keys with
+/// entries in [-1, 1] (so |s| ≤ √head_dim after the 1/√d scale): the score carries
+/// ≤ D·u·|s|max, exp adds ≤ (3 + 2|s|) ulp, the normalising sum kv_len·u; probabilities are ≤ 1,
+/// so that relative bound, doubled, is absolute.
+pub fn probability_error_bound(head_dim: u32, kv_len: u32) -> f64 {
+    let (u, d) = (f32::EPSILON as f64 / 2.0, head_dim as f64);
+    let smax = d.sqrt();
+    2.0 * (d * u * smax + (3.0 + 4.0 * smax) * u + kv_len as f64 * u)
+}
+
+/// How far an attention output may be from the reference, for q, K and V entries in [-1, 1]:
+/// the weights are off by ≤ 2× the score and exp error, the output (a convex mix of |v| ≤ 1) by as
+/// much, plus kv_len·u from summing the mix; doubled.
+pub fn output_error_bound(head_dim: u32, kv_len: u32) -> f64 {
+    let (u, d) = (f32::EPSILON as f64 / 2.0, head_dim as f64);
+    let smax = d.sqrt();
+    (2.0 * (d * u * smax + (3.0 + 4.0 * smax) * u) + 2.0 * kv_len as f64 * u) * 2.0
+}
+
 /// The reference's core, in f64: for each real token t and head h, the cache slots of keys
 /// 0 ..= pos(t) and softmax(q[t, h]·Kᵀ·scale) over them; `f(t, h, slots, probabilities)`.
 fn reference_softmax(

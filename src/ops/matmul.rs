@@ -101,6 +101,15 @@ pub fn matmul_with(
         .collect()
 }
 
+/// How far an f32-accumulated dot product of length `k` may be from the exact one: k·u·Σ|xᵢwᵢ|
+/// (recursive summation's worst case; the kernels' blocked sums do better) plus the rounding of
+/// the result itself. `abs_sum` is Σ|xᵢwᵢ|; the bound the tests and `kiln doctor` hold gemv and
+/// matmul to.
+pub fn dot_error_bound(abs_sum: f64, k: usize, value: f32) -> f64 {
+    let u = f32::EPSILON as f64 / 2.0;
+    abs_sum * (k as f64 + 2.0) * u + value.abs() as f64 * 2.0 * u + 1e-30
+}
+
 /// y = x·Wᵀ (+ bias) with f64 accumulation: the reference for both matmul and gemv.
 pub fn matmul_cpu(x: &[f32], w: &[f32], bias: Option<&[f32]>, m: usize, n: usize, k: usize) -> Vec<f32> {
     let mut y = vec![0f32; m * n];
