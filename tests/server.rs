@@ -107,8 +107,8 @@ impl Drop for Server {
     }
 }
 
-/// One HTTP/1.1 exchange on a fresh connection: (status, body), chunked bodies decoded.
-fn http(port: u16, method: &str, path: &str, body: &[u8]) -> std::io::Result<(u16, String)> {
+/// Open a connection and send one HTTP/1.1 request on it; the response is the caller's to read.
+fn send(port: u16, method: &str, path: &str, body: &[u8]) -> std::io::Result<TcpStream> {
     let mut s = TcpStream::connect(("127.0.0.1", port))?;
     s.set_read_timeout(Some(Duration::from_secs(300)))?;
     let head = format!(
@@ -117,6 +117,12 @@ fn http(port: u16, method: &str, path: &str, body: &[u8]) -> std::io::Result<(u1
     );
     s.write_all(head.as_bytes())?;
     s.write_all(body)?;
+    Ok(s)
+}
+
+/// One HTTP/1.1 exchange on a fresh connection: (status, body), chunked bodies decoded.
+fn http(port: u16, method: &str, path: &str, body: &[u8]) -> std::io::Result<(u16, String)> {
+    let mut s = send(port, method, path, body)?;
     let mut raw = Vec::new();
     s.read_to_end(&mut raw)?;
     let text = String::from_utf8_lossy(&raw).into_owned();
@@ -412,13 +418,7 @@ fn a_client_that_disconnects_mid_stream_is_cancelled_and_its_blocks_freed() {
     // SmolLM2: slow enough on a CPU adapter (tens of ms a token) that 200 tokens outlast the client.
     let server = Server::start(&smollm(), &["--kv-memory", "64M"]);
     let body = json!({"prompt": PROMPT, "max_tokens": 200, "temperature": 0, "stream": true}).to_string();
-    let mut s = TcpStream::connect(("127.0.0.1", server.port)).unwrap();
-    write!(
-        s,
-        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
+    let mut s = send(server.port, "POST", "/v1/completions", body.as_bytes()).unwrap();
     let mut buf = [0u8; 512];
     let mut seen = String::new();
     while seen.matches("data: ").count() < 3 {
@@ -551,14 +551,8 @@ fn a_full_queue_answers_503_and_bad_requests_never_disturb_a_running_stream() {
         std::thread::sleep(Duration::from_millis(5));
     }
     // One running and one waiting fill the queue: the next is refused, with Retry-After.
-    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
     let extra = json!({"prompt": "hi", "max_tokens": 2}).to_string();
-    write!(
-        s,
-        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{extra}",
-        extra.len()
-    )
-    .unwrap();
+    let mut s = send(port, "POST", "/v1/completions", extra.as_bytes()).unwrap();
     let mut reply = String::new();
     s.read_to_string(&mut reply).unwrap();
     assert!(reply.starts_with("HTTP/1.1 503"), "{reply}");
