@@ -27,6 +27,11 @@ pub enum KilnError {
     #[error("kernel `{kernel}`: out of GPU memory: {message}")]
     OutOfMemory { kernel: String, message: String },
 
+    /// The GPU device was lost (a driver reset or crash, a removed or sleeping GPU): nothing
+    /// more can run on it, and every request in flight fails with this.
+    #[error("the GPU device was lost ({0}); restart kiln to continue (a driver reset, a crash or a removed GPU causes this)")]
+    DeviceLost(String),
+
     /// A buffer readback failed (device lost, map error).
     #[error("reading back `{what}` from the GPU failed: {message}")]
     Readback { what: String, message: String },

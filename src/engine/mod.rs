@@ -255,6 +255,8 @@ pub struct EngineStats {
     pub preemptions: u64,
     /// A broken block-pool invariant, checked whenever the engine goes idle (never expected).
     pub pool_error: Option<String>,
+    /// Why the engine stopped for good (the GPU device was lost); `None` while it serves.
+    pub stopped: Option<String>,
 }
 
 struct Submission {
@@ -367,6 +369,10 @@ impl Engine {
     /// start once it is in the prefix cache and share its blocks. Choice i samples with seed
     /// `seed + i`. All are queued, or none.
     pub fn submit_n(&self, prompt: Vec<u32>, params: RequestParams, n: usize) -> Result<Vec<Request>> {
+        // An engine that stopped for good (a lost device) says why, before its loop is gone.
+        if let Some(why) = self.stats().stopped {
+            return Err(KilnError::Stopped(why));
+        }
         self.check(&prompt, &params, n)?;
         let limit = self.max_waiting + self.max_running;
         if self.in_flight.fetch_add(n, Ordering::SeqCst) + n > limit {
@@ -393,7 +399,8 @@ impl Engine {
             let sent = self.submissions.as_ref().map(|s| s.send(submission).is_ok()).unwrap_or(false);
             if !sent {
                 self.in_flight.fetch_sub(n - i, Ordering::SeqCst);
-                return Err(KilnError::Stopped("no new requests are taken".into()));
+                let why = self.stats().stopped.unwrap_or_else(|| "no new requests are taken".into());
+                return Err(KilnError::Stopped(why));
             }
             requests.push(Request { id, events, cancel });
         }
@@ -485,8 +492,31 @@ impl<'m> EngineLoop<'m> {
                 }
             }
             self.drop_cancelled();
-            self.step();
+            if let Err(lost) = self.step() {
+                self.stop(lost, submissions);
+                return;
+            }
             self.publish();
+        }
+    }
+
+    /// The device is gone: every request, running, waiting or still arriving, fails with why,
+    /// and the engine ends (later submissions get `KilnError::Stopped` with the same reason).
+    fn stop(mut self, lost: KilnError, submissions: Receiver<Submission>) {
+        let message = lost.to_string();
+        if let Ok(mut s) = self.stats.lock() {
+            s.stopped = Some(message.clone());
+        }
+        let mut all: Vec<Sequence<'m>> = self.scheduler.running.drain(..).collect();
+        all.extend(self.scheduler.waiting.drain(..));
+        for seq in all {
+            self.count_finished(&seq);
+            seq.fail(message.clone());
+        }
+        // Submissions sent before the receiver goes fail too; any sent after find it gone.
+        for s in submissions.try_iter() {
+            self.in_flight.fetch_sub(1, Ordering::SeqCst);
+            let _ = s.events.send(Event::Failed(message.clone()));
         }
     }
 
@@ -528,10 +558,12 @@ impl<'m> EngineLoop<'m> {
         }
     }
 
-    fn step(&mut self) {
+    /// One forward step over what the scheduler picks. Errors only when the device is lost (a
+    /// failed step otherwise fails just its own sequences).
+    fn step(&mut self) -> Result<()> {
         let scheduled = self.scheduler.schedule();
         if scheduled.is_empty() {
-            return;
+            return Ok(());
         }
         let running = &self.scheduler.running;
         let steps: Vec<SeqStep<'_>> = scheduled
@@ -564,6 +596,7 @@ impl<'m> EngineLoop<'m> {
         drop(steps);
         let out = match result {
             Ok(out) => out,
+            Err(e @ KilnError::DeviceLost(_)) => return Err(e),
             Err(e) => {
                 // The step failed as a whole (a device error): its sequences fail, the rest go on.
                 let message = format!("the forward step failed: {e}");
@@ -572,7 +605,7 @@ impl<'m> EngineLoop<'m> {
                     self.count_finished(&seq);
                     seq.fail(message.clone());
                 }
-                return;
+                return Ok(());
             }
         };
         let vocab = self.model.config.vocab_size;
@@ -620,6 +653,7 @@ impl<'m> EngineLoop<'m> {
                 }
             }
         }
+        Ok(())
     }
 
     fn publish(&mut self) {

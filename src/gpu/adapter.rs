@@ -206,6 +206,7 @@ pub(super) async fn open(options: &GpuOptions) -> Result<Gpu> {
         })
         .await
         .map_err(|e| KilnError::DeviceRequest { adapter: info.name.clone(), reason: e.to_string() })?;
+    let health = super::health::Health::watch(&device);
 
     let caps = Caps {
         f16: wanted_features.contains(wgpu::Features::SHADER_F16) && !options.disable_f16,
@@ -224,5 +225,5 @@ pub(super) async fn open(options: &GpuOptions) -> Result<Gpu> {
         usage: wgpu::BufferUsages::STORAGE,
         mapped_at_creation: false,
     });
-    Ok(Gpu { empty, device, queue, info, limits, caps, max_binding, pipelines: PipelineCache::default() })
+    Ok(Gpu { empty, device, queue, info, limits, caps, max_binding, pipelines: PipelineCache::default(), health })
 }

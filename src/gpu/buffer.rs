@@ -3,7 +3,6 @@
 
 use super::{ErrorScope, Gpu};
 use crate::error::{KilnError, Result};
-use wgpu::util::DeviceExt;
 
 /// Element type of a weight matrix as stored on the GPU: the checkpoint's own encoding, never
 /// expanded (`shaders/weights.wgsl` decodes it inside the kernels).
@@ -202,37 +201,45 @@ impl Gpu {
     fn upload_padded(&self, label: &str, data: &[u8], usage: wgpu::BufferUsages) -> Result<wgpu::Buffer> {
         let size = padded(data.len() as u64);
         let scope = ErrorScope::push(self);
-        let buffer = if size == data.len() as u64 {
-            self.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                label: Some(label),
-                contents: data,
-                usage,
-            })
-        } else {
-            let mut v = data.to_vec();
-            v.resize(size as usize, 0);
-            self.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                label: Some(label),
-                contents: &v,
-                usage,
-            })
-        };
+        let buffer = self.buffer_with(label, data, size, usage);
         scope.pop(label)?;
         Ok(buffer)
     }
 
     /// A uniform buffer holding one params struct.
     pub fn uniform<T: bytemuck::Pod>(&self, label: &str, params: &T) -> wgpu::Buffer {
-        self.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+        let data = bytemuck::bytes_of(params);
+        self.buffer_with(
+            label,
+            data,
+            padded(data.len() as u64),
+            wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+        )
+    }
+
+    /// A buffer of `size` bytes (a multiple of 4) starting with `data`, the rest zero. wgpu's own
+    /// `create_buffer_init` panics when the buffer cannot be mapped (a lost device); here the
+    /// buffer is left unfilled, and the loss is reported by the next scope or submission.
+    fn buffer_with(&self, label: &str, data: &[u8], size: u64, usage: wgpu::BufferUsages) -> wgpu::Buffer {
+        let buffer = self.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some(label),
-            contents: bytemuck::bytes_of(params),
-            usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
-        })
+            size,
+            usage,
+            mapped_at_creation: true,
+        });
+        if let Ok(mut view) = buffer.get_mapped_range_mut(..) {
+            view.slice(..data.len()).copy_from_slice(data);
+        }
+        buffer.unmap();
+        buffer
     }
 
     /// Copy `bytes` bytes from the start of `buffer` back to the host. Waits for the GPU.
     pub fn read_bytes(&self, buffer: &wgpu::Buffer, bytes: u64) -> Result<Vec<u8>> {
-        let what = || "a GPU buffer".to_string();
+        // On a lost device the map fails; the loss is the error to report.
+        let failed = |message: String| {
+            self.health.lost().unwrap_or_else(|| KilnError::Readback { what: "a GPU buffer".into(), message })
+        };
         let size = bytes.div_ceil(4) * 4;
         let staging =
             self.alloc("readback staging", size.max(4), wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST)?;
@@ -243,15 +250,9 @@ impl Gpu {
         staging.map_async(wgpu::MapMode::Read, .., move |r| {
             let _ = tx.send(r);
         });
-        self.device
-            .poll(wgpu::PollType::wait_indefinitely())
-            .map_err(|e| KilnError::Readback { what: what(), message: e.to_string() })?;
-        rx.recv()
-            .map_err(|e| KilnError::Readback { what: what(), message: e.to_string() })?
-            .map_err(|e| KilnError::Readback { what: what(), message: e.to_string() })?;
-        let view = staging
-            .get_mapped_range(..)
-            .map_err(|e| KilnError::Readback { what: what(), message: format!("{e:?}") })?;
+        self.device.poll(wgpu::PollType::wait_indefinitely()).map_err(|e| failed(e.to_string()))?;
+        rx.recv().map_err(|e| failed(e.to_string()))?.map_err(|e| failed(e.to_string()))?;
+        let view = staging.get_mapped_range(..).map_err(|e| failed(format!("{e:?}")))?;
         let mut out = view.to_vec();
         out.truncate(bytes as usize);
         Ok(out)

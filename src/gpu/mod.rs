@@ -8,6 +8,7 @@
 mod adapter;
 mod buffer;
 mod dispatch;
+mod health;
 mod pipelines;
 pub mod shaders;
 mod timer;
@@ -51,6 +52,7 @@ pub struct Gpu {
     /// Bound where a kernel's optional input (a bias) is absent.
     pub(crate) empty: wgpu::Buffer,
     pipelines: pipelines::PipelineCache,
+    health: Arc<health::Health>,
 }
 
 impl Gpu {
@@ -86,10 +88,28 @@ impl Gpu {
         let scope = ErrorScope::push(self);
         let index = self.queue.submit([encoder.finish()]);
         scope.pop(kernel)?;
-        self.device
-            .poll(wgpu::PollType::Wait { submission_index: Some(index), timeout: None })
-            .map_err(|e| KilnError::Validation { kernel: kernel.into(), message: e.to_string() })?;
+        let waited = self.device.poll(wgpu::PollType::Wait { submission_index: Some(index), timeout: None });
+        self.surface_loss(&waited);
+        self.health.check(kernel)?;
+        waited.map_err(|e| KilnError::Validation { kernel: kernel.into(), message: e.to_string() })?;
         Ok(())
+    }
+
+    /// Wait until everything submitted so far has finished (uploads included).
+    pub fn wait_idle(&self, what: &str) -> Result<()> {
+        let waited = self.device.poll(wgpu::PollType::wait_indefinitely());
+        self.surface_loss(&waited);
+        self.health.check(what)?;
+        waited.map_err(|e| KilnError::Validation { kernel: what.into(), message: e.to_string() })?;
+        Ok(())
+    }
+
+    /// A failed wait returns before wgpu checks whether the device was destroyed, and that check
+    /// is what reports the loss; poll once more so the loss, the cause, is the error returned.
+    fn surface_loss<T, E>(&self, waited: &std::result::Result<T, E>) {
+        if waited.is_err() {
+            let _ = self.device.poll(wgpu::PollType::Poll);
+        }
     }
 
     /// Record `dispatches` into one compute pass and run them.
@@ -133,19 +153,28 @@ impl Gpu {
 pub(crate) struct ErrorScope {
     oom: wgpu::ErrorScopeGuard,
     validation: wgpu::ErrorScopeGuard,
+    health: Arc<health::Health>,
+    device: wgpu::Device,
 }
 
 impl ErrorScope {
     pub(crate) fn push(gpu: &Gpu) -> Self {
         let oom = gpu.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
         let validation = gpu.device.push_error_scope(wgpu::ErrorFilter::Validation);
-        ErrorScope { oom, validation }
+        ErrorScope { oom, validation, health: gpu.health.clone(), device: gpu.device.clone() }
     }
 
-    /// Pop both scopes (inner first) and return the first error, attributed to `kernel`.
+    /// Pop both scopes (inner first) and return the first error, attributed to `kernel`; a lost
+    /// device (whose errors no scope sees) or an error raised outside any scope comes first.
     pub(crate) fn pop(self, kernel: &str) -> Result<()> {
         let validation = pollster::block_on(self.validation.pop());
         let oom = pollster::block_on(self.oom.pop());
+        if oom.is_some() || validation.is_some() || self.health.has_uncaptured() {
+            // A destroyed device reports its loss on the next poll: let it, so that the loss, the
+            // cause, is the error returned rather than the invalid objects it left behind.
+            let _ = self.device.poll(wgpu::PollType::Poll);
+        }
+        self.health.check(kernel)?;
         if let Some(e) = oom {
             return Err(KilnError::OutOfMemory { kernel: kernel.into(), message: e.to_string() });
         }

@@ -52,11 +52,25 @@ impl KvCache {
                 gpu.max_binding
             )));
         }
+        let total = 2 * c.n_layers as u64 * layer_bytes;
+        // Out of memory here is usually a budget too large for what the weights left free.
+        let too_big = |e: KilnError| {
+            match e {
+            KilnError::OutOfMemory { kernel, message } => KilnError::OutOfMemory {
+                kernel,
+                message: format!(
+                    "{message}; the KV cache of {slots} positions needs {:.2} GiB: ask for less KV memory or a shorter context",
+                    total as f64 / (1u64 << 30) as f64
+                ),
+            },
+            other => other,
+        }
+        };
         let mut k = Vec::new();
         let mut v = Vec::new();
         for l in 0..c.n_layers {
-            k.push(gpu.buffer(&format!("k cache {l}"), layer_bytes)?);
-            v.push(gpu.buffer(&format!("v cache {l}"), layer_bytes)?);
+            k.push(gpu.buffer(&format!("k cache {l}"), layer_bytes).map_err(too_big)?);
+            v.push(gpu.buffer(&format!("v cache {l}"), layer_bytes).map_err(too_big)?);
         }
         Ok(KvCache { k, v, geometry: KvGeometry { slots: slots as u32, block_size }, element_bytes })
     }

@@ -122,8 +122,26 @@ fn upload(
         done += b;
         progress(done, total);
     };
-    let weights = weights::build(&mut weights::Uploader { gpu, src, on_bytes: &mut on_bytes }, config)?;
+    let built = weights::build(&mut weights::Uploader { gpu, src, on_bytes: &mut on_bytes }, config);
+    let weights = built.map_err(|e| with_weight_sizes(e, total, done))?;
     Ok((weights, total, largest))
+}
+
+/// An out-of-memory error while making the weights, told with what they need in all and how
+/// much was on the device when it ran out (the user's question is "how far off am I?").
+pub(crate) fn with_weight_sizes(e: KilnError, total: u64, done: u64) -> KilnError {
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    match e {
+        KilnError::OutOfMemory { kernel, message } => KilnError::OutOfMemory {
+            kernel,
+            message: format!(
+                "{message}; the weights need {:.2} GiB in all, {:.2} GiB were on the device when it ran out",
+                gib(total),
+                gib(done)
+            ),
+        },
+        other => other,
+    }
 }
 
 /// Peak resident set size of this process (Linux), in bytes.
@@ -174,9 +192,7 @@ impl Model {
             generation.eos_token_ids.extend(tokenizer.eos_id());
         }
         // Finish the uploads before reporting the load as done.
-        gpu.device
-            .poll(wgpu::PollType::wait_indefinitely())
-            .map_err(|e| KilnError::Validation { kernel: "weight upload".into(), message: e.to_string() })?;
+        gpu.wait_idle("weight upload")?;
         Ok(Model {
             gpu,
             dir: path.to_path_buf(),

@@ -247,7 +247,15 @@ impl Model {
             bytes: 0,
             largest: 0,
         };
-        let weights = weights::build(&mut src, &config)?;
+        let total: u64 = src
+            .shapes
+            .iter()
+            .map(|(name, shape)| match shape[..] {
+                [rows, cols] => (preset.dtype)(name).bytes_for((rows * cols) as u64),
+                _ => shape.iter().product::<usize>() as u64 * 4,
+            })
+            .sum();
+        let weights = weights::build(&mut src, &config).map_err(|e| super::with_weight_sizes(e, total, src.bytes))?;
         let (bytes, largest) = (src.bytes, src.largest);
         drop(src);
         Ok(Model {

@@ -248,6 +248,11 @@ async fn health(State(st): State<Arc<AppState>>) -> Response {
         return (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "shutting down"}))).into_response();
     }
     match st.ready.get() {
+        // The GPU device was lost: this replica can serve nothing more until it restarts.
+        Some(r) if r.engine.stats().stopped.is_some() => {
+            (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "failed", "reason": r.engine.stats().stopped})))
+                .into_response()
+        }
         Some(_) => Json(json!({"status": "ok"})).into_response(),
         None => (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "loading"}))).into_response(),
     }
