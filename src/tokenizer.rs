@@ -185,16 +185,23 @@ impl Tokenizer {
         .collect();
 
         let chat = config.chat_template.map(compile_chat_template);
-        Ok(Tokenizer { inner, chat, special_tokens, bos_id, eos_id })
+        let tokenizer = Tokenizer { inner, chat, special_tokens, bos_id, eos_id };
+        // A post-processor that cannot encode anything (its template names tokens it lacks) is a
+        // damaged file: say so now rather than on every request.
+        for add_special_tokens in [true, false] {
+            tokenizer.encode("a", add_special_tokens).map_err(|e| damaged(e.to_string()))?;
+        }
+        Ok(tokenizer)
     }
 
     /// Encode text. `add_special_tokens` runs the tokenizer's post-processor (Llama 3 prepends
     /// `<|begin_of_text|>`; Qwen2 adds nothing).
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
         // encode_fast skips the character offsets, which kiln never uses; the ids are identical.
-        let encoding = self
-            .inner
-            .encode_fast(text, add_special_tokens)
+        // Guarded: a damaged post-processor (a template naming a special token it does not
+        // define) makes tokenizers 0.22 index out of bounds while encoding (found by fuzzing).
+        let encoding = without_panics(|| self.inner.encode_fast(text, add_special_tokens))
+            .map_err(|e| KilnError::Tokenizer(format!("encoding failed: the tokenizers crate panicked: {e}")))?
             .map_err(|e| KilnError::Tokenizer(format!("encoding failed: {e}")))?;
         Ok(encoding.get_ids().to_vec())
     }
@@ -202,7 +209,9 @@ impl Tokenizer {
     /// Decode ids to text. Ids outside the vocabulary are dropped, as the `tokenizers` library
     /// does (a model's embedding table is often padded past the tokenizer's last id).
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
-        self.inner.decode(ids, skip_special_tokens).map_err(|e| KilnError::Tokenizer(format!("decoding failed: {e}")))
+        without_panics(|| self.inner.decode(ids, skip_special_tokens))
+            .map_err(|e| KilnError::Tokenizer(format!("decoding failed: the tokenizers crate panicked: {e}")))?
+            .map_err(|e| KilnError::Tokenizer(format!("decoding failed: {e}")))
     }
 
     /// Number of distinct tokens, added (special) tokens included.
@@ -350,12 +359,19 @@ fn chat_template(path: &Path, value: Option<&serde_json::Value>) -> Result<Optio
 /// Build the Jinja environment transformers renders chat templates in
 /// (`_compile_jinja_template`: `ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)`
 /// plus `raise_exception`, `tojson` and `strftime_now`). A parse error becomes the returned message.
+/// Instructions a chat template may run for one rendering (see `compile_chat_template`).
+const CHAT_TEMPLATE_FUEL: u64 = 10_000_000;
+
 fn compile_chat_template(source: String) -> std::result::Result<Environment<'static>, String> {
     let mut env = Environment::new();
     env.set_trim_blocks(true);
     env.set_lstrip_blocks(true);
     // Jinja2's default, which transformers keeps: a template's final newline is dropped.
     env.set_keep_trailing_newline(false);
+    // A template comes with the model file, so a damaged or hostile one must not hang the
+    // process (loops nested in loops): rendering stops with an error after this many
+    // instructions. Real templates render a long conversation with tools in a few thousand.
+    env.set_fuel(Some(CHAT_TEMPLATE_FUEL));
     env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
     env.add_function("raise_exception", raise_exception);
     env.add_function("strftime_now", strftime_now);

@@ -147,8 +147,8 @@ fn missing_tokenizer() {
 
 /// A damaged tokenizer.json: the CLI says which file and that it is damaged, exits non-zero,
 /// and prints nothing else (the tokenizers crate panics on these; kiln must not).
-fn assert_damaged_tokenizer(tag: &str, damage: impl Fn(&str) -> String) {
-    let dir = copy_model("qwen2-tiny", tag);
+fn assert_damaged_tokenizer(model: &str, tag: &str, damage: impl Fn(&str) -> String) {
+    let dir = copy_model(model, tag);
     let path = dir.join("tokenizer.json");
     let text = std::fs::read_to_string(&path).unwrap();
     let damaged = damage(&text);
@@ -180,11 +180,19 @@ fn damage_after(text: &str, section: &str, from: &str, to: &str) -> String {
 #[test]
 fn damaged_tokenizer_json_is_a_clear_error_not_a_panic() {
     // An invalid escape inside the decoder object, as a flipped byte makes one.
-    assert_damaged_tokenizer("tok-decoder", |t| damage_after(t, "\"decoder\"", "\"ByteLevel\"", "\"Byte\\uZZZZ\""));
+    assert_damaged_tokenizer("qwen2-tiny", "tok-decoder", |t| {
+        damage_after(t, "\"decoder\"", "\"ByteLevel\"", "\"Byte\\uZZZZ\"")
+    });
     // A key that is not a string inside the normalizer object.
-    assert_damaged_tokenizer("tok-normalizer", |t| damage_after(t, "\"normalizer\"", "\"type\"", "7"));
+    assert_damaged_tokenizer("qwen2-tiny", "tok-normalizer", |t| damage_after(t, "\"normalizer\"", "\"type\"", "7"));
     // A file cut short.
-    assert_damaged_tokenizer("tok-truncated", |t| t[..t.len() / 2].to_string());
+    assert_damaged_tokenizer("qwen2-tiny", "tok-truncated", |t| t[..t.len() / 2].to_string());
+    // A post-processor template naming a special token its `special_tokens` lack (one changed
+    // letter in the key): the file parses, then every encode would index out of bounds (found by
+    // the hf_files fuzz target; fuzz/regressions/hf_files/).
+    assert_damaged_tokenizer("llama3-tiny", "tok-template", |t| {
+        damage_after(t, "\"special_tokens\"", "\"<|begin_of_text|>\"", "\"<|begin_Of_text|>\"")
+    });
 }
 
 #[test]

@@ -89,3 +89,28 @@ fn what_kiln_cannot_run_is_named() {
     assert_eq!(parse(&mistral).unwrap().architecture, Architecture::Llama);
     assert!(err("[1, 2]").contains("config.json"));
 }
+
+#[test]
+fn sizes_no_model_has_are_refused_before_anything_uses_them() {
+    // A damaged file's layer count would otherwise loop for hours building the tensor list, and
+    // huge dimensions would overflow the size products (the fuzz targets build the tensor list
+    // and sizes of every config they get accepted).
+    let with = |from: &str, to: &str| {
+        let text = LLAMA31.replace(from, to);
+        assert_ne!(text, LLAMA31, "{from} is in the config");
+        parse(&text).err().map(|e| e.to_string()).unwrap_or_else(|| panic!("{to} must be refused"))
+    };
+    let err = with("\"num_hidden_layers\": 32", "\"num_hidden_layers\": 1000000000000");
+    assert!(err.contains("layers 1000000000000 is out of range"), "{err}");
+    let err = with("\"vocab_size\": 128256", "\"vocab_size\": 99999999999");
+    assert!(err.contains("vocabulary size"), "{err}");
+    let err = with("\"rms_norm_eps\": 1e-05", "\"rms_norm_eps\": -1.0");
+    assert!(err.contains("rms_norm_eps"), "{err}");
+    let err = with("\"rope_theta\": 500000.0", "\"rope_theta\": 0.0");
+    assert!(err.contains("rope_theta"), "{err}");
+    // Equal low and high frequency factors would divide by zero in the smoothing.
+    let err = with("\"high_freq_factor\": 4.0", "\"high_freq_factor\": 1.0");
+    assert!(err.contains("high_freq_factor > low_freq_factor"), "{err}");
+    // The largest real models are well inside the bounds.
+    assert!(parse(LLAMA31).is_ok());
+}

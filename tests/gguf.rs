@@ -617,6 +617,19 @@ fn bad_metadata_is_refused() {
 }
 
 #[test]
+fn a_zero_dim_makes_an_empty_tensor_whatever_the_dims_before_it() {
+    // Found by the gguf fuzz target: the element count multiplied in order overflowed before it
+    // reached the zero, so a tensor the parser accepted (0 bytes) had no element count.
+    let mut t = two_tensors();
+    t[0].dims = vec![(1 << 32) + 32, 412_383_969_280, 0];
+    t[0].data = vec![];
+    let file = GgufFile::parse(write_gguf(3, &[], &t, 32)).unwrap();
+    let tensor = &file.tensors[0];
+    assert_eq!((tensor.n_elements().unwrap(), tensor.n_bytes().unwrap()), (0, 0));
+    assert!(file.tensor_data(tensor).unwrap().is_empty());
+}
+
+#[test]
 fn tensor_data_rechecks_bounds_for_any_tensor_info() {
     let f = GgufFile::parse(small_file()).unwrap();
     let forged = TensorInfo { name: "forged".into(), dims: vec![1 << 30], ggml_type: GgmlType::F32, offset: 0 };

@@ -23,7 +23,23 @@ pub struct TensorInfo {
 
 struct Shard {
     path: PathBuf,
-    mmap: Mmap,
+    data: Data,
+}
+
+/// A shard's bytes: a file mapped into memory, or (for fuzzing and tests) bytes already read.
+enum Data {
+    Mapped(Mmap),
+    Owned(Vec<u8>),
+}
+
+impl std::ops::Deref for Data {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Data::Mapped(m) => m,
+            Data::Owned(v) => v,
+        }
+    }
 }
 
 /// All tensors of a checkpoint, by name.
@@ -60,27 +76,40 @@ impl Checkpoint {
             return Err(KilnError::model(dir, "no model.safetensors or model.safetensors.index.json"));
         };
 
-        let mut files = Vec::new();
-        let mut tensors = BTreeMap::new();
-        for (i, path) in paths.into_iter().enumerate() {
+        let mut checkpoint = Checkpoint { files: Vec::new(), tensors: BTreeMap::new() };
+        for path in paths {
             let file = std::fs::File::open(&path).map_err(|e| KilnError::io(&path, e))?;
             // SAFETY: the map is read-only; a file changed under us by another process could
             // change tensor values but not break memory safety of the header checks below,
             // which copy what they need.
             let mmap = unsafe { Mmap::map(&file) }.map_err(|e| KilnError::io(&path, e))?;
-            let st = SafeTensors::deserialize(&mmap)
-                .map_err(|e| KilnError::model(&path, format!("malformed safetensors file: {e}")))?;
-            for (name, view) in st.tensors() {
-                let start = view.data().as_ptr() as usize - mmap.as_ptr() as usize;
-                let range = start..start + view.data().len();
-                let info = TensorInfo { dtype: view.dtype(), shape: view.shape().to_vec(), file: i, range };
-                if tensors.insert(name.clone(), info).is_some() {
-                    return Err(KilnError::model(&path, format!("tensor `{name}` appears in more than one shard")));
-                }
-            }
-            files.push(Shard { path, mmap });
+            checkpoint.add_shard(path, Data::Mapped(mmap))?;
         }
-        Ok(Checkpoint { files, tensors })
+        Ok(checkpoint)
+    }
+
+    /// A checkpoint of one safetensors file already in memory, named `path` in errors (the
+    /// fuzz target's entry point).
+    pub fn from_bytes(path: &Path, bytes: Vec<u8>) -> Result<Checkpoint> {
+        let mut checkpoint = Checkpoint { files: Vec::new(), tensors: BTreeMap::new() };
+        checkpoint.add_shard(path.to_path_buf(), Data::Owned(bytes))?;
+        Ok(checkpoint)
+    }
+
+    fn add_shard(&mut self, path: PathBuf, data: Data) -> Result<()> {
+        let st = SafeTensors::deserialize(&data)
+            .map_err(|e| KilnError::model(&path, format!("malformed safetensors file: {e}")))?;
+        let file = self.files.len();
+        for (name, view) in st.tensors() {
+            let start = view.data().as_ptr() as usize - data.as_ptr() as usize;
+            let range = start..start + view.data().len();
+            let info = TensorInfo { dtype: view.dtype(), shape: view.shape().to_vec(), file, range };
+            if self.tensors.insert(name.clone(), info).is_some() {
+                return Err(KilnError::model(&path, format!("tensor `{name}` appears in more than one shard")));
+            }
+        }
+        self.files.push(Shard { path, data });
+        Ok(())
     }
 
     /// Path of the file holding `name`.
@@ -92,7 +121,7 @@ impl Checkpoint {
     pub fn bytes(&self, name: &str) -> Result<&[u8]> {
         let info =
             self.tensors.get(name).ok_or_else(|| KilnError::model("checkpoint", format!("no tensor `{name}`")))?;
-        Ok(&self.files[info.file].mmap[info.range.clone()])
+        Ok(&self.files[info.file].data[info.range.clone()])
     }
 
     /// Tell the OS it may drop the pages of `name` (already uploaded), so resident memory
@@ -102,15 +131,13 @@ impl Checkpoint {
             return;
         };
         #[cfg(unix)]
-        // SAFETY: the mapping is a read-only, file-backed map: dropping its pages only makes
-        // later reads fault them in again from the file; the data is unchanged.
-        unsafe {
-            let shard = &self.files[info.file];
-            let _ = shard.mmap.unchecked_advise_range(
-                memmap2::UncheckedAdvice::DontNeed,
-                info.range.start,
-                info.range.len(),
-            );
+        if let Data::Mapped(mmap) = &self.files[info.file].data {
+            // SAFETY: the mapping is a read-only, file-backed map: dropping its pages only makes
+            // later reads fault them in again from the file; the data is unchanged.
+            unsafe {
+                let _ =
+                    mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, info.range.start, info.range.len());
+            }
         }
         #[cfg(not(unix))]
         let _ = info;

@@ -182,7 +182,7 @@ impl ModelConfig {
 
         let attention_bias = raw.attention_bias.unwrap_or(false);
         let qwen = architecture == Architecture::Qwen2;
-        Ok(ModelConfig {
+        ModelConfig {
             architecture,
             hidden_size,
             intermediate_size: need(raw.intermediate_size, "intermediate_size")?,
@@ -202,7 +202,45 @@ impl ModelConfig {
             o_bias: !qwen && attention_bias,
             bos_token_id: ids(&raw.bos_token_id).first().copied(),
             eos_token_ids: ids(&raw.eos_token_id),
-        })
+        }
+        .check_sizes(path)
+    }
+
+    /// Refuse sizes no model has, before anything loops over layers or multiplies shapes: a
+    /// damaged file's `num_hidden_layers = 10^12` would otherwise hang building the tensor list,
+    /// and products of huge dimensions would overflow. The bounds sit far above every released
+    /// model (Llama 3.1 405B: 126 layers, hidden 16384, ffn 53248; vocabularies up to 256k).
+    pub(crate) fn check_sizes(self, path: &Path) -> Result<Self> {
+        let bounds = [
+            ("layers", self.n_layers, 1 << 10),
+            ("hidden size", self.hidden_size, 1 << 17),
+            ("intermediate size", self.intermediate_size, 1 << 20),
+            ("attention heads", self.n_heads, 1 << 10),
+            ("vocabulary size", self.vocab_size, 1 << 24),
+            ("context length", self.max_position_embeddings, 1 << 26),
+        ];
+        for (what, value, most) in bounds {
+            if value == 0 || value > most {
+                return Err(KilnError::model(path, format!("{what} {value} is out of range (1 to {most})")));
+            }
+        }
+        if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps > 0.0) {
+            return Err(KilnError::model(path, format!("rms_norm_eps {} is not a positive number", self.rms_norm_eps)));
+        }
+        if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
+            return Err(KilnError::model(path, format!("rope_theta {} is not a positive number", self.rope_theta)));
+        }
+        if let Some(s) = &self.rope_scaling {
+            let values = [s.factor, s.low_freq_factor, s.high_freq_factor, s.original_max_position_embeddings];
+            // The smoothing divides by (high - low): equal factors would give NaN frequencies.
+            if values.iter().any(|v| !(v.is_finite() && *v > 0.0)) || s.high_freq_factor <= s.low_freq_factor {
+                return Err(KilnError::model(
+                    path,
+                    format!("rope_scaling {s:?}: every value must be positive and high_freq_factor > low_freq_factor"),
+                ));
+            }
+        }
+        Ok(self)
     }
 
     pub fn q_dim(&self) -> usize {

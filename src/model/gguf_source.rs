@@ -70,14 +70,18 @@ pub struct GgufSource {
 
 impl GgufSource {
     pub fn open(path: &Path) -> Result<GgufSource> {
-        let file = GgufFile::open(path)?;
+        Ok(GgufSource::new(GgufFile::open(path)?, path))
+    }
+
+    /// A source over a file already parsed; `path` names it in errors.
+    pub fn new(file: GgufFile, path: &Path) -> GgufSource {
         let by_name = file
             .tensors
             .iter()
             .enumerate()
             .map(|(i, t)| (hf_name(&t.name).unwrap_or_else(|| t.name.clone()), i))
             .collect();
-        Ok(GgufSource { file, path: path.to_path_buf(), by_name })
+        GgufSource { file, path: path.to_path_buf(), by_name }
     }
 
     /// The model configuration the metadata describes.
@@ -113,7 +117,7 @@ impl GgufSource {
             usize_of("vocab_size").or_else(|_| f.get_str_array("tokenizer.ggml.tokens").map(|t| t.len()))?;
         let eos: Vec<u32> = f.get_u32("tokenizer.ggml.eos_token_id").ok().into_iter().collect();
         let rope_freq_factors = self.rope_freq_factors(head_dim)?;
-        Ok(ModelConfig {
+        ModelConfig {
             architecture,
             hidden_size,
             intermediate_size: usize_of("feed_forward_length")?,
@@ -133,7 +137,8 @@ impl GgufSource {
             o_bias: self.by_name.contains_key("model.layers.0.self_attn.o_proj.bias"),
             bos_token_id: f.get_u32("tokenizer.ggml.bos_token_id").ok(),
             eos_token_ids: eos,
-        })
+        }
+        .check_sizes(&self.path)
     }
 }
 
