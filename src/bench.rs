@@ -8,7 +8,7 @@ use crate::gpu::{Dispatch, Gpu};
 use crate::model::Model;
 use crate::ops::elementwise;
 use crate::sampling::SamplingParams;
-use crate::{Result, Session};
+use crate::{GenerateParams, Result, Session};
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 use std::sync::Arc;
@@ -52,6 +52,44 @@ pub struct BenchOptions {
     /// Length of a shared prefix (a system prompt) two requests in a row start with, to measure
     /// what the prefix cache saves of the second one's time to first token (0: skip).
     pub shared_prefix_tokens: usize,
+    /// Speculative decoding to measure against plain decoding (none: skip).
+    pub speculative: Option<SpeculativeBench>,
+}
+
+/// What `kiln bench` measures of speculative decoding: each drafter on code, rewrite and chat
+/// prompts, at each fixed number of drafted tokens and adaptively, against plain decoding.
+#[derive(Clone)]
+pub struct SpeculativeBench {
+    /// A draft model (sharing the target's vocabulary); prompt lookup is measured either way.
+    pub draft: Option<Arc<Model>>,
+    /// Fixed numbers of drafted tokens per step to measure, besides the adaptive choice.
+    pub draft_tokens: Vec<usize>,
+    /// Greedy tokens generated per prompt.
+    pub gen_tokens: usize,
+}
+
+impl std::fmt::Debug for SpeculativeBench {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SpeculativeBench")
+            .field("draft", &self.draft.as_ref().map(|m| m.dir.display().to_string()))
+            .field("draft_tokens", &self.draft_tokens)
+            .field("gen_tokens", &self.gen_tokens)
+            .finish()
+    }
+}
+
+/// One drafter on one prompt, against plain decoding of the same prompt in the same run.
+#[derive(Clone, Debug)]
+pub struct SpeculativeRun {
+    pub prompt: &'static str,
+    /// "lookup" or "draft".
+    pub drafter: &'static str,
+    /// Drafted tokens per step (`None`: adaptive, at most the largest fixed value).
+    pub draft_tokens: Option<usize>,
+    pub tokens: usize,
+    pub plain_tok_s: f64,
+    pub tok_s: f64,
+    pub stats: crate::speculative::SpeculationStats,
 }
 
 impl Default for BenchOptions {
@@ -64,6 +102,7 @@ impl Default for BenchOptions {
             concurrency: Vec::new(),
             stream_prompt_tokens: 32,
             shared_prefix_tokens: 0,
+            speculative: None,
         }
     }
 }
@@ -130,6 +169,7 @@ pub struct BenchReport {
     /// Op-by-op GPU time of one decode step of the largest concurrency's sequences.
     pub batched_decode_ops: Vec<OpTime>,
     pub prefix_cache: Option<PrefixCacheRun>,
+    pub speculative: Vec<SpeculativeRun>,
     /// Why a part could not be measured (no timestamps, a fill beyond the context).
     pub notes: Vec<String>,
 }
@@ -275,6 +315,10 @@ pub fn run(model: &Arc<Model>, options: &BenchOptions, mut log: impl FnMut(&str)
         _ => Vec::new(),
     };
     let prefix_cache = shared_prefix(model, options, &mut log)?;
+    let speculative = match &options.speculative {
+        Some(spec) => speculate(model, spec, &mut log)?,
+        None => Vec::new(),
+    };
 
     Ok(BenchReport {
         model: model.dir.display().to_string(),
@@ -294,8 +338,83 @@ pub fn run(model: &Arc<Model>, options: &BenchOptions, mut log: impl FnMut(&str)
         concurrency,
         batched_decode_ops,
         prefix_cache,
+        speculative,
         notes,
     })
+}
+
+/// The prompts speculative decoding is measured on: writing code, rewriting code given in the
+/// prompt (where prompt lookup shines), and chat.
+const SPECULATIVE_PROMPTS: [(&str, &str); 3] = [
+    ("code", "Write a Python function that returns the n-th Fibonacci number, with a docstring and type hints."),
+    (
+        "rewrite",
+        "Rewrite this function to use a list comprehension. Keep its name, arguments and docstring.\n\n\
+         def even_squares(numbers):\n    \"\"\"Return the squares of the even numbers in `numbers`, in order.\"\"\"\n    \
+         result = []\n    for n in numbers:\n        if n % 2 == 0:\n            result.append(n * n)\n    \
+         return result\n",
+    ),
+    ("chat", "What are three good ways to learn a new language? Answer in a short paragraph."),
+];
+
+/// Greedy decoding of each prompt plainly and speculatively (prompt lookup, and the draft model
+/// if any), at each fixed draft length and adaptively, timed in the same run. Each configuration
+/// runs once untimed first (pipelines, plans).
+fn speculate(model: &Arc<Model>, bench: &SpeculativeBench, log: &mut impl FnMut(&str)) -> Result<Vec<SpeculativeRun>> {
+    use crate::speculative::Speculator;
+    let params = GenerateParams { max_tokens: bench.gen_tokens, ..Default::default() };
+    let most = bench.draft_tokens.iter().copied().max().unwrap_or(5);
+    let mut configs: Vec<Option<usize>> = bench.draft_tokens.iter().map(|&k| Some(k)).collect();
+    configs.push(None);
+    let mut runs = Vec::new();
+    for (name, text) in SPECULATIVE_PROMPTS {
+        let ids = if model.tokenizer.has_chat_template() {
+            model.tokenizer.encode_chat(&[crate::tokenizer::ChatMessage::new("user", text)], true)?
+        } else {
+            model.tokenizer.encode(text, true)?
+        };
+        let ctx = (ids.len() + bench.gen_tokens + 1).min(model.config.max_position_embeddings);
+        let timed = |generate: &mut dyn FnMut(&mut Session) -> Result<crate::Generation>| -> Result<crate::Generation> {
+            generate(&mut Session::new(model, Some(ctx))?)?; // warm-up
+            generate(&mut Session::new(model, Some(ctx))?)
+        };
+        log(&format!("speculative decoding, {name} prompt: plain"));
+        let plain = timed(&mut |s| s.generate(&ids, &params, |_| {}))?;
+        let drafters: Vec<&'static str> = if bench.draft.is_some() { vec!["lookup", "draft"] } else { vec!["lookup"] };
+        for drafter in drafters {
+            for &k in &configs {
+                log(&format!(
+                    "speculative decoding, {name} prompt: {drafter}, {}",
+                    k.map_or("adaptive".into(), |k| format!("{k} a step"))
+                ));
+                let make = || -> Result<Speculator<'_>> {
+                    let spec = match (drafter, &bench.draft) {
+                        ("draft", Some(draft)) => Speculator::with_model(draft, model, ctx, k.unwrap_or(most))?,
+                        _ => Speculator::lookup(k.unwrap_or(most))?,
+                    };
+                    Ok(if k.is_some() { spec.fixed() } else { spec })
+                };
+                make()?.generate(&mut Session::new(model, Some(ctx))?, &ids, &params, |_| {})?; // warm-up
+                let mut spec = make()?;
+                let g = spec.generate(&mut Session::new(model, Some(ctx))?, &ids, &params, |_| {})?;
+                if g.tokens != plain.tokens {
+                    return Err(crate::KilnError::Request(format!(
+                        "speculative greedy output differs from plain decoding on the {name} prompt ({drafter})"
+                    )));
+                }
+                runs.push(SpeculativeRun {
+                    prompt: name,
+                    drafter,
+                    draft_tokens: k,
+                    tokens: g.tokens.len(),
+                    plain_tok_s: plain.decode_tokens_per_second(),
+                    tok_s: g.decode_tokens_per_second(),
+                    stats: spec.stats.clone(),
+                });
+            }
+        }
+    }
+    Ok(runs)
 }
 
 /// GPU time by dispatch of one decode step of `n` sequences, each `prompt_tokens` long, with the
@@ -502,6 +621,20 @@ impl BenchReport {
                 "cached_tokens": p.cached_tokens,
                 "speedup": p.first_ttft_s / p.second_ttft_s.max(1e-9),
             })),
+            "speculative": self.speculative.iter().map(|r| json!({
+                "prompt": r.prompt,
+                "drafter": r.drafter,
+                "draft_tokens": r.draft_tokens,
+                "tokens": r.tokens,
+                "plain_tok_s": r.plain_tok_s,
+                "tok_s": r.tok_s,
+                "speedup": r.tok_s / r.plain_tok_s.max(1e-9),
+                "acceptance": r.stats.acceptance(),
+                "accepted_per_drafting_step": r.stats.accepted_per_drafting_step(),
+                "drafted": r.stats.drafted,
+                "accepted": r.stats.accepted,
+                "steps": r.stats.steps,
+            })).collect::<Value>(),
             "notes": self.notes,
         })
     }
@@ -587,6 +720,24 @@ impl BenchReport {
                 p.cached_tokens,
                 p.first_ttft_s / p.second_ttft_s.max(1e-9)
             );
+        }
+        if !self.speculative.is_empty() {
+            s += "\nspeculative decoding (greedy; the same tokens as plain decoding, checked)\n";
+            s += "| prompt | drafter | drafted a step | tokens | plain tok/s | tok/s | speedup | acceptance | accepted per drafting step |\n|---|---|---|---|---|---|---|---|---|\n";
+            for r in &self.speculative {
+                s += &format!(
+                    "| {} | {} | {} | {} | {:.2} | {:.2} | {:.2}× | {:.0}% | {:.2} |\n",
+                    r.prompt,
+                    r.drafter,
+                    r.draft_tokens.map_or("adaptive".into(), |k| k.to_string()),
+                    r.tokens,
+                    r.plain_tok_s,
+                    r.tok_s,
+                    r.tok_s / r.plain_tok_s.max(1e-9),
+                    100.0 * r.stats.acceptance(),
+                    r.stats.accepted_per_drafting_step()
+                );
+            }
         }
         for n in &self.notes {
             s += &format!("note: {n}\n");

@@ -24,6 +24,7 @@ pub mod quant;
 pub mod sampling;
 pub mod server;
 pub mod session;
+pub mod speculative;
 pub mod tokenizer;
 
 pub use error::{KilnError, Result};

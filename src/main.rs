@@ -4,6 +4,7 @@
 use clap::{Args, Parser, Subcommand};
 use kiln::engine::EngineConfig;
 use kiln::sampling::SamplingParams;
+use kiln::speculative::Speculator;
 use kiln::tokenizer::ChatMessage;
 use kiln::{GenerateParams, Gpu, Model, Session};
 use std::io::{BufRead, IsTerminal, Write};
@@ -28,6 +29,8 @@ enum Command {
         prompt: String,
         #[command(flatten)]
         sampling: SamplingArgs,
+        #[command(flatten)]
+        speculative: SpeculativeArgs,
     },
     /// Chat through the model's chat template, one user line at a time from stdin.
     Chat {
@@ -38,6 +41,8 @@ enum Command {
         system: Option<String>,
         #[command(flatten)]
         sampling: SamplingArgs,
+        #[command(flatten)]
+        speculative: SpeculativeArgs,
     },
     /// Perplexity of a text file, over consecutive windows of --ctx tokens.
     Perplexity {
@@ -120,6 +125,16 @@ enum Command {
         /// (the second served from the prefix cache).
         #[arg(long, default_value_t = 0)]
         shared_prefix: usize,
+        /// Measure speculative decoding by prompt lookup against plain decoding, on code, rewrite
+        /// and chat prompts (greedy; the tokens are checked to be the same).
+        #[arg(long)]
+        lookup: bool,
+        /// Also measure speculative decoding with this draft model (implies --lookup).
+        #[arg(long)]
+        draft: Option<PathBuf>,
+        /// Fixed numbers of drafted tokens per step to measure besides the adaptive choice.
+        #[arg(long, value_delimiter = ',', default_value = "2,4,6")]
+        draft_tokens: Vec<usize>,
         /// Also draw the results as charts into this .svg or .png file.
         #[arg(long)]
         plot: Option<PathBuf>,
@@ -168,6 +183,67 @@ struct ModelArgs {
     /// Context length (KV cache positions); default: the model's, at most 4096.
     #[arg(long)]
     ctx: Option<usize>,
+}
+
+/// Speculative decoding: tokens proposed cheaply, checked by the model several at a time; greedy
+/// output is unchanged, sampling keeps the model's distribution.
+#[derive(Args)]
+struct SpeculativeArgs {
+    /// A draft model (directory, .gguf or hub id) sharing --model's vocabulary proposes tokens.
+    #[arg(long, conflicts_with = "lookup")]
+    draft: Option<PathBuf>,
+    /// Prompt lookup proposes tokens: what followed the latest earlier match of the text's last
+    /// words in the prompt and output (no second model).
+    #[arg(long)]
+    lookup: bool,
+    /// Most tokens proposed per step; fewer (down to none) while proposals are rejected.
+    #[arg(long, default_value_t = 5)]
+    draft_tokens: usize,
+}
+
+impl SpeculativeArgs {
+    /// The draft model, loaded on the target's device.
+    fn load_draft(&self, target: &Model) -> kiln::Result<Option<Model>> {
+        self.draft.as_ref().map(|path| Model::load(path, target.gpu.clone(), &mut |_, _| {})).transpose()
+    }
+
+    fn speculator<'m>(
+        &self,
+        draft: Option<&'m Model>,
+        target: &Model,
+        ctx: usize,
+    ) -> kiln::Result<Option<Speculator<'m>>> {
+        match draft {
+            Some(draft) => Ok(Some(Speculator::with_model(draft, target, ctx, self.draft_tokens)?)),
+            None if self.lookup => Ok(Some(Speculator::lookup(self.draft_tokens)?)),
+            None => Ok(None),
+        }
+    }
+}
+
+/// Generate with the speculator when there is one.
+fn generate<'m>(
+    session: &mut Session<'m>,
+    speculator: &mut Option<Speculator<'m>>,
+    ids: &[u32],
+    params: &GenerateParams,
+) -> kiln::Result<kiln::Generation> {
+    let g = match speculator {
+        Some(s) => s.generate(session, ids, params, stream_to_stdout)?,
+        None => session.generate(ids, params, stream_to_stdout)?,
+    };
+    println!();
+    print_stats(&g);
+    if let Some(s) = speculator {
+        eprintln!(
+            "speculative: {} of {} drafted tokens accepted ({:.0}%), {:.2} tokens per step",
+            s.stats.accepted,
+            s.stats.drafted,
+            100.0 * s.stats.acceptance(),
+            (s.stats.steps + s.stats.accepted) as f64 / s.stats.steps.max(1) as f64
+        );
+    }
+    Ok(g)
 }
 
 #[derive(Args)]
@@ -285,24 +361,26 @@ fn stream_to_stdout(text: &str) {
 
 fn run(cli: Cli) -> kiln::Result<()> {
     match cli.command {
-        Command::Generate { model: args, prompt, sampling } => {
+        Command::Generate { model: args, prompt, sampling, speculative } => {
             if prompt.is_empty() {
                 return Err(kiln::KilnError::Request("the prompt is empty".into()));
             }
             let model = load(&args)?;
             let params = sampling.params(&model);
             params.sampling.validate()?;
+            let draft = speculative.load_draft(&model)?;
             let ids = model.tokenizer.encode(&prompt, true)?;
             let mut session = Session::new(&model, args.ctx)?;
-            let g = session.generate(&ids, &params, stream_to_stdout)?;
-            println!();
-            print_stats(&g);
+            let mut speculator = speculative.speculator(draft.as_ref(), &model, session.context())?;
+            generate(&mut session, &mut speculator, &ids, &params)?;
         }
-        Command::Chat { model: args, system, sampling } => {
+        Command::Chat { model: args, system, sampling, speculative } => {
             let model = load(&args)?;
             let params = sampling.params(&model);
             params.sampling.validate()?;
+            let draft = speculative.load_draft(&model)?;
             let mut session = Session::new(&model, args.ctx)?;
+            let mut speculator = speculative.speculator(draft.as_ref(), &model, session.context())?;
             let mut messages: Vec<ChatMessage> =
                 system.into_iter().map(|s| ChatMessage { role: "system".into(), content: s }).collect();
             let stdin = std::io::stdin();
@@ -333,9 +411,7 @@ fn run(cli: Cli) -> kiln::Result<()> {
                     )));
                 }
                 let turn = GenerateParams { max_tokens: budget, ..params.clone() };
-                let g = session.generate(&ids[common..], &turn, stream_to_stdout)?;
-                println!();
-                print_stats(&g);
+                let g = generate(&mut session, &mut speculator, &ids[common..], &turn)?;
                 messages.push(ChatMessage { role: "assistant".into(), content: g.text.clone() });
             }
         }
@@ -443,6 +519,9 @@ fn run(cli: Cli) -> kiln::Result<()> {
             concurrency,
             stream_prompt_tokens,
             shared_prefix,
+            lookup,
+            draft,
+            draft_tokens,
             plot,
             json,
         } => {
@@ -470,6 +549,12 @@ fn run(cli: Cli) -> kiln::Result<()> {
                 }
             }
             let model = std::sync::Arc::new(model);
+            let draft = draft.map(|path| Model::load(&path, model.gpu.clone(), &mut |_, _| {})).transpose()?;
+            let speculative = (lookup || draft.is_some()).then(|| kiln::bench::SpeculativeBench {
+                draft: draft.map(std::sync::Arc::new),
+                draft_tokens,
+                gen_tokens,
+            });
             let options = kiln::bench::BenchOptions {
                 prompt_tokens,
                 gen_tokens,
@@ -478,6 +563,7 @@ fn run(cli: Cli) -> kiln::Result<()> {
                 concurrency,
                 stream_prompt_tokens,
                 shared_prefix_tokens: shared_prefix,
+                speculative,
             };
             let report = kiln::bench::run(&model, &options, |step| eprintln!("bench: {step}"))?;
             if let Some(path) = &plot {

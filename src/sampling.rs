@@ -112,6 +112,32 @@ impl Sampler {
     /// As [`Sampler::sample`], after OpenAI's presence and frequency penalties on the tokens of
     /// `history` past `prompt_len` (the generated ones).
     pub fn sample_output(&mut self, logits: &mut [f32], history: &[u32], prompt_len: usize) -> u32 {
+        self.apply_output_penalties(logits, history, prompt_len);
+        self.sample(logits, history)
+    }
+
+    /// The distribution [`Sampler::sample_output`] draws from, as (token, probability) pairs
+    /// summing to 1, most likely first: the penalties, temperature and filters applied, the
+    /// survivors renormalised. Greedy: the argmax with probability 1. Speculative decoding's
+    /// rejection rule compares these between the draft and the target.
+    pub fn distribution(&mut self, logits: &mut [f32], history: &[u32], prompt_len: usize) -> Vec<(u32, f32)> {
+        self.apply_output_penalties(logits, history, prompt_len);
+        let candidates = self.candidates(logits, history);
+        let total: f64 = candidates.iter().map(|c| f64::from(c.1)).sum();
+        candidates.iter().map(|&(id, p)| (id, (f64::from(p) / total) as f32)).collect()
+    }
+
+    /// A draw from `distribution` (pairs of token and probability; their total need not be 1).
+    pub fn draw(&mut self, distribution: &[(u32, f32)]) -> u32 {
+        draw(&mut self.rng, distribution)
+    }
+
+    /// A uniform number in [0, 1) from this sampler's generator (the rejection rule's coin).
+    pub fn uniform(&mut self) -> f64 {
+        self.rng.random::<f64>()
+    }
+
+    fn apply_output_penalties(&mut self, logits: &mut [f32], history: &[u32], prompt_len: usize) {
         let (presence, frequency) = (self.params.presence_penalty, self.params.frequency_penalty);
         if presence != 0.0 || frequency != 0.0 {
             let mut counts = std::collections::HashMap::new();
@@ -124,7 +150,6 @@ impl Sampler {
                 }
             }
         }
-        self.sample(logits, history)
     }
 
     /// Pick the next token from one row of logits (`[vocab]`). `history` holds every id of the
@@ -134,11 +159,25 @@ impl Sampler {
     /// Tokens with NaN or `-inf` logits are never picked. If no logit is usable at all (all NaN),
     /// token 0 is returned: there is nothing meaningful to choose.
     pub fn sample(&mut self, logits: &mut [f32], history: &[u32]) -> u32 {
+        if self.params.is_greedy() {
+            // No draw: greedy consumes nothing from the generator.
+            return self.candidates(logits, history)[0].0;
+        }
+        self.candidates(logits, history);
+        draw(&mut self.rng, &self.candidates)
+    }
+
+    /// The tokens still in the running, most likely first, with their probabilities after the
+    /// filters (not renormalised: a draw scales by their total). Greedy: the argmax alone.
+    fn candidates(&mut self, logits: &mut [f32], history: &[u32]) -> &[(u32, f32)] {
         if self.params.repeat_penalty != 1.0 {
             apply_repetition_penalty(logits, history, self.params.repeat_penalty, &mut self.seen);
         }
+        let candidates = &mut self.candidates;
+        candidates.clear();
         if self.params.is_greedy() {
-            return argmax(logits).unwrap_or(0);
+            candidates.push((argmax(logits).unwrap_or(0), 1.0));
+            return candidates;
         }
 
         // Temperature (TemperatureLogitsWarper): logits / T.
@@ -148,8 +187,6 @@ impl Sampler {
         }
 
         // Candidates: every token with a usable logit. NaN and -inf have probability zero.
-        let candidates = &mut self.candidates;
-        candidates.clear();
         candidates.extend(
             logits
                 .iter()
@@ -158,7 +195,8 @@ impl Sampler {
                 .map(|(i, &l)| (i as u32, l)),
         );
         if candidates.is_empty() {
-            return 0;
+            candidates.push((0, 1.0));
+            return candidates;
         }
         // +inf logits take all the probability, shared equally (softmax's limit).
         if candidates.iter().any(|c| c.1 == f32::INFINITY) {
@@ -208,20 +246,23 @@ impl Sampler {
             let keep = candidates.iter().take_while(|c| c.1 >= threshold).count().max(1);
             candidates.truncate(keep);
         }
-
-        // Draw from what is left, proportional to probability (the filters removed mass, so the
-        // total is below 1: scale the draw instead of renormalising).
-        let total: f64 = candidates.iter().map(|c| f64::from(c.1)).sum();
-        let mut u = self.rng.random::<f64>() * total;
-        for c in candidates.iter() {
-            u -= f64::from(c.1);
-            if u < 0.0 {
-                return c.0;
-            }
-        }
-        // Rounding can leave u a hair above 0 after the last token; that token is the draw.
-        candidates[candidates.len() - 1].0
+        candidates
     }
+}
+
+/// Draw from (token, probability) pairs, proportional to probability (the filters removed mass,
+/// so the total may be below 1: the draw is scaled instead of renormalising).
+fn draw(rng: &mut StdRng, candidates: &[(u32, f32)]) -> u32 {
+    let total: f64 = candidates.iter().map(|c| f64::from(c.1)).sum();
+    let mut u = rng.random::<f64>() * total;
+    for c in candidates {
+        u -= f64::from(c.1);
+        if u < 0.0 {
+            return c.0;
+        }
+    }
+    // Rounding can leave u a hair above 0 after the last token; that token is the draw.
+    candidates[candidates.len() - 1].0
 }
 
 /// HF's `RepetitionPenaltyLogitsProcessor` (Keskar et al. 2019, CTRL): for every distinct id in

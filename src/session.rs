@@ -29,6 +29,77 @@ pub const MAX_STEP_TOKENS: usize = 256;
 /// identity), so its cache is laid out exactly as a contiguous one.
 const SESSION_BLOCK: u32 = 16;
 
+/// Generated tokens as they come: the stop rules (an end-of-sequence id, which is not kept;
+/// `max_tokens`), streaming detokenisation to `on_text`, and the timings.
+pub(crate) struct Output<'a, F: FnMut(&str)> {
+    eos: &'a [u32],
+    params: &'a GenerateParams,
+    decoder: StreamDecoder<'a>,
+    on_text: F,
+    tokens: Vec<u32>,
+    text: String,
+    prompt_tokens: usize,
+    start: Instant,
+    prefill_seconds: f64,
+    decode_start: Instant,
+}
+
+impl<'a, F: FnMut(&str)> Output<'a, F> {
+    /// Starts the prefill clock.
+    pub(crate) fn new(model: &'a Model, params: &'a GenerateParams, prompt_tokens: usize, on_text: F) -> Self {
+        Output {
+            eos: &model.generation.eos_token_ids,
+            params,
+            decoder: StreamDecoder::new(&model.tokenizer, true),
+            on_text,
+            tokens: Vec::new(),
+            text: String::new(),
+            prompt_tokens,
+            start: Instant::now(),
+            prefill_seconds: 0.0,
+            decode_start: Instant::now(),
+        }
+    }
+
+    /// The prompt is in and the first token chosen: the decode clock starts.
+    pub(crate) fn prefilled(&mut self) {
+        self.prefill_seconds = self.start.elapsed().as_secs_f64();
+        self.decode_start = Instant::now();
+    }
+
+    pub(crate) fn tokens(&self) -> &[u32] {
+        &self.tokens
+    }
+
+    /// Take the next generated token; `Some` when generation stops here.
+    pub(crate) fn push(&mut self, token: u32) -> Result<Option<StopReason>> {
+        if self.params.stop_at_eos && self.eos.contains(&token) {
+            return Ok(Some(StopReason::Eos));
+        }
+        self.tokens.push(token);
+        if let Some(piece) = self.decoder.push(token)? {
+            (self.on_text)(&piece);
+            self.text += &piece;
+        }
+        Ok((self.tokens.len() >= self.params.max_tokens).then_some(StopReason::MaxTokens))
+    }
+
+    pub(crate) fn finish(mut self, stop: StopReason) -> Result<Generation> {
+        if let Some(piece) = self.decoder.finish()? {
+            (self.on_text)(&piece);
+            self.text += &piece;
+        }
+        Ok(Generation {
+            tokens: self.tokens,
+            text: self.text,
+            stop,
+            prompt_tokens: self.prompt_tokens,
+            prefill_seconds: self.prefill_seconds,
+            decode_seconds: self.decode_start.elapsed().as_secs_f64(),
+        })
+    }
+}
+
 /// One sequence over the batched step executor: its own paged KV cache, fed one step at a time.
 pub struct Session<'m> {
     runner: Runner<'m>,
@@ -226,6 +297,22 @@ impl<'m> Session<'m> {
         self.step(chunks[last], Wanted::Last, readback)
     }
 
+    /// Feed `ids` in one step and return every row (speculative verification: the logits or
+    /// greedy picks after each of them, for the weight reads of one step).
+    pub(crate) fn feed_rows(&mut self, ids: &[u32], readback: Readback) -> Result<crate::engine::batch::StepOutput> {
+        self.check_room(ids.len())?;
+        let most = self.runner.max_step_tokens().min(self.runner.max_rows());
+        if ids.len() > most {
+            return Err(KilnError::Request(format!("{} tokens in one verification step, at most {most}", ids.len())));
+        }
+        self.step(ids, Wanted::All, readback)
+    }
+
+    /// Most tokens [`Session::feed_rows`] takes in one step.
+    pub(crate) fn max_rows_per_step(&self) -> usize {
+        self.runner.max_step_tokens().min(self.runner.max_rows())
+    }
+
     /// Feed `ids` and return the logits after every one of them, (ids.len(), vocab) row-major.
     pub fn feed_all(&mut self, ids: &[u32]) -> Result<Vec<f32>> {
         self.check_room(ids.len())?;
@@ -238,6 +325,25 @@ impl<'m> Session<'m> {
         Ok(out)
     }
 
+    /// A prompt of `prompt_len` tokens and up to `max_tokens` new ones fit after what the session
+    /// holds.
+    pub(crate) fn check_generation(&self, prompt_len: usize, max_tokens: usize) -> Result<()> {
+        if prompt_len == 0 {
+            return Err(KilnError::Request("the prompt is empty".into()));
+        }
+        let needed = self.tokens.len() + prompt_len + max_tokens;
+        if needed > self.context() {
+            return Err(KilnError::Request(format!(
+                "{} prompt tokens + {} new tokens{} exceed the context of {} tokens",
+                prompt_len,
+                max_tokens,
+                if self.tokens.is_empty() { String::new() } else { format!(" + {} earlier tokens", self.tokens.len()) },
+                self.context()
+            )));
+        }
+        Ok(())
+    }
+
     /// Feed `prompt` and generate up to `params.max_tokens` tokens, calling `on_text` with each
     /// piece of decoded text as soon as it is complete UTF-8.
     pub fn generate(
@@ -247,60 +353,23 @@ impl<'m> Session<'m> {
         mut on_text: impl FnMut(&str),
     ) -> Result<Generation> {
         params.sampling.validate()?;
-        if prompt.is_empty() {
-            return Err(KilnError::Request("the prompt is empty".into()));
-        }
-        let needed = self.tokens.len() + prompt.len() + params.max_tokens;
-        if needed > self.context() {
-            return Err(KilnError::Request(format!(
-                "{} prompt tokens + {} new tokens{} exceed the context of {} tokens",
-                prompt.len(),
-                params.max_tokens,
-                if self.tokens.is_empty() { String::new() } else { format!(" + {} earlier tokens", self.tokens.len()) },
-                self.context()
-            )));
-        }
+        self.check_generation(prompt.len(), params.max_tokens)?;
         let model = self.model();
-        let eos = &model.generation.eos_token_ids;
         let mut sampler = Sampler::new(params.sampling.clone());
         let gpu_greedy = params.sampling.is_plain_argmax();
         let prompt_end = self.tokens.len() + prompt.len();
-        let mut decoder = StreamDecoder::new(&model.tokenizer, true);
-        let mut text = String::new();
-        let mut tokens = Vec::new();
+        let mut output = Output::new(model, params, prompt.len(), &mut on_text);
 
-        let start = Instant::now();
         let mut next = self.next_token(prompt, gpu_greedy, &mut sampler, prompt_end)?;
-        let prefill_seconds = start.elapsed().as_secs_f64();
-        let decode_start = Instant::now();
+        output.prefilled();
         let stop = loop {
-            if params.stop_at_eos && eos.contains(&next) {
-                break StopReason::Eos;
-            }
-            tokens.push(next);
-            if let Some(piece) = decoder.push(next)? {
-                on_text(&piece);
-                text += &piece;
-            }
-            if tokens.len() >= params.max_tokens {
-                // The last token is not fed: nothing would read its logits. Keep the cache
-                // consistent with `tokens()` by feeding it only when generation continues.
-                break StopReason::MaxTokens;
+            if let Some(stop) = output.push(next)? {
+                // At max_tokens the last token is not fed: nothing would read its logits.
+                break stop;
             }
             next = self.next_token(&[next], gpu_greedy, &mut sampler, prompt_end)?;
         };
-        if let Some(piece) = decoder.finish()? {
-            on_text(&piece);
-            text += &piece;
-        }
-        Ok(Generation {
-            tokens,
-            text,
-            stop,
-            prompt_tokens: prompt.len(),
-            prefill_seconds,
-            decode_seconds: decode_start.elapsed().as_secs_f64(),
-        })
+        output.finish(stop)
     }
 
     /// Feed `ids` and pick the next token; tokens past `prompt_end` are the generated ones.
