@@ -181,23 +181,31 @@ impl<'m> Speculator<'m> {
                 self.observe_draft(draft_start.elapsed().as_secs_f64(), draft.len());
             }
 
-            // Verify: the target's rows after `next` and after each drafted token.
+            // A drafted id past the target's embedding rows (a draft whose table is padded
+            // further) cannot be fed to the target. The target gives it probability 0, so the
+            // rule rejects it for certain: it stays in the draft, to be checked (its replacement
+            // comes from the row before it), and nothing after it is kept.
+            let feedable = draft.iter().position(|&d| d as usize >= vocab).unwrap_or(draft.len());
+            let mut draft = draft;
+            draft.truncate((feedable + 1).min(draft.len()));
+
+            // Verify: the target's rows after `next` and after each drafted token it can take.
             let mut ids = vec![next];
-            ids.extend_from_slice(&draft);
+            ids.extend_from_slice(&draft[..feedable]);
             let verify_start = Instant::now();
             let readback = if gpu_greedy { Readback::Argmax } else { Readback::Logits };
             let out = target.feed_rows(&ids, readback)?;
-            self.observe_step(verify_start.elapsed().as_secs_f64(), draft.len());
+            self.observe_step(verify_start.elapsed().as_secs_f64(), feedable);
 
             let (accepted, following) = if gpu_greedy {
-                let m = draft.iter().zip(&out.argmax).take_while(|(d, a)| d == a).count();
+                let m = draft[..feedable].iter().zip(&out.argmax).take_while(|(d, a)| d == a).count();
                 (m, out.argmax[m])
             } else {
-                let fed = target.tokens().to_vec();
+                let history = target.tokens().to_vec();
                 let mut verdict = None;
                 for (i, &d) in draft.iter().enumerate() {
                     let mut logits = out.logits[i * vocab..(i + 1) * vocab].to_vec();
-                    let p = sampler.distribution(&mut logits, &fed[..base + 1 + i], prompt_end);
+                    let p = sampler.distribution(&mut logits, &history[..base + 1 + i], prompt_end);
                     if let Some(replacement) = reject(&mut sampler, &p, q[i].as_slice(), d) {
                         verdict = Some((i, replacement));
                         break;
@@ -206,7 +214,7 @@ impl<'m> Speculator<'m> {
                 verdict.unwrap_or_else(|| {
                     let m = draft.len();
                     let mut logits = out.logits[m * vocab..(m + 1) * vocab].to_vec();
-                    let p = sampler.distribution(&mut logits, &fed[..base + 1 + m], prompt_end);
+                    let p = sampler.distribution(&mut logits, &history[..base + 1 + m], prompt_end);
                     (m, sampler.draw(&p))
                 })
             };
@@ -368,9 +376,10 @@ pub fn lookup(history: &[u32], max_ngram: usize, k: usize) -> Vec<u32> {
 }
 
 /// Draft and target must tokenise alike: the same tokens at the same ids. Their embedding tables
-/// may be padded differently (the config's `vocab_size` rows): a drafted id past the target's
-/// rows has target probability 0, so the rejection rule never keeps it, and greedy verification
-/// never matches it.
+/// may be padded differently (the config's `vocab_size` rows, often rounded up past the
+/// tokenizer's ids): a drafted id past the target's rows is never fed to the target; it has
+/// target probability 0, so greedy verification never matches it and the rejection rule replaces
+/// it for certain, from the target's row before it.
 pub fn check_vocabularies(draft: &Model, target: &Model) -> Result<()> {
     let (d, t) = (&draft.tokenizer, &target.tokenizer);
     let mismatch = |why: String| {

@@ -1,5 +1,6 @@
 //! Speculative decoding: greedy output identical, token for token, to the target alone (prompt
-//! lookup and draft models, on every device path), the target's sampling distribution kept
+//! lookup and draft models, one with a larger padded vocabulary whose extra ids the target has
+//! no row for, on every device path), the target's sampling distribution kept
 //! exactly (a chi-square test against the distribution computed from the target's logits), and
 //! drafts with another vocabulary refused.
 
@@ -22,31 +23,34 @@ fn load(path: &Path, gpu: &Arc<Gpu>) -> Model {
     Model::load(path, gpu.clone(), &mut |_, _| {}).unwrap()
 }
 
-/// A copy of llama3-tiny with the same tokenizer and different weights (layer 1's MLP output and
-/// the lm-head scaled by `down` and `head`): a draft that agrees with the target some of the
-/// time. A negated MLP output disagrees on most greedy picks; a scaled lm-head alone keeps every
-/// greedy pick and changes only the probabilities (a sharper or flatter distribution).
-fn perturbed_llama3_tiny(down: f32, head: f32) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("kiln-llama3-tiny-{down}-{head}-{}", std::process::id()));
+/// A copy of llama3-tiny with the same tokenizer, its config edited by `config` and each tensor
+/// (name, shape, values) by `tensor`, in a directory named after `tag`.
+fn llama3_tiny_variant(
+    tag: &str,
+    config: impl Fn(&mut serde_json::Value),
+    tensor: impl Fn(&str, &mut Vec<usize>, &mut Vec<f32>),
+) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("kiln-llama3-tiny-{tag}-{}", std::process::id()));
     if dir.join("model.safetensors").exists() {
         return dir;
     }
     std::fs::create_dir_all(&dir).unwrap();
     let src = fixture("llama3-tiny");
-    for f in ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"] {
+    for f in ["generation_config.json", "tokenizer.json", "tokenizer_config.json"] {
         std::fs::copy(src.join(f), dir.join(f)).unwrap();
     }
+    let mut json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    config(&mut json);
+    std::fs::write(dir.join("config.json"), json.to_string()).unwrap();
     let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
     let mut data: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
     for (name, view) in st.tensors() {
-        let scale = match name.as_str() {
-            "model.layers.1.mlp.down_proj.weight" => down,
-            "lm_head.weight" => head,
-            _ => 1.0,
-        };
-        let values: Vec<f32> = bytemuck::pod_collect_to_vec::<u8, f32>(view.data()).iter().map(|v| v * scale).collect();
-        data.push((name, view.shape().to_vec(), bytemuck::cast_slice(&values).to_vec()));
+        let mut shape = view.shape().to_vec();
+        let mut values: Vec<f32> = bytemuck::pod_collect_to_vec(view.data());
+        tensor(&name, &mut shape, &mut values);
+        data.push((name, shape, bytemuck::cast_slice(&values).to_vec()));
     }
     let views: Vec<(String, TensorView)> = data
         .iter()
@@ -56,6 +60,44 @@ fn perturbed_llama3_tiny(down: f32, head: f32) -> PathBuf {
     std::fs::write(&tmp, safetensors::serialize(views, None).unwrap()).unwrap();
     std::fs::rename(tmp, dir.join("model.safetensors")).unwrap();
     dir
+}
+
+/// llama3-tiny with layer 1's MLP output and the lm-head scaled by `down` and `head`: a draft
+/// that agrees with the target some of the time (a negated MLP output disagrees on most greedy
+/// picks).
+fn perturbed_llama3_tiny(down: f32, head: f32) -> PathBuf {
+    llama3_tiny_variant(
+        &format!("{down}-{head}"),
+        |_| {},
+        |name, _, values| {
+            let scale = match name {
+                "model.layers.1.mlp.down_proj.weight" => down,
+                "lm_head.weight" => head,
+                _ => 1.0,
+            };
+            values.iter_mut().for_each(|v| *v *= scale);
+        },
+    )
+}
+
+/// llama3-tiny with 100 more embedding and lm-head rows than the tokenizer has (as real models
+/// pad their tables), the new lm-head rows large and random, so the draft often picks an id the
+/// target has no row for.
+fn padded_llama3_tiny() -> PathBuf {
+    const EXTRA: usize = 100;
+    llama3_tiny_variant(
+        "padded",
+        |config| config["vocab_size"] = serde_json::json!(1000 + EXTRA),
+        |name, shape, values| {
+            if name == "model.embed_tokens.weight" || name == "lm_head.weight" {
+                let cols = shape[1];
+                let mut rng = common::rng("padded draft");
+                let scale = if name == "lm_head.weight" { 5.0 } else { 0.02 };
+                values.extend(common::uniform(&mut rng, EXTRA * cols, -scale, scale));
+                shape[0] += EXTRA;
+            }
+        },
+    )
 }
 
 fn greedy(max_tokens: usize) -> GenerateParams {
@@ -83,11 +125,12 @@ fn prompt_lookup_proposes_what_followed_the_latest_match() {
 #[test]
 fn greedy_speculation_gives_the_targets_own_tokens() {
     let perturbed = perturbed_llama3_tiny(-1.0, 0.7);
+    let padded = padded_llama3_tiny();
     for (device, gpu) in common::model_devices() {
         for name in ["llama3-tiny", "qwen2-tiny"] {
             let target = load(&fixture(name), &gpu);
             let same = load(&fixture(name), &gpu);
-            let other = (name == "llama3-tiny").then(|| load(&perturbed, &gpu));
+            let other = (name == "llama3-tiny").then(|| (load(&perturbed, &gpu), load(&padded, &gpu)));
             for prompt in PROMPTS {
                 let ids = target.tokenizer.encode(prompt, true).unwrap();
                 let params = greedy(48);
@@ -97,8 +140,9 @@ fn greedy_speculation_gives_the_targets_own_tokens() {
                     ("lookup, adaptive", Speculator::lookup(6).unwrap()),
                     ("itself as draft", Speculator::with_model(&same, &target, 128, 3).unwrap().fixed()),
                 ];
-                if let Some(other) = &other {
+                if let Some((other, padded)) = &other {
                     drafters.push(("perturbed draft", Speculator::with_model(other, &target, 128, 4).unwrap().fixed()));
+                    drafters.push(("padded draft", Speculator::with_model(padded, &target, 128, 4).unwrap().fixed()));
                 }
                 for (what, mut spec) in drafters {
                     let mut session = Session::new(&target, Some(128)).unwrap();
