@@ -157,6 +157,15 @@ impl<'m> Speculator<'m> {
             let mut logits = target.feed(prompt)?;
             sampler.sample_output(&mut logits, target.tokens(), prompt_end)
         };
+        // The draft model reads the prompt now, as part of the prefill, so that a proposal only
+        // feeds it the few tokens since the last one (and its cost per token is measured so).
+        if let Drafter::Model(draft) = &mut self.drafter {
+            let common = draft.tokens().iter().zip(target.tokens()).take_while(|(a, b)| a == b).count();
+            draft.rollback(common);
+            if common < target.tokens().len() {
+                draft.feed_greedy(&target.tokens()[common..])?;
+            }
+        }
         output.prefilled();
 
         let stop = 'generation: loop {
