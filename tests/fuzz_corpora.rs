@@ -1,30 +1,53 @@
 //! Replays the fuzz targets' inputs on stable Rust: every seed (`fuzz/seeds/<target>/`), every
-//! input of the minimised corpora the fuzzing runs grew (`fuzz/corpus/<target>/`) and every input
-//! that once failed (`fuzz/regressions/<target>/`) goes through the same check the target runs
-//! (`fuzz/checks.rs`), so a change that breaks on an input the fuzzer once reached fails here.
+//! input of the minimised corpora the fuzzing runs grew (`fuzz/corpus/<target>.tar.gz`) and every
+//! input that once failed (`fuzz/regressions/<target>/`) goes through the same check the target
+//! runs (`fuzz/checks.rs`), so a change that breaks on an input the fuzzer once reached fails here.
 
 #[path = "../fuzz/checks.rs"]
 mod checks;
 
-use std::path::PathBuf;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+/// (name, bytes) of every file in `dir`, sorted by name; none if there is no such directory.
+fn directory(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
+    let mut paths: Vec<PathBuf> = entries.map(|e| e.unwrap().path()).collect();
+    paths.sort();
+    paths.into_iter().map(|p| (p.display().to_string(), std::fs::read(&p).unwrap())).collect()
+}
+
+/// (name, bytes) of every file in the gzipped tar `path`; none if there is no such file.
+fn archive(path: &Path) -> Vec<(String, Vec<u8>)> {
+    let Ok(file) = std::fs::File::open(path) else { return Vec::new() };
+    let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(file));
+    let mut inputs = Vec::new();
+    for entry in archive.entries().unwrap() {
+        let mut entry = entry.unwrap();
+        if entry.header().entry_type().is_file() {
+            let name = format!("{}:{}", path.display(), entry.path().unwrap().display());
+            let mut data = Vec::new();
+            entry.read_to_end(&mut data).unwrap();
+            inputs.push((name, data));
+        }
+    }
+    inputs
+}
 
 fn replay(target: &str, check: fn(&[u8])) {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fuzz");
-    let mut count = 0;
-    for dir in ["seeds", "corpus", "regressions"] {
-        let Ok(entries) = std::fs::read_dir(root.join(dir).join(target)) else { continue };
-        let mut paths: Vec<PathBuf> = entries.map(|e| e.unwrap().path()).collect();
-        paths.sort();
-        for path in paths {
-            let data = std::fs::read(&path).unwrap();
-            // A panic names the input that caused it.
-            let outcome = std::panic::catch_unwind(|| check(&data));
-            assert!(outcome.is_ok(), "{target}: {} failed", path.display());
-            count += 1;
-        }
+    let mut inputs = directory(&root.join("seeds").join(target));
+    let seeds = inputs.len();
+    inputs.extend(archive(&root.join("corpus").join(format!("{target}.tar.gz"))));
+    inputs.extend(directory(&root.join("regressions").join(target)));
+    for (name, data) in &inputs {
+        // A panic names the input that caused it.
+        let outcome = std::panic::catch_unwind(|| check(data));
+        assert!(outcome.is_ok(), "{target}: {name} failed");
     }
-    // The seeds alone are several inputs per target; none found means the layout moved.
-    assert!(count >= 2, "{target}: only {count} inputs found under {}", root.display());
+    // Every target has seeds; none found means the layout moved.
+    assert!(seeds >= 2, "{target}: only {seeds} seeds under {}", root.display());
+    eprintln!("{target}: {} inputs replayed ({seeds} seeds)", inputs.len());
 }
 
 #[test]
