@@ -400,8 +400,7 @@ fn run(cli: Cli) -> kiln::Result<()> {
                 messages.push(ChatMessage { role: "user".into(), content: line.to_string() });
                 let ids = model.tokenizer.encode_chat(&messages, true)?;
                 // Keep what the cache already holds of this conversation; feed only the rest.
-                let common = session.tokens().iter().zip(&ids).take_while(|(a, b)| a == b).count().min(ids.len() - 1);
-                session.rollback(common);
+                let common = session.keep_common_prefix(&ids);
                 let budget = params.max_tokens.min(session.context().saturating_sub(ids.len()));
                 if budget == 0 {
                     return Err(kiln::KilnError::Request(format!(

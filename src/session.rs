@@ -192,6 +192,17 @@ impl<'m> Session<'m> {
         self.tokens.truncate(len);
     }
 
+    /// Keep the longest prefix of the cache that `tokens` starts with, but leave at least its last
+    /// token to feed (its logits are what comes next); forget the rest. Returns how many tokens
+    /// of `tokens` the cache holds, so `tokens[kept..]` is what to feed. A chat turn or a draft
+    /// model catching up feeds only what is new.
+    pub fn keep_common_prefix(&mut self, tokens: &[u32]) -> usize {
+        let common = self.tokens.iter().zip(tokens).take_while(|(a, b)| a == b).count();
+        let kept = common.min(tokens.len().saturating_sub(1));
+        self.rollback(kept);
+        kept
+    }
+
     pub fn kv_cache_bytes(&self) -> u64 {
         self.runner.cache.bytes()
     }
@@ -373,7 +384,13 @@ impl<'m> Session<'m> {
     }
 
     /// Feed `ids` and pick the next token; tokens past `prompt_end` are the generated ones.
-    fn next_token(&mut self, ids: &[u32], gpu_greedy: bool, sampler: &mut Sampler, prompt_end: usize) -> Result<u32> {
+    pub(crate) fn next_token(
+        &mut self,
+        ids: &[u32],
+        gpu_greedy: bool,
+        sampler: &mut Sampler,
+        prompt_end: usize,
+    ) -> Result<u32> {
         if gpu_greedy {
             return self.feed_greedy(ids);
         }

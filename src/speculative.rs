@@ -163,20 +163,12 @@ impl<'m> Speculator<'m> {
         let prompt_end = target.tokens().len() + prompt.len();
         let mut output = Output::new(model, params, prompt.len(), &mut on_text);
 
-        let mut next = if gpu_greedy {
-            target.feed_greedy(prompt)?
-        } else {
-            let mut logits = target.feed(prompt)?;
-            sampler.sample_output(&mut logits, target.tokens(), prompt_end)
-        };
+        let mut next = target.next_token(prompt, gpu_greedy, &mut sampler, prompt_end)?;
         // The draft model reads the prompt now, as part of the prefill, so that a proposal only
         // feeds it the few tokens since the last one (and its cost per token is measured so).
         if let Drafter::Model(draft) = &mut self.drafter {
-            let common = draft.tokens().iter().zip(target.tokens()).take_while(|(a, b)| a == b).count();
-            draft.rollback(common);
-            if common < target.tokens().len() {
-                draft.feed_greedy(&target.tokens()[common..])?;
-            }
+            let kept = draft.keep_common_prefix(target.tokens());
+            draft.feed_greedy(&target.tokens()[kept..])?;
         }
         output.prefilled();
 
@@ -309,11 +301,8 @@ impl<'m> Speculator<'m> {
                 Ok(Draft { tokens, distributions })
             }
             Drafter::Model(session) => {
-                // The draft's cache keeps the longest prefix it shares with `history`; at least
-                // the last token is fed again, for its logits.
-                let common = session.tokens().iter().zip(history).take_while(|(a, b)| a == b).count();
-                session.rollback(common.min(history.len() - 1));
-                let mut feed = history[session.tokens().len()..].to_vec();
+                let kept = session.keep_common_prefix(history);
+                let mut feed = history[kept..].to_vec();
                 let mut draft = Draft::default();
                 for _ in 0..k {
                     let (d, q) = if greedy {
