@@ -1,5 +1,6 @@
 // Fused causal attention with grouped KV heads (GQA; MHA and MQA are its edge cases):
 //   out[t, h] = softmax(q[t, h] · K[kvh]ᵀ · scale, keys 0 ..= pos[t] of t's sequence) · V[kvh],  kvh = h / group
+// or, under a sliding window of W keys (Mistral; Beltagy et al. 2020), keys pos[t] - W + 1 ..= pos[t].
 // (Vaswani et al. 2017; Ainslie et al. 2023 for GQA). The softmax is computed online in tiles of
 // 64 keys (Milakov & Gimelshein 2018; FlashAttention), so no (queries × keys) matrix exists.
 // One workgroup serves up to 8 query heads that share one KV head, so each key and value row is
@@ -29,7 +30,7 @@ struct Params {
     group: u32,        // query heads per KV head
     head_blocks: u32,  // ceil(group / GMAX)
     scale: f32,        // 1 / sqrt(head_dim)
-    _pad: u32,
+    window: u32,       // keys a query sees under a sliding window; 0: all up to itself
 }
 
 const WG: u32 = 64u;
@@ -59,7 +60,8 @@ var<private> acc: array<f32, 16>;       // (GMAX, 2) this invocation's output di
 
 struct Block {
     t: u32,
-    kv_len: u32,  // keys the query sees: its position + 1 (0 for padding)
+    kv_len: u32,  // its sequence's keys up to itself: its position + 1 (0 for padding)
+    first: u32,   // the first key it sees (0 without a sliding window)
     table: u32,   // its sequence's first block-table entry
     kvh: u32,
     h0: u32,      // first query head of the block
@@ -71,12 +73,18 @@ fn block_of(x: u32, t: u32) -> Block {
     b.t = t;
     let tm = tok[t];
     b.kv_len = select(tm.x + 1u, 0u, tm.x == NONE);
+    b.first = first_key(b.kv_len);
     b.table = tm.y;
     b.kvh = x / p.head_blocks;
     let hb = x % p.head_blocks;
     b.h0 = b.kvh * p.group + hb * GMAX;
     b.heads = min(GMAX, p.group - hb * GMAX);
     return b;
+}
+
+// The first key a query sees when its sequence holds kv_len keys up to and including it.
+fn first_key(kv_len: u32) -> u32 {
+    return select(0u, kv_len - p.window, p.window != 0u && kv_len > p.window);
 }
 
 // The cache slot of key j of the sequence whose block table starts at `table`.
@@ -166,7 +174,7 @@ fn attend(b: Block, j_begin: u32, j_end: u32, lid: u32) {
 @compute @workgroup_size(WG)
 fn prefill(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let b = block_of(wid.x, wid.y);
-    attend(b, 0u, b.kv_len, lid);
+    attend(b, b.first, b.kv_len, lid);
     for (var g = 0u; g < b.heads; g++) {
         let o = (b.t * p.n_heads + b.h0 + g) * p.head_dim;
         let inv = select(1.0 / l_run[g], 0.0, b.kv_len == 0u);
@@ -183,7 +191,7 @@ fn prefill(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_inde
 fn decode_split(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let b = block_of(wid.x, wid.y);
     let split = wid.z;
-    let j_begin = min(split * p.split_len, b.kv_len);
+    let j_begin = min(b.first + split * p.split_len, b.kv_len);
     let j_end = min(j_begin + p.split_len, b.kv_len);
     attend(b, j_begin, j_end, lid);
     for (var g = 0u; g < b.heads; g++) {
@@ -266,7 +274,7 @@ fn decode_lanes(@builtin(global_invocation_id) gid: vec3<u32>) {
     let d4 = HEAD_DIM / 4u;
     let tm = tok[t];
     let kv_len = select(tm.x + 1u, 0u, tm.x == NONE);
-    let j_begin = min(split * p.split_len, kv_len);
+    let j_begin = min(first_key(kv_len) + split * p.split_len, kv_len);
     let j_end = min(j_begin + p.split_len, kv_len);
 
     var qv: array<vec4<f32>, 64>;     // (heads, head_dim / 4) scaled queries
@@ -331,7 +339,7 @@ fn decode_lanes(@builtin(global_invocation_id) gid: vec3<u32>) {
 
 // ---- attention_probs: the attention probabilities themselves, for `kiln attention` (a plan
 // with probes; never part of a normal step). One invocation per (query, head):
-//   probs[h, t, j] = softmax_j(q[t, h] · K[kvh, j] · scale) for j ≤ pos(t), 0 for later keys,
+//   probs[h, t, j] = softmax_j(q[t, h] · K[kvh, j] · scale) for the keys t sees, 0 for the others,
 // with j < split_len (here: the row length of `probs`, the step's longest sequence).
 
 @group(0) @binding(9) var<storage, read_write> probs: array<f32>;   // (n_heads, n_tokens, split_len)
@@ -346,20 +354,21 @@ fn attention_probs(@builtin(global_invocation_id) gid: vec3<u32>) {
     let h = i % p.n_heads;
     let tm = tok[t];
     let kv_len = select(min(tm.x + 1u, p.split_len), 0u, tm.x == NONE);
+    let first = first_key(select(tm.x + 1u, 0u, tm.x == NONE));
     let kv_base = (h / p.group) * p.slots;
     let q_row = (t * p.n_heads + h) * p.head_dim;
     let out = (h * p.n_tokens + t) * p.split_len;
     var m = NEG;
-    for (var j = 0u; j < kv_len; j++) {
+    for (var j = first; j < kv_len; j++) {
         m = max(m, probe_score(q_row, (kv_base + slot_of(tm.y, j)) * p.head_dim));
     }
     var l = 0.0;
-    for (var j = 0u; j < kv_len; j++) {
+    for (var j = first; j < kv_len; j++) {
         l += exp(probe_score(q_row, (kv_base + slot_of(tm.y, j)) * p.head_dim) - m);
     }
     for (var j = 0u; j < p.split_len; j++) {
         var pj = 0.0;
-        if j < kv_len {
+        if j >= first && j < kv_len {
             pj = exp(probe_score(q_row, (kv_base + slot_of(tm.y, j)) * p.head_dim) - m) / l;
         }
         probs[out + j] = pj;

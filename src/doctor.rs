@@ -256,6 +256,7 @@ pub fn run(model: &Model, mut log: impl FnMut(&str)) -> Result<DoctorReport> {
             n_kv_heads: c.n_kv_heads as u32,
             head_dim: c.head_dim as u32,
             kv,
+            window: 0,
         };
         let mut order: Vec<u32> = (0..blocks).collect();
         for i in (1..order.len()).rev() {

@@ -30,6 +30,45 @@ fn fixtures_parse_with_derived_sizes() {
     assert_eq!(q.parameter_count(), 407_168);
     // layers × kv_heads × head_dim × (K, V) × bytes
     assert_eq!(q.kv_bytes_per_token(2), 2 * 32 * 2 * 2);
+    assert!(q.attention_windows.iter().all(Option::is_none), "use_sliding_window is false");
+
+    let q3 = fixture("qwen3-tiny");
+    assert_eq!(q3.architecture, Architecture::Qwen3);
+    assert_eq!((q3.n_heads, q3.n_kv_heads, q3.head_dim, q3.q_dim()), (4, 2, 48, 192), "explicit head_dim");
+    assert!(q3.qk_norm && !q3.qkv_bias && q3.tie_word_embeddings);
+    assert_eq!(q3.parameter_count(), 521_664, "q_norm and k_norm counted");
+
+    let m = fixture("mistral-swa-tiny");
+    assert_eq!(m.architecture, Architecture::Llama);
+    assert_eq!(m.attention_windows, vec![Some(16); 2], "Mistral's window applies to every layer");
+    assert_eq!(m.parameter_count(), 551_552);
+}
+
+/// Which layers slide, as transformers decides: Mistral every layer; Qwen2/Qwen3 only with
+/// `use_sliding_window`, from `max_window_layers` on; an explicit `layer_types` over both.
+#[test]
+fn sliding_windows_follow_transformers_per_layer_rules() {
+    let qwen = |extra: &str| {
+        parse(&format!(
+            r#"{{"architectures": ["Qwen2ForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
+              "num_hidden_layers": 4, "num_attention_heads": 4, "vocab_size": 100, "sliding_window": 32 {extra}}}"#
+        ))
+    };
+    assert_eq!(qwen("").unwrap().attention_windows, vec![None; 4], "off unless use_sliding_window");
+    let on = qwen(r#", "use_sliding_window": true, "max_window_layers": 3"#).unwrap();
+    assert_eq!(on.attention_windows, vec![None, None, None, Some(32)]);
+    let typed = qwen(
+        r#", "use_sliding_window": true,
+           "layer_types": ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]"#,
+    )
+    .unwrap();
+    assert_eq!(typed.attention_windows, vec![Some(32), None, Some(32), None]);
+    let short = qwen(r#", "use_sliding_window": true, "layer_types": ["full_attention"]"#).unwrap_err().to_string();
+    assert!(short.contains("layer_types lists 1 layers, the model has 4"), "{short}");
+    let odd = qwen(r#", "use_sliding_window": true, "layer_types": ["a", "b", "c", "chunked_attention"]"#)
+        .unwrap_err()
+        .to_string();
+    assert!(odd.contains("layer type `a` is not supported"), "{odd}");
 }
 
 const LLAMA31: &str = r#"{
@@ -81,8 +120,8 @@ fn what_kiln_cannot_run_is_named() {
     .contains("low_freq_factor"));
     let mistral_swa = LLAMA31
         .replace("LlamaForCausalLM", "MistralForCausalLM")
-        .replace(r#""vocab_size""#, r#""sliding_window": 4096, "vocab_size""#);
-    assert!(err(&mistral_swa).contains("sliding window"));
+        .replace(r#""vocab_size""#, r#""sliding_window": -5, "vocab_size""#);
+    assert!(err(&mistral_swa).contains("sliding_window -5 is not a positive number"));
     let mistral = LLAMA31
         .replace("LlamaForCausalLM", "MistralForCausalLM")
         .replace(r#""vocab_size""#, r#""sliding_window": null, "vocab_size""#);

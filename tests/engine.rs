@@ -17,7 +17,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-const MODELS: [&str; 2] = ["llama3-tiny", "qwen2-tiny"];
+/// Llama 3 and Qwen2, Qwen3 (q/k norms) and Mistral (a 16-key sliding window, which the longer
+/// prompts here run past).
+const MODELS: [&str; 4] = ["llama3-tiny", "qwen2-tiny", "qwen3-tiny", "mistral-swa-tiny"];
 
 fn load(name: &str, gpu: Arc<Gpu>) -> Arc<Model> {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name);

@@ -609,18 +609,27 @@ struct AttnCase {
     head_dim: u32,
     /// Per sequence: (tokens in this step, positions already in the cache before them).
     seqs: &'static [(u32, u32)],
+    /// Sliding window (0: none).
+    window: u32,
 }
 
 /// Paged attention against the reference: the step's sequences on random, shuffled,
 /// non-contiguous block tables (blocks of 16) in a pool with spare blocks; every slot the step
-/// must not read is NaN; a padding token at the end must come out as zeros.
+/// must not read is NaN (spare blocks, and keys older than any query's sliding window); a
+/// padding token at the end must come out as zeros.
 fn check_attention(gpu: &Gpu, name: &str, c: &AttnCase, rng: &mut rand::rngs::StdRng) -> u32 {
     let block_size = 16u32;
     let d = c.head_dim as usize;
     let needed: u32 = c.seqs.iter().map(|&(n, past)| (n + past).div_ceil(block_size)).sum();
     let blocks = needed + 5;
     let kv = KvGeometry { slots: blocks * block_size, block_size };
-    let shape = attention::AttentionShape { n_heads: c.n_heads, n_kv_heads: c.n_kv_heads, head_dim: c.head_dim, kv };
+    let shape = attention::AttentionShape {
+        n_heads: c.n_heads,
+        n_kv_heads: c.n_kv_heads,
+        head_dim: c.head_dim,
+        kv,
+        window: c.window,
+    };
     let pool = shuffled_blocks(rng, blocks);
     let mut block_table = Vec::new();
     let mut meta = Vec::new();
@@ -629,7 +638,8 @@ fn check_attention(gpu: &Gpu, name: &str, c: &AttnCase, rng: &mut rand::rngs::St
         let start = block_table.len() as u32;
         let len = n + past;
         block_table.extend_from_slice(&pool[start as usize..(start + len.div_ceil(block_size)) as usize]);
-        for pos in 0..len {
+        // The step's first query (at `past`) sees the oldest keys any of its queries sees.
+        for pos in shape.first_key(past + 1)..len {
             readable[kv.slot(&block_table, start, pos) as usize] = true;
         }
         meta.extend((past..len).map(|pos| [pos, start]));
@@ -669,14 +679,17 @@ fn check_attention(gpu: &Gpu, name: &str, c: &AttnCase, rng: &mut rand::rngs::St
     let tol = attention::output_error_bound(c.head_dim, max_kv_len);
     let why =
         "score error D·u·|s|max plus exp error (3+2|s|) ulp, doubled for the normalisation, plus kv_len·u summation";
-    let what = format!("{name} Hq={} Hkv={} D={} seqs={:?}", c.n_heads, c.n_kv_heads, c.head_dim, c.seqs);
+    let what = format!(
+        "{name} Hq={} Hkv={} D={} seqs={:?} window={}",
+        c.n_heads, c.n_kv_heads, c.head_dim, c.seqs, c.window
+    );
 
     let out = poisoned(gpu, "out", nq);
     gpu.run("attention prefill", &[&attention::prefill(gpu, &shape, &qb, &kc, &vc, &out, n_tokens, tokens).unwrap()])
         .unwrap();
     assert_close(&format!("attention prefill {what}"), &gpu.read_f32(&out, nq).unwrap(), &want, tol, why);
 
-    let splits = shape.splits(n_tokens, max_kv_len, 64);
+    let splits = shape.splits(n_tokens, shape.visible(max_kv_len), 64);
     let partials = attention::Partials::new(gpu, &shape, n_tokens * splits.0).unwrap();
     for kernel in [attention::SplitKernel::Workgroup, attention::SplitKernel::Lanes] {
         let out = poisoned(gpu, "out", nq);
@@ -701,20 +714,33 @@ fn paged_attention_matches_reference_for_mha_gqa_mqa_and_every_head_dim() {
     for (name, gpu) in devices() {
         let cases = [
             // head_dim 64, 80, 96, 128 with GQA groups of 3, 7 (MQA-like), 4.
-            AttnCase { n_heads: 9, n_kv_heads: 3, head_dim: 64, seqs: &[(37, 0)] },
-            AttnCase { n_heads: 7, n_kv_heads: 1, head_dim: 80, seqs: &[(5, 70), (1, 16), (3, 0)] },
-            AttnCase { n_heads: 8, n_kv_heads: 2, head_dim: 96, seqs: &[(1, 300)] },
-            AttnCase { n_heads: 4, n_kv_heads: 1, head_dim: 128, seqs: &[(67, 3), (1, 31)] },
+            AttnCase { n_heads: 9, n_kv_heads: 3, head_dim: 64, seqs: &[(37, 0)], window: 0 },
+            AttnCase { n_heads: 7, n_kv_heads: 1, head_dim: 80, seqs: &[(5, 70), (1, 16), (3, 0)], window: 0 },
+            AttnCase { n_heads: 8, n_kv_heads: 2, head_dim: 96, seqs: &[(1, 300)], window: 0 },
+            AttnCase { n_heads: 4, n_kv_heads: 1, head_dim: 128, seqs: &[(67, 3), (1, 31)], window: 0 },
             // MHA, and a group larger than one workgroup's 8 heads (MQA with 18 heads).
-            AttnCase { n_heads: 3, n_kv_heads: 3, head_dim: 64, seqs: &[(2, 130), (1, 15), (16, 0)] },
-            AttnCase { n_heads: 18, n_kv_heads: 1, head_dim: 64, seqs: &[(3, 200)] },
+            AttnCase { n_heads: 3, n_kv_heads: 3, head_dim: 64, seqs: &[(2, 130), (1, 15), (16, 0)], window: 0 },
+            AttnCase { n_heads: 18, n_kv_heads: 1, head_dim: 64, seqs: &[(3, 200)], window: 0 },
             // Many decoding sequences at once, each at its own length.
             AttnCase {
                 n_heads: 9,
                 n_kv_heads: 3,
                 head_dim: 64,
                 seqs: &[(1, 0), (1, 15), (1, 16), (1, 17), (1, 100), (1, 63)],
+                window: 0,
             },
+            // Sliding windows: shorter and longer than the sequences, one key (itself), a
+            // window that is not a multiple of the block size, and one long enough to split.
+            AttnCase {
+                n_heads: 8,
+                n_kv_heads: 2,
+                head_dim: 64,
+                seqs: &[(5, 70), (1, 16), (3, 0), (40, 0), (1, 15)],
+                window: 16,
+            },
+            AttnCase { n_heads: 7, n_kv_heads: 1, head_dim: 80, seqs: &[(37, 11), (1, 90)], window: 23 },
+            AttnCase { n_heads: 4, n_kv_heads: 2, head_dim: 32, seqs: &[(9, 4), (1, 40)], window: 1 },
+            AttnCase { n_heads: 8, n_kv_heads: 2, head_dim: 96, seqs: &[(1, 600), (2, 300)], window: 257 },
         ];
         let mut max_splits = 0;
         for c in &cases {
@@ -727,12 +753,12 @@ fn paged_attention_matches_reference_for_mha_gqa_mqa_and_every_head_dim() {
 #[test]
 fn attention_rejects_impossible_shapes() {
     let kv = KvGeometry { slots: 64, block_size: 16 };
-    let shape = attention::AttentionShape { n_heads: 6, n_kv_heads: 4, head_dim: 64, kv };
+    let shape = attention::AttentionShape { n_heads: 6, n_kv_heads: 4, head_dim: 64, kv, window: 0 };
     assert!(shape.validate().is_err(), "6 heads cannot share 4 KV heads");
-    let shape = attention::AttentionShape { n_heads: 4, n_kv_heads: 2, head_dim: 256, kv };
+    let shape = attention::AttentionShape { n_heads: 4, n_kv_heads: 2, head_dim: 256, kv, window: 0 };
     assert!(shape.validate().is_err(), "head_dim 256 is over the kernel's 128");
     let ragged = KvGeometry { slots: 60, block_size: 16 };
-    let shape = attention::AttentionShape { n_heads: 4, n_kv_heads: 2, head_dim: 64, kv: ragged };
+    let shape = attention::AttentionShape { n_heads: 4, n_kv_heads: 2, head_dim: 64, kv: ragged, window: 0 };
     let err = shape.validate().expect_err("a pool of partial blocks must fail");
     assert!(err.to_string().contains("blocks"), "{err}");
 }
@@ -913,11 +939,12 @@ fn gather_rows_picks_the_wanted_rows() {
 #[test]
 fn attention_probabilities_match_reference_on_paged_tables() {
     let mut rng = rng("attention_probs");
-    for (name, gpu) in devices() {
+    // Full causal attention, and a 13-key sliding window.
+    for ((name, gpu), window) in devices().into_iter().flat_map(|d| [(d.clone(), 0u32), (d, 13)]) {
         let (n_heads, n_kv_heads, head_dim, block_size) = (9u32, 3u32, 64u32, 16u32);
         let blocks = 9u32;
         let kv = KvGeometry { slots: blocks * block_size, block_size };
-        let shape = attention::AttentionShape { n_heads, n_kv_heads, head_dim, kv };
+        let shape = attention::AttentionShape { n_heads, n_kv_heads, head_dim, kv, window };
         let pool = shuffled_blocks(&mut rng, blocks);
         // A 21-token prompt chunk after 17 cached positions, a decode token at 40, a padding token.
         let block_table: Vec<u32> = pool[..3].iter().chain(&pool[3..6]).copied().collect();
@@ -950,15 +977,21 @@ fn attention_probabilities_match_reference_on_paged_tables() {
         let got = gpu.read_f32(&probs, len).unwrap();
         let want = attention::probabilities_cpu(&shape, &q, &k, &meta, &block_table, n_keys);
         let tol = attention::probability_error_bound(head_dim, n_keys as u32);
-        assert_close(&format!("attention probs {name}"), &got, &want, tol, "score, exp and sum error bounds");
+        let what = format!("attention probs {name} window {window}");
+        assert_close(&what, &got, &want, tol, "score, exp and sum error bounds");
         for (row, r) in got.chunks(n_keys).enumerate() {
             let t = row % n_tokens as usize;
             let sum: f32 = r.iter().sum();
             if meta[t][0] == NO_POSITION {
-                assert!(r.iter().all(|&x| x == 0.0), "{name}: a padding row is zeros");
+                assert!(r.iter().all(|&x| x == 0.0), "{what}: a padding row is zeros");
             } else {
-                assert!((sum - 1.0).abs() < 1e-5, "{name}: row {row} sums to {sum}");
-                assert!(r[meta[t][0] as usize + 1..].iter().all(|&x| x == 0.0), "{name}: row {row} sees no later key");
+                let pos = meta[t][0] as usize;
+                assert!((sum - 1.0).abs() < 1e-5, "{what}: row {row} sums to {sum}");
+                assert!(r[pos + 1..].iter().all(|&x| x == 0.0), "{what}: row {row} sees no later key");
+                let first = shape.first_key(pos as u32 + 1) as usize;
+                assert_eq!(first, if window == 0 { 0 } else { (pos + 1).saturating_sub(13) });
+                assert!(r[..first].iter().all(|&x| x == 0.0), "{what}: row {row} sees no key before its window");
+                assert!(r[first..=pos].iter().all(|&x| x > 0.0), "{what}: row {row} sees its window");
             }
         }
     }

@@ -12,7 +12,10 @@ use serde_json::Value;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-const MODELS: [&str; 2] = ["llama3-tiny", "qwen2-tiny"];
+/// Llama 3 (GQA, f32, untied), Qwen2 (MQA, biases, bf16, tied), Qwen3 (per-head q/k RMSNorm,
+/// head_dim 48 ≠ hidden / heads, f16, tied) and Mistral with a 16-key sliding window (its 72-token
+/// logits, its greedy runs from 47- and 72-token prompts and its incremental case run past it).
+const MODELS: [&str; 4] = ["llama3-tiny", "qwen2-tiny", "qwen3-tiny", "mistral-swa-tiny"];
 
 fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
@@ -323,16 +326,17 @@ fn attention_maps_are_each_layers_softmax_over_the_keys_it_sees() {
             let layers = [0, c.n_layers - 1];
             let maps = session.attention_maps(&ids, &layers).unwrap();
             assert_eq!(maps.len(), 2);
-            let shape = attention::AttentionShape {
-                n_heads: c.n_heads as u32,
-                n_kv_heads: c.n_kv_heads as u32,
-                head_dim: c.head_dim as u32,
-                kv: KvGeometry { slots: 64, block_size: 16 },
-            };
             let table: Vec<u32> = (0..4).collect();
             let meta: Vec<[u32; 2]> = (0..ids.len()).map(|i| [(first.len() + i) as u32, 0]).collect();
             for map in &maps {
                 let what = format!("{name} {path} layer {}", map.layer);
+                let shape = attention::AttentionShape {
+                    n_heads: c.n_heads as u32,
+                    n_kv_heads: c.n_kv_heads as u32,
+                    head_dim: c.head_dim as u32,
+                    kv: KvGeometry { slots: 64, block_size: 16 },
+                    window: c.attention_windows[map.layer].unwrap_or(0),
+                };
                 assert_eq!((map.tokens, map.keys), (ids.len(), first.len() + ids.len()), "{what}");
                 let k = session.k_cache(map.layer).unwrap();
                 let want = attention::probabilities_cpu(&shape, &map.q, &k, &meta, &table, map.keys);

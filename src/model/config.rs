@@ -9,11 +9,13 @@ use serde_json::Value;
 use std::path::Path;
 
 /// The model families kiln runs. Relatives that need no new op load as one of these
-/// (MistralForCausalLM without a sliding window, SmolLM as Llama).
+/// (MistralForCausalLM and SmolLM as Llama).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Architecture {
     Llama,
     Qwen2,
+    /// Qwen2's layout without q/k/v biases, plus RMSNorm of each query and key head before RoPE.
+    Qwen3,
 }
 
 #[derive(Debug, Deserialize)]
@@ -39,6 +41,9 @@ struct RawConfig {
     hidden_act: Option<String>,
     use_sliding_window: Option<bool>,
     sliding_window: Option<Value>,
+    max_window_layers: Option<usize>,
+    /// transformers' per-layer attention kinds ("full_attention" / "sliding_attention").
+    layer_types: Option<Vec<String>>,
     bos_token_id: Option<Value>,
     eos_token_id: Option<Value>,
 }
@@ -69,6 +74,12 @@ pub struct ModelConfig {
     pub qkv_bias: bool,
     /// o_proj carries a bias (Llama with `attention_bias`).
     pub o_bias: bool,
+    /// Each query and key head is RMS-normalised (weights of head_dim) before RoPE (Qwen3).
+    pub qk_norm: bool,
+    /// Per layer: how many keys a query sees under a sliding window (itself and the
+    /// `window - 1` before it: transformers' `kv_idx > q_idx - sliding_window`), or None for
+    /// full causal attention.
+    pub attention_windows: Vec<Option<u32>>,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
 }
@@ -80,6 +91,47 @@ pub(crate) fn ids(v: &Option<Value>) -> Vec<u32> {
         Some(Value::Array(a)) => a.iter().filter_map(|x| x.as_u64()).map(|x| x as u32).collect(),
         _ => vec![],
     }
+}
+
+/// The most layers a config may have (`check_sizes`); nothing is sized by a larger count first.
+const MAX_LAYERS: usize = 1 << 10;
+
+/// Each layer's sliding window, as transformers decides it: an explicit `layer_types` list; else
+/// Mistral's `sliding_window` on every layer; else, for the Qwen families, `sliding_window` on
+/// layers from `max_window_layers` on, only when `use_sliding_window` is true.
+fn attention_windows(raw: &RawConfig, arch: Architecture, n_layers: usize) -> std::result::Result<Vec<Option<u32>>, String> {
+    let window = match &raw.sliding_window {
+        None | Some(Value::Null) => None,
+        Some(v) => match v.as_u64() {
+            Some(w) if w > 0 && w <= u32::MAX as u64 => Some(w as u32),
+            _ => return Err(format!("sliding_window {v} is not a positive number of tokens")),
+        },
+    };
+    let enabled = match arch {
+        Architecture::Llama => true,
+        Architecture::Qwen2 | Architecture::Qwen3 => raw.use_sliding_window == Some(true),
+    };
+    let Some(window) = window.filter(|_| enabled) else {
+        return Ok(vec![None; n_layers.min(MAX_LAYERS)]);
+    };
+    if let Some(types) = &raw.layer_types {
+        if types.len() != n_layers {
+            return Err(format!("layer_types lists {} layers, the model has {n_layers}", types.len()));
+        }
+        return types
+            .iter()
+            .map(|t| match t.as_str() {
+                "full_attention" => Ok(None),
+                "sliding_attention" => Ok(Some(window)),
+                other => Err(format!("layer type `{other}` is not supported (full_attention, sliding_attention)")),
+            })
+            .collect();
+    }
+    let first = match arch {
+        Architecture::Llama => 0,
+        Architecture::Qwen2 | Architecture::Qwen3 => raw.max_window_layers.unwrap_or(0),
+    };
+    Ok((0..n_layers.min(MAX_LAYERS)).map(|i| (i >= first).then_some(window)).collect())
 }
 
 impl ModelConfig {
@@ -98,25 +150,16 @@ impl ModelConfig {
         let names = raw.architectures.clone().unwrap_or_default();
         let architecture = match (names.first().map(String::as_str), raw.model_type.as_deref()) {
             (Some("LlamaForCausalLM"), _) | (None, Some("llama")) => Architecture::Llama,
-            (Some("MistralForCausalLM"), _) | (None, Some("mistral")) => {
-                if raw.sliding_window.as_ref().is_some_and(|v| !v.is_null()) {
-                    return Err(
-                        err("Mistral with a sliding window is not supported (needs windowed attention)".into()),
-                    );
-                }
-                Architecture::Llama
-            }
+            (Some("MistralForCausalLM"), _) | (None, Some("mistral")) => Architecture::Llama,
             (Some("Qwen2ForCausalLM"), _) | (None, Some("qwen2")) => Architecture::Qwen2,
+            (Some("Qwen3ForCausalLM"), _) | (None, Some("qwen3")) => Architecture::Qwen3,
             (Some(other), _) => {
                 return Err(err(format!(
-                "unknown architecture `{other}`: kiln runs LlamaForCausalLM, Qwen2ForCausalLM and MistralForCausalLM"
+                "unknown architecture `{other}`: kiln runs LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM and Qwen3ForCausalLM"
             )))
             }
             (None, other) => return Err(err(format!("no `architectures` and unknown model_type {other:?}"))),
         };
-        if architecture == Architecture::Qwen2 && raw.use_sliding_window == Some(true) {
-            return Err(err("Qwen2 with use_sliding_window = true is not supported".into()));
-        }
         if let Some(act) = raw.hidden_act.as_deref() {
             if act != "silu" {
                 return Err(err(format!("hidden_act `{act}` is not supported (SwiGLU with silu only)")));
@@ -180,13 +223,15 @@ impl ModelConfig {
             }
         };
 
+        let n_layers = need(raw.num_hidden_layers, "num_hidden_layers")?;
+        let attention_windows = attention_windows(&raw, architecture, n_layers).map_err(err)?;
         let attention_bias = raw.attention_bias.unwrap_or(false);
-        let qwen = architecture == Architecture::Qwen2;
+        let qwen2 = architecture == Architecture::Qwen2;
         ModelConfig {
             architecture,
             hidden_size,
             intermediate_size: need(raw.intermediate_size, "intermediate_size")?,
-            n_layers: need(raw.num_hidden_layers, "num_hidden_layers")?,
+            n_layers,
             n_heads,
             n_kv_heads,
             head_dim,
@@ -198,8 +243,10 @@ impl ModelConfig {
             rope_interleaved: false,
             max_position_embeddings: raw.max_position_embeddings.unwrap_or(4096),
             tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
-            qkv_bias: qwen || attention_bias,
-            o_bias: !qwen && attention_bias,
+            qkv_bias: qwen2 || attention_bias,
+            o_bias: !qwen2 && attention_bias,
+            qk_norm: architecture == Architecture::Qwen3,
+            attention_windows,
             bos_token_id: ids(&raw.bos_token_id).first().copied(),
             eos_token_ids: ids(&raw.eos_token_id),
         }
@@ -212,7 +259,7 @@ impl ModelConfig {
     /// model (Llama 3.1 405B: 126 layers, hidden 16384, ffn 53248; vocabularies up to 256k).
     pub(crate) fn check_sizes(self, path: &Path) -> Result<Self> {
         let bounds = [
-            ("layers", self.n_layers, 1 << 10),
+            ("layers", self.n_layers, MAX_LAYERS),
             ("hidden size", self.hidden_size, 1 << 17),
             ("intermediate size", self.intermediate_size, 1 << 20),
             ("attention heads", self.n_heads, 1 << 10),
@@ -223,6 +270,12 @@ impl ModelConfig {
             if value == 0 || value > most {
                 return Err(KilnError::model(path, format!("{what} {value} is out of range (1 to {most})")));
             }
+        }
+        if self.attention_windows.len() != self.n_layers {
+            return Err(KilnError::model(
+                path,
+                format!("{} attention windows for {} layers", self.attention_windows.len(), self.n_layers),
+            ));
         }
         if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps > 0.0) {
             return Err(KilnError::model(path, format!("rms_norm_eps {} is not a positive number", self.rms_norm_eps)));
@@ -262,7 +315,8 @@ impl ModelConfig {
         let attn = h * self.q_dim() * 2
             + h * self.kv_dim() * 2
             + if self.qkv_bias { self.q_dim() + 2 * self.kv_dim() } else { 0 }
-            + if self.o_bias { h } else { 0 };
+            + if self.o_bias { h } else { 0 }
+            + if self.qk_norm { 2 * self.head_dim } else { 0 };
         let layer = attn + 3 * h * f + 2 * h;
         let embed = self.vocab_size * h;
         embed + self.n_layers * layer + h + if self.tie_word_embeddings { 0 } else { embed }

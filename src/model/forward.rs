@@ -5,6 +5,7 @@
 //!   for each layer:
 //!     h = rms_norm(x) · input_layernorm
 //!     q, k, v = h·Wqᵀ (+bq), h·Wkᵀ (+bk), h·Wvᵀ (+bv)
+//!     q, k = rms_norm(q) · q_norm, rms_norm(k) · k_norm          (per head, Qwen3)
 //!     q, k = rope(q, pos), rope(k, pos); cache[slot(pos)] = k, v
 //!     x += attention(q, cache) · Woᵀ (+bo)
 //!     h = rms_norm(x) · post_attention_layernorm
@@ -135,6 +136,8 @@ pub struct Activations {
     xn: wgpu::Buffer,         // (T, hidden) normalised
     q: wgpu::Buffer,          // (T, n_heads·head_dim)
     k: wgpu::Buffer,          // (T, n_kv_heads·head_dim)
+    /// q and k with each head RMS-normalised, for models that do that (Qwen3).
+    qk_normed: Option<(wgpu::Buffer, wgpu::Buffer)>,
     v: wgpu::Buffer,          // (T, n_kv_heads·head_dim)
     attn: wgpu::Buffer,       // (T, n_heads·head_dim)
     proj: wgpu::Buffer,       // (T, hidden) o_proj / down_proj output
@@ -173,7 +176,7 @@ impl Activations {
         let vocab_row = c.vocab_size as u64 * 4;
         let max_rows = (gpu.max_binding / vocab_row).clamp(1, t) as u32;
         let max_table_entries = max_tokens * max_context.div_ceil(block_size);
-        let shape = attention_shape(c, KvGeometry { slots: block_size, block_size });
+        let shape = attention_shape(c, KvGeometry { slots: block_size, block_size }, None);
         Ok(Activations {
             max_tokens,
             max_rows,
@@ -188,6 +191,10 @@ impl Activations {
             xn: gpu.buffer("xn", f32s(c.hidden_size))?,
             q: gpu.buffer("q", f32s(c.q_dim()))?,
             k: gpu.buffer("k", f32s(c.kv_dim()))?,
+            qk_normed: match c.qk_norm {
+                true => Some((gpu.buffer("q normed", f32s(c.q_dim()))?, gpu.buffer("k normed", f32s(c.kv_dim()))?)),
+                false => None,
+            },
             v: gpu.buffer("v", f32s(c.kv_dim()))?,
             attn: gpu.buffer("attn", f32s(c.q_dim()))?,
             proj: gpu.buffer("proj", f32s(c.hidden_size))?,
@@ -205,7 +212,9 @@ impl Activations {
     /// Bytes of GPU memory held.
     pub fn bytes(&self) -> u64 {
         let i = &self.inputs;
-        [
+        let normed = self.qk_normed.iter().flat_map(|(q, k)| [q.size(), k.size()]).sum::<u64>();
+        normed
+            + [
             &i.ids,
             &i.meta,
             &i.block_table,
@@ -228,23 +237,28 @@ impl Activations {
         ]
         .iter()
         .map(|b| b.size())
-        .sum()
+        .sum::<u64>()
     }
 }
 
-pub fn attention_shape(c: &ModelConfig, kv: KvGeometry) -> attention::AttentionShape {
+/// The attention geometry of layer `layer` (its sliding window, if any), or of any layer's
+/// scratch (`None`: no window).
+pub fn attention_shape(c: &ModelConfig, kv: KvGeometry, layer: Option<usize>) -> attention::AttentionShape {
     attention::AttentionShape {
         n_heads: c.n_heads as u32,
         n_kv_heads: c.n_kv_heads as u32,
         head_dim: c.head_dim as u32,
         kv,
+        window: layer.and_then(|l| c.attention_windows[l]).unwrap_or(0),
     }
 }
 
-/// A layer's split-KV attention: the indices of its (split, reduce) dispatch pair and their params.
+/// A layer's split-KV attention: the indices of its (split, reduce) dispatch pair, its shape
+/// (the window decides how many keys there are to split) and their params.
 struct SplitAttention {
     split: usize,
     reduce: usize,
+    shape: attention::AttentionShape,
     params: attention::Params,
 }
 
@@ -252,9 +266,8 @@ struct SplitAttention {
 pub struct StepPlan {
     pub key: PlanKey,
     dispatches: Vec<Dispatch>,
-    /// Every layer's attention has this shape; with a split kernel, its split count follows the
-    /// step's longest sequence (`prepare`).
-    shape: attention::AttentionShape,
+    /// With a split kernel, each layer's split count follows the step's longest sequence
+    /// (`prepare`).
     split_kernel: Option<attention::SplitKernel>,
     splits: Vec<SplitAttention>,
 }
@@ -299,7 +312,6 @@ pub fn plan(
         ));
     }
     let (hidden, f) = (c.hidden_size as u32, c.intermediate_size as u32);
-    let shape = attention_shape(c, cache.geometry);
     let tokens = act.inputs.tokens();
     let mut d: Vec<Dispatch> = Vec::new();
     let mut splits = Vec::new();
@@ -322,16 +334,26 @@ pub fn plan(
     d.extend(embedding::embedding(gpu, &act.inputs.ids, &w.embed_tokens, &act.x, n)?);
     for (l, layer) in w.layers.iter().enumerate() {
         let (k_cache, v_cache) = (&cache.k[l], &cache.v[l]);
+        let shape = attention_shape(c, cache.geometry, Some(l));
         // Attention block.
         d.push(rms_norm::rms_norm(gpu, &act.x, &layer.input_layernorm, &act.xn, n, hidden, c.rms_norm_eps)?);
         d.extend(linear(gpu, &act.xn, &layer.q_proj, layer.q_bias.as_ref(), &act.q, n)?);
         d.extend(linear(gpu, &act.xn, &layer.k_proj, layer.k_bias.as_ref(), &act.k, n)?);
         d.extend(linear(gpu, &act.xn, &layer.v_proj, layer.v_bias.as_ref(), &act.v, n)?);
-        d.push(rope::rope_q(gpu, rope_table, &act.q, rope_q, tokens)?);
-        d.push(rope::rope_kv(gpu, rope_table, &act.k, &act.v, k_cache, v_cache, rope_k, cache.geometry, tokens)?);
+        let (q, k) = match (&act.qk_normed, &layer.q_norm, &layer.k_norm) {
+            (Some((qn, kn)), Some(q_norm), Some(k_norm)) => {
+                let (heads, kv_heads, dim) = (n * c.n_heads as u32, n * c.n_kv_heads as u32, c.head_dim as u32);
+                d.push(rms_norm::rms_norm(gpu, &act.q, q_norm, qn, heads, dim, c.rms_norm_eps)?);
+                d.push(rms_norm::rms_norm(gpu, &act.k, k_norm, kn, kv_heads, dim, c.rms_norm_eps)?);
+                (qn, kn)
+            }
+            _ => (&act.q, &act.k),
+        };
+        d.push(rope::rope_q(gpu, rope_table, q, rope_q, tokens)?);
+        d.push(rope::rope_kv(gpu, rope_table, k, &act.v, k_cache, v_cache, rope_k, cache.geometry, tokens)?);
         match split_kernel {
             Some(kernel) => {
-                let (q, out, partials) = (&act.q, &act.attn, &act.partials);
+                let (out, partials) = (&act.attn, &act.partials);
                 // One split to start with; `prepare` re-splits for each step's longest sequence.
                 let [split, reduce] = attention::decode_with(
                     gpu,
@@ -347,16 +369,16 @@ pub fn plan(
                     tokens,
                 )?;
                 let params = *bytemuck::from_bytes(&split.host_params);
-                splits.push(SplitAttention { split: d.len(), reduce: d.len() + 1, params });
+                splits.push(SplitAttention { split: d.len(), reduce: d.len() + 1, shape, params });
                 d.push(split);
                 d.push(reduce);
             }
-            None => d.push(attention::prefill(gpu, &shape, &act.q, k_cache, v_cache, &act.attn, n, tokens)?),
+            None => d.push(attention::prefill(gpu, &shape, q, k_cache, v_cache, &act.attn, n, tokens)?),
         }
         if let Some(p) = probes {
             for pl in p.layers.iter().filter(|pl| pl.layer == l) {
-                d.push(attention::probabilities(gpu, &shape, &act.q, k_cache, &pl.probs, n, p.n_keys, tokens)?);
-                d.push(elementwise::copy(gpu, &act.q, &pl.q, n as u64 * c.q_dim() as u64 * 4)?);
+                d.push(attention::probabilities(gpu, &shape, q, k_cache, &pl.probs, n, p.n_keys, tokens)?);
+                d.push(elementwise::copy(gpu, q, &pl.q, n as u64 * c.q_dim() as u64 * 4)?);
             }
         }
         d.extend(linear(gpu, &act.attn, &layer.o_proj, layer.o_bias.as_ref(), &act.proj, n)?);
@@ -390,18 +412,18 @@ pub fn plan(
             d.push(argmax::argmax(gpu, &act.logits, &act.tokens, rows, c.vocab_size as u32)?);
         }
     }
-    Ok(StepPlan { key, dispatches: d, shape, split_kernel, splits })
+    Ok(StepPlan { key, dispatches: d, split_kernel, splits })
 }
 
 impl StepPlan {
-    /// Point the plan at a step whose longest sequence sees `max_kv_len` keys: split each
-    /// attention's keys to keep the device busy.
+    /// Point the plan at a step whose longest sequence holds `max_kv_len` keys: split each
+    /// attention's keys (all of them, or its window's worth) to keep the device busy.
     pub fn prepare(&mut self, gpu: &Gpu, max_kv_len: u32) {
         let Some(kernel) = self.split_kernel else { return };
         let n = self.key.tokens;
-        let (n_splits, split_len) = self.shape.splits(n, max_kv_len, ATTENTION_TARGET_GROUPS);
-        let grid = kernel.grid(&self.shape, n, n_splits);
         for s in &mut self.splits {
+            let (n_splits, split_len) = s.shape.splits(n, s.shape.visible(max_kv_len), ATTENTION_TARGET_GROUPS);
+            let grid = kernel.grid(&s.shape, n, n_splits);
             s.params.n_splits = n_splits;
             s.params.split_len = split_len;
             self.dispatches[s.split].set_params(gpu, &s.params);

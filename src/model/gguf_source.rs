@@ -37,6 +37,8 @@ fn hf_name(gguf: &str) -> Option<String> {
         "attn_k" => "self_attn.k_proj",
         "attn_v" => "self_attn.v_proj",
         "attn_output" => "self_attn.o_proj",
+        "attn_q_norm" => "self_attn.q_norm",
+        "attn_k_norm" => "self_attn.k_norm",
         "ffn_gate" => "mlp.gate_proj",
         "ffn_up" => "mlp.up_proj",
         "ffn_down" => "mlp.down_proj",
@@ -92,7 +94,10 @@ impl GgufSource {
         let architecture = match arch_name {
             "llama" => Architecture::Llama,
             "qwen2" => Architecture::Qwen2,
-            other => return Err(err(format!("unknown GGUF architecture `{other}`: kiln runs llama and qwen2"))),
+            "qwen3" => Architecture::Qwen3,
+            other => {
+                return Err(err(format!("unknown GGUF architecture `{other}`: kiln runs llama, qwen2 and qwen3")))
+            }
         };
         let key = |k: &str| format!("{arch_name}.{k}");
         let usize_of = |k: &str| f.get_u64(&key(k)).map(|v| v as usize);
@@ -117,11 +122,17 @@ impl GgufSource {
             usize_of("vocab_size").or_else(|_| f.get_str_array("tokenizer.ggml.tokens").map(|t| t.len()))?;
         let eos: Vec<u32> = f.get_u32("tokenizer.ggml.eos_token_id").ok().into_iter().collect();
         let rope_freq_factors = self.rope_freq_factors(head_dim)?;
+        let n_layers = usize_of("block_count")?;
+        // llama.cpp writes a sliding window for every layer of the archs that have one.
+        let window = match f.get_u64(&key("attention.sliding_window")) {
+            Ok(0) | Err(_) => None,
+            Ok(w) => Some(u32::try_from(w).map_err(|_| err(format!("sliding window {w} is out of range")))?),
+        };
         ModelConfig {
             architecture,
             hidden_size,
             intermediate_size: usize_of("feed_forward_length")?,
-            n_layers: usize_of("block_count")?,
+            n_layers,
             n_heads,
             n_kv_heads,
             head_dim,
@@ -135,6 +146,8 @@ impl GgufSource {
             tie_word_embeddings: !self.by_name.contains_key("lm_head.weight"),
             qkv_bias: self.by_name.contains_key("model.layers.0.self_attn.q_proj.bias"),
             o_bias: self.by_name.contains_key("model.layers.0.self_attn.o_proj.bias"),
+            qk_norm: architecture == Architecture::Qwen3,
+            attention_windows: vec![window; n_layers.min(1 << 10)],
             bos_token_id: f.get_u32("tokenizer.ggml.bos_token_id").ok(),
             eos_token_ids: eos,
         }

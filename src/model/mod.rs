@@ -239,6 +239,7 @@ impl Model {
             c.tie_word_embeddings,
             c.qkv_bias
         );
+        s += &format!("attention:      {}{}\n", windows(&c.attention_windows), if c.qk_norm { ", q/k heads RMS-normalised" } else { "" });
         for (dtype, bytes) in self.weights.bytes_by_dtype() {
             let name = format!("{dtype:?}").to_lowercase();
             s += &format!("weights {name:5}   {bytes} bytes ({:.3} GiB)\n", gib(bytes));
@@ -261,5 +262,15 @@ impl Model {
         s += &format!("eos ids:        {:?}\n", self.generation.eos_token_ids);
         s += &format!("adapter:        {}\n", self.gpu.describe());
         s
+    }
+}
+
+/// "full causal", "sliding window of 4096 keys", or which layers slide.
+fn windows(per_layer: &[Option<u32>]) -> String {
+    let sliding: Vec<usize> = (0..per_layer.len()).filter(|&l| per_layer[l].is_some()).collect();
+    match (sliding.len(), per_layer.iter().flatten().next()) {
+        (0, _) | (_, None) => "full causal".into(),
+        (n, Some(w)) if n == per_layer.len() => format!("sliding window of {w} keys"),
+        (_, Some(w)) => format!("sliding window of {w} keys in layers {sliding:?}, full causal in the others"),
     }
 }

@@ -18,6 +18,8 @@ pub struct LayerWeights {
     pub k_bias: Option<wgpu::Buffer>,           // (n_kv_heads·head_dim)
     pub v_bias: Option<wgpu::Buffer>,           // (n_kv_heads·head_dim)
     pub o_bias: Option<wgpu::Buffer>,           // (hidden), Llama attention_bias
+    pub q_norm: Option<wgpu::Buffer>,           // (head_dim) f32, Qwen3: every query head's RMSNorm
+    pub k_norm: Option<wgpu::Buffer>,           // (head_dim) f32, Qwen3: every key head's RMSNorm
     pub post_attention_layernorm: wgpu::Buffer, // (hidden) f32
     pub gate_proj: Weight,                      // (intermediate, hidden)
     pub up_proj: Weight,                        // (intermediate, hidden)
@@ -47,7 +49,7 @@ impl Weights {
         for l in &self.layers {
             matrices.extend([&l.q_proj, &l.k_proj, &l.v_proj, &l.o_proj, &l.gate_proj, &l.up_proj, &l.down_proj]);
             vectors.extend([&l.input_layernorm, &l.post_attention_layernorm]);
-            vectors.extend([&l.q_bias, &l.k_bias, &l.v_bias, &l.o_bias].into_iter().flatten());
+            vectors.extend([&l.q_bias, &l.k_bias, &l.v_bias, &l.o_bias, &l.q_norm, &l.k_norm].into_iter().flatten());
         }
         let chunks: u64 = matrices.iter().flat_map(|w| &w.chunks).map(|c| c.buffer.size()).sum();
         chunks + vectors.iter().map(|b| b.size()).sum::<u64>()
@@ -99,6 +101,10 @@ pub fn expected_tensors(c: &ModelConfig) -> HashMap<String, Vec<usize>> {
         }
         if c.o_bias {
             t.insert(format!("{p}.self_attn.o_proj.bias"), vec![h]);
+        }
+        if c.qk_norm {
+            t.insert(format!("{p}.self_attn.q_norm.weight"), vec![c.head_dim]);
+            t.insert(format!("{p}.self_attn.k_norm.weight"), vec![c.head_dim]);
         }
         t.insert(format!("{p}.mlp.gate_proj.weight"), vec![f, h]);
         t.insert(format!("{p}.mlp.up_proj.weight"), vec![f, h]);
@@ -172,6 +178,8 @@ pub fn build(src: &mut dyn Parameters, c: &ModelConfig) -> Result<Weights> {
             k_bias: opt(src, c.qkv_bias, format!("{l}.self_attn.k_proj.bias"))?,
             v_bias: opt(src, c.qkv_bias, format!("{l}.self_attn.v_proj.bias"))?,
             o_bias: opt(src, c.o_bias, format!("{l}.self_attn.o_proj.bias"))?,
+            q_norm: opt(src, c.qk_norm, format!("{l}.self_attn.q_norm.weight"))?,
+            k_norm: opt(src, c.qk_norm, format!("{l}.self_attn.k_norm.weight"))?,
             post_attention_layernorm: src.vector(&format!("{l}.post_attention_layernorm.weight"))?,
             gate_proj: src.matrix(&format!("{l}.mlp.gate_proj.weight"))?,
             up_proj: src.matrix(&format!("{l}.mlp.up_proj.weight"))?,

@@ -20,7 +20,8 @@ pub struct Params {
     pub group: u32,
     pub head_blocks: u32,
     pub scale: f32,
-    pub _pad: u32,
+    /// Keys a query sees under a sliding window (0: all of them, causally).
+    pub window: u32,
 }
 
 /// Query heads one workgroup serves (`GMAX`), keys per tile (`BK`), largest head_dim (`DMAX`).
@@ -36,6 +37,9 @@ pub struct AttentionShape {
     pub head_dim: u32,
     /// The paged KV pool's geometry.
     pub kv: KvGeometry,
+    /// A sliding window: each query sees itself and the `window - 1` keys before it (Mistral);
+    /// 0 for full causal attention.
+    pub window: u32,
 }
 
 impl AttentionShape {
@@ -88,8 +92,22 @@ impl AttentionShape {
             group: self.group(),
             head_blocks: self.head_blocks(),
             scale: 1.0 / (self.head_dim as f32).sqrt(),
-            _pad: 0,
+            window: self.window,
         })
+    }
+
+    /// The keys a query at sequence length `kv_len` sees: all of them, or the window's worth.
+    pub fn visible(&self, kv_len: u32) -> u32 {
+        if self.window == 0 {
+            kv_len
+        } else {
+            kv_len.min(self.window)
+        }
+    }
+
+    /// The first key a query sees when its sequence holds `kv_len` keys (itself included).
+    pub fn first_key(&self, kv_len: u32) -> u32 {
+        kv_len - self.visible(kv_len)
     }
 
     /// How to split the keys of `n_tokens` queries that see at most `kv_len` keys so the step
@@ -105,7 +123,8 @@ impl AttentionShape {
 }
 
 /// q (n_tokens, n_heads, head_dim) attends causally to the paged cache (n_kv_heads, slots,
-/// head_dim): token t to keys 0 ..= its position of its sequence, which the cache already holds
+/// head_dim): token t to keys 0 ..= its position of its sequence (the last `window` of them
+/// under a sliding window), which the cache already holds
 /// → out, same shape as q. The caller guarantees the block tables cover those keys.
 pub fn prefill(
     gpu: &Gpu,
@@ -266,8 +285,8 @@ pub fn decode_with(
 }
 
 /// The attention probabilities of q (n_tokens, n_heads, head_dim) over the paged cache →
-/// probs (n_heads, n_tokens, n_keys): row (h, t) is softmax(q[t, h]·Kᵀ·scale) over keys 0 ..= the
-/// token's position, zeros after. `n_keys` ≥ every token's position + 1. For inspection
+/// probs (n_heads, n_tokens, n_keys): row (h, t) is softmax(q[t, h]·Kᵀ·scale) over the keys the
+/// token sees (0 ..= its position, or its window of them), zeros elsewhere. `n_keys` ≥ every token's position + 1. For inspection
 /// (`kiln attention`), not for the forward pass.
 #[allow(clippy::too_many_arguments)]
 pub fn probabilities(
@@ -308,8 +327,8 @@ pub fn output_error_bound(head_dim: u32, kv_len: u32) -> f64 {
     (2.0 * (d * u * smax + (3.0 + 4.0 * smax) * u) + 2.0 * kv_len as f64 * u) * 2.0
 }
 
-/// The reference's core, in f64: for each real token t and head h, the cache slots of keys
-/// 0 ..= pos(t) and softmax(q[t, h]·Kᵀ·scale) over them; `f(t, h, slots, probabilities)`.
+/// The reference's core, in f64: for each real token t and head h, the cache slots of the keys
+/// it sees (0 ..= pos(t), or the window's last ones) and softmax(q[t, h]·Kᵀ·scale) over them; `f(t, h, slots, probabilities)`.
 fn reference_softmax(
     shape: &AttentionShape,
     q: &[f32],
@@ -325,7 +344,8 @@ fn reference_softmax(
         if pos == NO_POSITION {
             continue;
         }
-        let rows: Vec<usize> = (0..=pos).map(|j| shape.kv.slot(block_table, table, j) as usize).collect();
+        let first = shape.first_key(pos + 1);
+        let rows: Vec<usize> = (first..=pos).map(|j| shape.kv.slot(block_table, table, j) as usize).collect();
         for h in 0..h_n {
             let kvh = h / group;
             let qv = &q[(t * h_n + h) * d..][..d];
@@ -358,8 +378,9 @@ pub fn probabilities_cpu(
     let (h_n, n_tokens) = (shape.n_heads as usize, meta.len());
     let mut out = vec![0f32; h_n * n_tokens * n_keys];
     reference_softmax(shape, q, k, meta, block_table, |t, h, _, p| {
+        let first = shape.first_key(meta[t][0] + 1) as usize;
         for (j, pj) in p.iter().enumerate() {
-            out[(h * n_tokens + t) * n_keys + j] = *pj as f32;
+            out[(h * n_tokens + t) * n_keys + first + j] = *pj as f32;
         }
     });
     out
