@@ -206,7 +206,8 @@ fn by_op(profile: &[(String, f64)]) -> Vec<OpTime> {
     ops
 }
 
-/// Bytes one decode step reads at a cache of `fill` tokens: every layer's weights, the final
+/// Bytes one decode step reads at a cache of `fill` tokens: every layer's weights (of a mixture
+/// of experts, only the chosen experts'), the final
 /// norm, the lm-head, one embedding row (the whole table when it is the tied lm-head), and K
 /// and V of `fill + 1` positions per layer.
 pub fn decode_bytes_per_token(model: &Model, fill: usize) -> u64 {
@@ -218,13 +219,12 @@ pub fn decode_bytes_per_token(model: &Model, fill: usize) -> u64 {
         bytes += w.embed_tokens.bytes() / w.embed_tokens.rows as u64;
     }
     for l in &w.layers {
-        bytes += [&l.q_proj, &l.k_proj, &l.v_proj, &l.o_proj, &l.gate_proj, &l.up_proj, &l.down_proj]
-            .iter()
-            .map(|m| m.bytes())
-            .sum::<u64>();
+        bytes += [&l.q_proj, &l.k_proj, &l.v_proj, &l.o_proj].iter().map(|m| m.bytes()).sum::<u64>();
+        // A mixture of experts: only the router, the chosen experts and the shared one.
+        bytes += l.mlp.bytes_per_token(c.moe.as_ref().map_or(0, |m| m.top_k));
         bytes += vector(&l.input_layernorm) + vector(&l.post_attention_layernorm);
-        bytes +=
-            [&l.q_bias, &l.k_bias, &l.v_bias, &l.o_bias].iter().filter_map(|b| b.as_ref()).map(vector).sum::<u64>();
+        let vectors = [&l.q_bias, &l.k_bias, &l.v_bias, &l.o_bias, &l.q_norm, &l.k_norm];
+        bytes += vectors.iter().filter_map(|b| b.as_ref()).map(vector).sum::<u64>();
     }
     bytes + c.kv_bytes_per_token(model.gpu.kv_element_bytes() as usize) as u64 * (fill as u64 + 1)
 }

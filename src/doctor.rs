@@ -157,17 +157,14 @@ pub fn run(model: &Model, mut log: impl FnMut(&str)) -> Result<DoctorReport> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(0x646f63746f72);
     let mut checks = Vec::new();
     let l0 = &w.layers[0];
-    let linears: [(&str, &Weight); 8] = [
-        ("q_proj", &l0.q_proj),
-        ("k_proj", &l0.k_proj),
-        ("v_proj", &l0.v_proj),
-        ("o_proj", &l0.o_proj),
-        ("gate_proj", &l0.gate_proj),
-        ("up_proj", &l0.up_proj),
-        ("down_proj", &l0.down_proj),
-        ("lm_head", w.lm_head()),
-    ];
-    for (name, weight) in linears {
+    // The first layer's matrices (a mixture's router and expert stacks are matrices too) and the
+    // lm-head, by their short names.
+    let mut linears: Vec<&Weight> = vec![&l0.q_proj, &l0.k_proj, &l0.v_proj, &l0.o_proj];
+    linears.extend(l0.mlp.matrices());
+    linears.push(w.lm_head());
+    for weight in linears {
+        let name = weight.name.trim_start_matches("model.layers.0.").trim_end_matches(".weight");
+        let name = if std::ptr::eq(weight, w.lm_head()) { "lm_head" } else { name };
         for m in [1, 7] {
             log(&format!("{} {name}", if m == 1 { "gemv" } else { "matmul" }));
             checks.push(check_linear(gpu, weight, name, m, &mut rng)?);

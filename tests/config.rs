@@ -44,6 +44,53 @@ fn fixtures_parse_with_derived_sizes() {
     assert_eq!(m.parameter_count(), 551_552);
 }
 
+#[test]
+fn mixtures_of_experts_parse_with_their_routing_and_sizes() {
+    let q = fixture("qwen2-moe-tiny");
+    assert_eq!(q.architecture, Architecture::Qwen2Moe);
+    let m = q.moe.as_ref().unwrap();
+    assert_eq!((m.n_experts, m.top_k, m.expert_intermediate_size, m.shared_intermediate_size), (8, 2, 64, Some(128)));
+    assert!(!m.norm_topk_prob && q.qkv_bias);
+    assert_eq!(m.sparse_layers, vec![true, true]);
+    assert_eq!(q.parameter_count(), 848_512, "the fixture README's parameter count");
+
+    let x = fixture("mixtral-tiny");
+    assert_eq!(x.architecture, Architecture::Mixtral);
+    let m = x.moe.as_ref().unwrap();
+    assert_eq!((m.n_experts, m.top_k, m.expert_intermediate_size, m.shared_intermediate_size), (4, 2, 192, None));
+    assert!(m.norm_topk_prob, "Mixtral always renormalises");
+    assert_eq!(x.parameter_count(), 945_792);
+
+    // Qwen's dense layers among expert ones: mlp_only_layers and decoder_sparse_step.
+    let qwen3_moe = |extra: &str| {
+        parse(&format!(
+            r#"{{"architectures": ["Qwen3MoeForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
+              "num_hidden_layers": 6, "num_attention_heads": 4, "vocab_size": 100, "num_experts": 16,
+              "num_experts_per_tok": 4, "moe_intermediate_size": 32, "norm_topk_prob": true {extra}}}"#
+        ))
+    };
+    let c = qwen3_moe(r#", "decoder_sparse_step": 2, "mlp_only_layers": [3]"#).unwrap();
+    assert!(c.qk_norm && !c.qkv_bias);
+    assert_eq!(c.moe.as_ref().unwrap().sparse_layers, vec![false, true, false, false, false, true]);
+    let base = qwen3_moe("").unwrap();
+    assert_eq!(base.moe.as_ref().unwrap().sparse_layers, vec![true; 6]);
+    let err = |from: &str, to: &str| {
+        let text = format!(
+            r#"{{"architectures": ["Qwen3MoeForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
+              "num_hidden_layers": 6, "num_attention_heads": 4, "vocab_size": 100, "num_experts": 16,
+              "num_experts_per_tok": 4, "moe_intermediate_size": 32}}"#
+        );
+        assert!(text.contains(from));
+        parse(&text.replace(from, to)).unwrap_err().to_string()
+    };
+    let e = err(r#""num_experts_per_tok": 4"#, r#""num_experts_per_tok": 17"#);
+    assert!(e.contains("17 of 16 experts"), "more chosen than exist: {e}");
+    let e = err(r#""num_experts": 16"#, r#""num_experts": 300"#);
+    assert!(e.contains("at most 16 of 256"), "{e}");
+    let e = err(r#""moe_intermediate_size": 32"#, r#""moe_intermediate_size": 0"#);
+    assert!(e.contains("intermediate size"), "{e}");
+}
+
 /// Which layers slide, as transformers decides: Mistral every layer; Qwen2/Qwen3 only with
 /// `use_sliding_window`, from `max_window_layers` on; an explicit `layer_types` over both.
 #[test]

@@ -17,9 +17,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Llama 3 and Qwen2, Qwen3 (q/k norms) and Mistral (a 16-key sliding window, which the longer
-/// prompts here run past).
-const MODELS: [&str; 4] = ["llama3-tiny", "qwen2-tiny", "qwen3-tiny", "mistral-swa-tiny"];
+/// Llama 3 and Qwen2, Qwen3 (q/k norms), Mistral (a 16-key sliding window, which the longer
+/// prompts here run past) and the mixtures of experts (Qwen2-MoE with its shared expert, Mixtral:
+/// a step's tokens are grouped by expert, so batching must not change which expert sees what).
+const MODELS: [&str; 6] =
+    ["llama3-tiny", "qwen2-tiny", "qwen3-tiny", "mistral-swa-tiny", "qwen2-moe-tiny", "mixtral-tiny"];
 
 fn load(name: &str, gpu: Arc<Gpu>) -> Arc<Model> {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name);

@@ -15,7 +15,7 @@ use std::sync::Arc;
 /// Llama 3 (GQA, f32, untied), Qwen2 (MQA, biases, bf16, tied), Qwen3 (per-head q/k RMSNorm,
 /// head_dim 48 ≠ hidden / heads, f16, tied) and Mistral with a 16-key sliding window (its 72-token
 /// logits, its greedy runs from 47- and 72-token prompts and its incremental case run past it).
-const MODELS: [&str; 4] = ["llama3-tiny", "qwen2-tiny", "qwen3-tiny", "mistral-swa-tiny"];
+const MODELS: [&str; 6] = ["llama3-tiny", "qwen2-tiny", "qwen3-tiny", "mistral-swa-tiny", "qwen2-moe-tiny", "mixtral-tiny"];
 
 fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)

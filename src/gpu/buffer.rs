@@ -88,6 +88,25 @@ pub struct Weight {
 impl Weight {
     /// Upload raw little-endian element bytes (f32 or f16) of a (rows × cols) matrix.
     pub fn upload(gpu: &Gpu, name: &str, rows: u32, cols: u32, dtype: DType, bytes: &[u8]) -> Result<Weight> {
+        Self::upload_stacked(gpu, name, 1, rows, cols, dtype, bytes)
+    }
+
+    /// Upload `count` matrices of (rows × cols), stacked into one (count·rows × cols) matrix (a
+    /// layer's experts). Chunks hold whole matrices, so a kernel that picks one by index finds
+    /// all of its rows in one binding.
+    pub fn upload_stacked(
+        gpu: &Gpu,
+        name: &str,
+        count: u32,
+        rows: u32,
+        cols: u32,
+        dtype: DType,
+        bytes: &[u8],
+    ) -> Result<Weight> {
+        let group = rows;
+        let rows = count.checked_mul(rows).ok_or_else(|| {
+            KilnError::shape("weight upload", format!("{name}: {count} matrices of {rows} rows"))
+        })?;
         let block = dtype.block().0;
         if !(cols as u64).is_multiple_of(block) {
             return Err(KilnError::shape(
@@ -103,7 +122,7 @@ impl Weight {
             ));
         }
         let row_bytes = dtype.bytes_for(cols as u64) as usize;
-        Self::build(gpu, name, rows, cols, dtype, |label, first, n| {
+        Self::build(gpu, name, rows, cols, dtype, group, |label, first, n| {
             let data = &bytes[first as usize * row_bytes..(first + n) as usize * row_bytes];
             gpu.upload_padded(
                 label,
@@ -115,31 +134,41 @@ impl Weight {
 
     /// A zero-filled matrix, written later (streamed loads) or used as is (benchmarks).
     pub fn zeroed(gpu: &Gpu, name: &str, rows: u32, cols: u32, dtype: DType) -> Result<Weight> {
-        let row_bytes = dtype.bytes_for(cols as u64);
-        Self::build(gpu, name, rows, cols, dtype, |label, _, n| gpu.buffer(label, n as u64 * row_bytes))
+        Self::zeroed_stacked(gpu, name, 1, rows, cols, dtype)
     }
 
-    /// Split the rows into chunks no larger than one storage binding; `make(label, first, n)`
-    /// creates the buffer of rows first .. first + n. Every chunk starts a buffer, so even an
-    /// f16 matrix with odd `cols` starts each chunk on a u32 word.
+    /// `count` zero-filled (rows × cols) matrices stacked as `upload_stacked` stacks them.
+    pub fn zeroed_stacked(gpu: &Gpu, name: &str, count: u32, rows: u32, cols: u32, dtype: DType) -> Result<Weight> {
+        let row_bytes = dtype.bytes_for(cols as u64);
+        let (group, rows) = (rows, count.saturating_mul(rows));
+        Self::build(gpu, name, rows, cols, dtype, group, |label, _, n| gpu.buffer(label, n as u64 * row_bytes))
+    }
+
+    /// Split the rows into chunks no larger than one storage binding, each a whole number of
+    /// `group` rows; `make(label, first, n)` creates the buffer of rows first .. first + n. Every
+    /// chunk starts a buffer, so even an f16 matrix with odd `cols` starts each chunk on a u32 word.
+    #[allow(clippy::too_many_arguments)]
     fn build(
         gpu: &Gpu,
         name: &str,
         rows: u32,
         cols: u32,
         dtype: DType,
+        group: u32,
         mut make: impl FnMut(&str, u32, u32) -> Result<wgpu::Buffer>,
     ) -> Result<Weight> {
-        let row_bytes = dtype.bytes_for(cols as u64).max(1);
+        let group_bytes = dtype.bytes_for(cols as u64 * group.max(1) as u64).max(1);
         // Leave room for the 16-byte padding of the last row.
         let limit = gpu.max_binding.saturating_sub(16);
-        if row_bytes > limit {
+        if group_bytes > limit {
+            let what = if group <= 1 { "one row" } else { "one stacked matrix" };
             return Err(KilnError::Unsupported(format!(
-                "{name}: one row is {row_bytes} bytes, more than the device's {} byte storage binding",
+                "{name}: {what} is {group_bytes} bytes, more than the device's {} byte storage binding",
                 gpu.max_binding
             )));
         }
-        let rows_per_chunk = (limit / row_bytes).min(rows.max(1) as u64) as u32;
+        let group = group.max(1);
+        let rows_per_chunk = ((limit / group_bytes).min(u32::MAX as u64) as u32).saturating_mul(group).min(rows.max(1));
         let mut chunks = Vec::new();
         let mut first = 0u32;
         while first < rows {

@@ -41,6 +41,7 @@ shader!(EMBEDDING, "embedding.wgsl", reduces: false, uses_kv: false, reads_weigh
 shader!(SOFTMAX, "softmax.wgsl", reduces: true, uses_kv: false, reads_weights: false);
 shader!(ARGMAX, "argmax.wgsl", reduces: true, uses_kv: false, reads_weights: false);
 shader!(ATTENTION, "attention.wgsl", reduces: false, uses_kv: true, reads_weights: false);
+shader!(MOE, "moe.wgsl", reduces: false, uses_kv: false, reads_weights: true);
 
 /// The two interchangeable reduction libraries.
 pub const REDUCE_SUBGROUP: &str = include_str!("../../shaders/reduce_subgroup.wgsl");
@@ -50,7 +51,7 @@ pub const WEIGHTS: &str = include_str!("../../shaders/weights.wgsl");
 
 /// Every kernel family, for validation tests and cache warm-up.
 pub const ALL: &[&Shader] =
-    &[&MATMUL, &GEMV, &RMS_NORM, &ROPE, &ELEMENTWISE, &EMBEDDING, &SOFTMAX, &ARGMAX, &ATTENTION];
+    &[&MATMUL, &GEMV, &RMS_NORM, &ROPE, &ELEMENTWISE, &EMBEDDING, &SOFTMAX, &ARGMAX, &ATTENTION, &MOE];
 
 /// The full WGSL text of `shader` for the given paths.
 pub fn compose(shader: &Shader, subgroups: bool, kv_f16: bool) -> String {

@@ -16,7 +16,51 @@ pub enum Architecture {
     Qwen2,
     /// Qwen2's layout without q/k/v biases, plus RMSNorm of each query and key head before RoPE.
     Qwen3,
+    /// Llama's attention (with Mistral's sliding window) and a mixture of experts in every layer.
+    Mixtral,
+    /// Qwen2's attention; mixtures of experts plus a sigmoid-gated shared expert.
+    Qwen2Moe,
+    /// Qwen3's attention; mixtures of experts.
+    Qwen3Moe,
 }
+
+impl Architecture {
+    /// q/k/v projections always carry biases.
+    pub fn qkv_bias(self) -> bool {
+        matches!(self, Architecture::Qwen2 | Architecture::Qwen2Moe)
+    }
+
+    /// Each query and key head is RMS-normalised before RoPE.
+    pub fn qk_norm(self) -> bool {
+        matches!(self, Architecture::Qwen3 | Architecture::Qwen3Moe)
+    }
+
+    /// A Qwen family: a sliding window only with `use_sliding_window`, from `max_window_layers` on.
+    fn qwen(self) -> bool {
+        matches!(self, Architecture::Qwen2 | Architecture::Qwen3 | Architecture::Qwen2Moe | Architecture::Qwen3Moe)
+    }
+}
+
+/// A mixture of experts in place of the MLP (Shazeer et al. 2017; Mixtral, Qwen-MoE): a router
+/// picks `top_k` of `n_experts` SwiGLU experts per token, whose outputs are summed weighted by
+/// the router's softmax probabilities (renormalised over the chosen ones where `norm_topk_prob`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct MoeConfig {
+    pub n_experts: usize,
+    pub top_k: usize,
+    /// Each expert's intermediate size.
+    pub expert_intermediate_size: usize,
+    pub norm_topk_prob: bool,
+    /// A shared expert every token takes, scaled by sigmoid(x·w) (Qwen2-MoE): its intermediate size.
+    pub shared_intermediate_size: Option<usize>,
+    /// Per layer: experts (true) or the dense MLP of `intermediate_size` (Qwen's `mlp_only_layers`
+    /// and `decoder_sparse_step`).
+    pub sparse_layers: Vec<bool>,
+}
+
+/// The most experts and chosen experts per token kiln's router kernel handles.
+pub const MAX_EXPERTS: usize = 256;
+pub const MAX_TOP_K: usize = 16;
 
 #[derive(Debug, Deserialize)]
 struct RawConfig {
@@ -42,6 +86,15 @@ struct RawConfig {
     use_sliding_window: Option<bool>,
     sliding_window: Option<Value>,
     max_window_layers: Option<usize>,
+    // Mixtures of experts: Qwen2-MoE / Qwen3-MoE and Mixtral spellings.
+    num_experts: Option<usize>,
+    num_local_experts: Option<usize>,
+    num_experts_per_tok: Option<usize>,
+    moe_intermediate_size: Option<usize>,
+    shared_expert_intermediate_size: Option<usize>,
+    norm_topk_prob: Option<bool>,
+    decoder_sparse_step: Option<usize>,
+    mlp_only_layers: Option<Vec<usize>>,
     /// transformers' per-layer attention kinds ("full_attention" / "sliding_attention").
     layer_types: Option<Vec<String>>,
     bos_token_id: Option<Value>,
@@ -80,6 +133,8 @@ pub struct ModelConfig {
     /// `window - 1` before it: transformers' `kv_idx > q_idx - sliding_window`), or None for
     /// full causal attention.
     pub attention_windows: Vec<Option<u32>>,
+    /// A mixture of experts in place of the MLP, in the layers it names.
+    pub moe: Option<MoeConfig>,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
 }
@@ -107,10 +162,7 @@ fn attention_windows(raw: &RawConfig, arch: Architecture, n_layers: usize) -> st
             _ => return Err(format!("sliding_window {v} is not a positive number of tokens")),
         },
     };
-    let enabled = match arch {
-        Architecture::Llama => true,
-        Architecture::Qwen2 | Architecture::Qwen3 => raw.use_sliding_window == Some(true),
-    };
+    let enabled = !arch.qwen() || raw.use_sliding_window == Some(true);
     let Some(window) = window.filter(|_| enabled) else {
         return Ok(vec![None; n_layers.min(MAX_LAYERS)]);
     };
@@ -127,11 +179,42 @@ fn attention_windows(raw: &RawConfig, arch: Architecture, n_layers: usize) -> st
             })
             .collect();
     }
-    let first = match arch {
-        Architecture::Llama => 0,
-        Architecture::Qwen2 | Architecture::Qwen3 => raw.max_window_layers.unwrap_or(0),
-    };
+    let first = if arch.qwen() { raw.max_window_layers.unwrap_or(0) } else { 0 };
     Ok((0..n_layers.min(MAX_LAYERS)).map(|i| (i >= first).then_some(window)).collect())
+}
+
+/// The mixture of experts a config describes, or None for a dense model.
+fn moe_config(raw: &RawConfig, arch: Architecture, n_layers: usize) -> std::result::Result<Option<MoeConfig>, String> {
+    let (n_experts, expert_intermediate_size) = match arch {
+        Architecture::Llama | Architecture::Qwen2 | Architecture::Qwen3 => return Ok(None),
+        Architecture::Mixtral => (raw.num_local_experts, raw.intermediate_size),
+        Architecture::Qwen2Moe | Architecture::Qwen3Moe => (raw.num_experts, raw.moe_intermediate_size),
+    };
+    let n_experts = n_experts.filter(|&e| e > 0).ok_or("a mixture of experts without a number of experts")?;
+    let expert_intermediate_size =
+        expert_intermediate_size.filter(|&f| f > 0).ok_or("a mixture of experts without the experts' intermediate size")?;
+    let top_k = raw.num_experts_per_tok.unwrap_or(2);
+    if n_experts > MAX_EXPERTS || top_k == 0 || top_k > n_experts.min(MAX_TOP_K) {
+        return Err(format!(
+            "{top_k} of {n_experts} experts per token is not supported (at most {MAX_TOP_K} of {MAX_EXPERTS})"
+        ));
+    }
+    let step = raw.decoder_sparse_step.unwrap_or(1).max(1);
+    let dense = raw.mlp_only_layers.clone().unwrap_or_default();
+    let sparse_layers = (0..n_layers.min(MAX_LAYERS)).map(|i| !dense.contains(&i) && (i + 1) % step == 0).collect();
+    let shared = match arch {
+        Architecture::Qwen2Moe => raw.shared_expert_intermediate_size.filter(|&f| f > 0),
+        _ => None,
+    };
+    Ok(Some(MoeConfig {
+        n_experts,
+        top_k,
+        expert_intermediate_size,
+        // Mixtral always renormalises; Qwen's default is false.
+        norm_topk_prob: arch == Architecture::Mixtral || raw.norm_topk_prob.unwrap_or(false),
+        shared_intermediate_size: shared,
+        sparse_layers,
+    }))
 }
 
 impl ModelConfig {
@@ -153,9 +236,12 @@ impl ModelConfig {
             (Some("MistralForCausalLM"), _) | (None, Some("mistral")) => Architecture::Llama,
             (Some("Qwen2ForCausalLM"), _) | (None, Some("qwen2")) => Architecture::Qwen2,
             (Some("Qwen3ForCausalLM"), _) | (None, Some("qwen3")) => Architecture::Qwen3,
+            (Some("MixtralForCausalLM"), _) | (None, Some("mixtral")) => Architecture::Mixtral,
+            (Some("Qwen2MoeForCausalLM"), _) | (None, Some("qwen2_moe")) => Architecture::Qwen2Moe,
+            (Some("Qwen3MoeForCausalLM"), _) | (None, Some("qwen3_moe")) => Architecture::Qwen3Moe,
             (Some(other), _) => {
                 return Err(err(format!(
-                "unknown architecture `{other}`: kiln runs LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM and Qwen3ForCausalLM"
+                "unknown architecture `{other}`: kiln runs LlamaForCausalLM, MistralForCausalLM, MixtralForCausalLM, Qwen2ForCausalLM, Qwen2MoeForCausalLM, Qwen3ForCausalLM and Qwen3MoeForCausalLM"
             )))
             }
             (None, other) => return Err(err(format!("no `architectures` and unknown model_type {other:?}"))),
@@ -225,8 +311,9 @@ impl ModelConfig {
 
         let n_layers = need(raw.num_hidden_layers, "num_hidden_layers")?;
         let attention_windows = attention_windows(&raw, architecture, n_layers).map_err(err)?;
+        let moe = moe_config(&raw, architecture, n_layers).map_err(err)?;
         let attention_bias = raw.attention_bias.unwrap_or(false);
-        let qwen2 = architecture == Architecture::Qwen2;
+        let qwen2 = architecture.qkv_bias();
         ModelConfig {
             architecture,
             hidden_size,
@@ -245,8 +332,9 @@ impl ModelConfig {
             tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
             qkv_bias: qwen2 || attention_bias,
             o_bias: !qwen2 && attention_bias,
-            qk_norm: architecture == Architecture::Qwen3,
+            qk_norm: architecture.qk_norm(),
             attention_windows,
+            moe,
             bos_token_id: ids(&raw.bos_token_id).first().copied(),
             eos_token_ids: ids(&raw.eos_token_id),
         }
@@ -269,6 +357,14 @@ impl ModelConfig {
         for (what, value, most) in bounds {
             if value == 0 || value > most {
                 return Err(KilnError::model(path, format!("{what} {value} is out of range (1 to {most})")));
+            }
+        }
+        if let Some(m) = &self.moe {
+            if m.expert_intermediate_size > 1 << 20 || m.shared_intermediate_size.is_some_and(|f| f > 1 << 20) {
+                return Err(KilnError::model(path, format!("expert intermediate sizes {m:?} are out of range")));
+            }
+            if m.sparse_layers.len() != self.n_layers {
+                return Err(KilnError::model(path, "the expert layers do not match the layer count"));
             }
         }
         if self.attention_windows.len() != self.n_layers {
@@ -317,8 +413,15 @@ impl ModelConfig {
             + if self.qkv_bias { self.q_dim() + 2 * self.kv_dim() } else { 0 }
             + if self.o_bias { h } else { 0 }
             + if self.qk_norm { 2 * self.head_dim } else { 0 };
-        let layer = attn + 3 * h * f + 2 * h;
+        let mlp = |layer: usize| match &self.moe {
+            Some(m) if m.sparse_layers[layer] => {
+                let shared = m.shared_intermediate_size.map_or(0, |fs| 3 * h * fs + h);
+                m.n_experts * (3 * h * m.expert_intermediate_size + h) + shared
+            }
+            _ => 3 * h * f,
+        };
+        let layers: usize = (0..self.n_layers).map(|l| attn + mlp(l) + 2 * h).sum();
         let embed = self.vocab_size * h;
-        embed + self.n_layers * layer + h + if self.tie_word_embeddings { 0 } else { embed }
+        embed + layers + h + if self.tie_word_embeddings { 0 } else { embed }
     }
 }

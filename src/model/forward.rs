@@ -9,7 +9,9 @@
 //!     q, k = rope(q, pos), rope(k, pos); cache[slot(pos)] = k, v
 //!     x += attention(q, cache) · Woᵀ (+bo)
 //!     h = rms_norm(x) · post_attention_layernorm
-//!     x += (silu(h·Wgateᵀ) ⊙ h·Wupᵀ) · Wdownᵀ
+//!     x += (silu(h·Wgateᵀ) ⊙ h·Wupᵀ) · Wdownᵀ                    (a dense MLP)
+//!     or, a mixture of experts: p = softmax(h·Wrouterᵀ); for the top-k experts e of each token,
+//!     x += Σ_e p_e · (silu(h·Wgate_eᵀ) ⊙ h·Wup_eᵀ) · Wdown_eᵀ  (+ sigmoid(h·w) · shared_mlp(h))
 //!   logits = rms_norm(x[rows]) · norm · lm_headᵀ
 //!
 //! A step is any mix of tokens from any sequences: each token's position and block table are
@@ -22,9 +24,11 @@
 //! reads back logits, or one token id per row for greedy decoding.
 
 use super::config::ModelConfig;
-use super::weights::Weights;
+use super::weights::{DenseMlp, Mlp, Weights};
 use crate::gpu::{Dispatch, Gpu, Weight};
-use crate::ops::{argmax, attention, elementwise, embedding, gemv, matmul, rms_norm, rope, KvGeometry, StepTokens};
+use crate::ops::{
+    argmax, attention, elementwise, embedding, gemv, matmul, moe, rms_norm, rope, KvGeometry, StepTokens,
+};
 use crate::{KilnError, Result};
 
 /// The paged KV cache: per layer, one K and one V pool of (n_kv_heads, slots, head_dim), f16
@@ -148,6 +152,27 @@ pub struct Activations {
     pub logits: wgpu::Buffer, // (max_rows, vocab)
     pub tokens: wgpu::Buffer, // (max_rows) u32: greedy picks
     partials: attention::Partials,
+    moe: Option<MoeScratch>,
+}
+
+/// The activations of a mixture-of-experts block, for `max_tokens` tokens and their top-k
+/// experts ("assignments").
+struct MoeScratch {
+    router_logits: wgpu::Buffer, // (T, n_experts)
+    ids: wgpu::Buffer,           // (T, top_k) u32: the chosen experts
+    weights: wgpu::Buffer,       // (T, top_k): their weights
+    groups: wgpu::Buffer,        // the assignments grouped by expert (ops/moe.rs)
+    gate: wgpu::Buffer,          // (T·top_k, expert_intermediate)
+    up: wgpu::Buffer,            // (T·top_k, expert_intermediate)
+    act: wgpu::Buffer,           // (T·top_k, expert_intermediate)
+    out: wgpu::Buffer,           // (T·top_k, hidden)
+    shared_gate: wgpu::Buffer,   // (T): the shared expert's gate logit
+}
+
+impl MoeScratch {
+    fn buffers(&self) -> [&wgpu::Buffer; 9] {
+        [&self.router_logits, &self.ids, &self.weights, &self.groups, &self.gate, &self.up, &self.act, &self.out, &self.shared_gate]
+    }
 }
 
 /// What a step is told about its tokens, in GPU buffers the plan reads.
@@ -177,6 +202,27 @@ impl Activations {
         let max_rows = (gpu.max_binding / vocab_row).clamp(1, t) as u32;
         let max_table_entries = max_tokens * max_context.div_ceil(block_size);
         let shape = attention_shape(c, KvGeometry { slots: block_size, block_size }, None);
+        // The dense MLP's buffers also serve a mixture's shared expert.
+        let dense_intermediate =
+            c.intermediate_size.max(c.moe.as_ref().and_then(|m| m.shared_intermediate_size).unwrap_or(0));
+        let moe = match &c.moe {
+            None => None,
+            Some(m) => {
+                let r = moe::Routing { n_tokens: max_tokens, n_experts: m.n_experts as u32, top_k: m.top_k as u32 };
+                let assigned = |n: usize| r.assignments() as u64 * n as u64 * 4;
+                Some(MoeScratch {
+                    router_logits: gpu.buffer("router logits", f32s(m.n_experts))?,
+                    ids: gpu.buffer("expert ids", assigned(1))?,
+                    weights: gpu.buffer("expert weights", assigned(1))?,
+                    groups: gpu.buffer("expert groups", r.groups_len() as u64 * 4)?,
+                    gate: gpu.buffer("expert gate", assigned(m.expert_intermediate_size))?,
+                    up: gpu.buffer("expert up", assigned(m.expert_intermediate_size))?,
+                    act: gpu.buffer("expert act", assigned(m.expert_intermediate_size))?,
+                    out: gpu.buffer("expert out", assigned(c.hidden_size))?,
+                    shared_gate: gpu.buffer("shared expert gate", f32s(1))?,
+                })
+            }
+        };
         Ok(Activations {
             max_tokens,
             max_rows,
@@ -198,14 +244,15 @@ impl Activations {
             v: gpu.buffer("v", f32s(c.kv_dim()))?,
             attn: gpu.buffer("attn", f32s(c.q_dim()))?,
             proj: gpu.buffer("proj", f32s(c.hidden_size))?,
-            gate: gpu.buffer("gate", f32s(c.intermediate_size))?,
-            up: gpu.buffer("up", f32s(c.intermediate_size))?,
-            act: gpu.buffer("act", f32s(c.intermediate_size))?,
+            gate: gpu.buffer("gate", f32s(dense_intermediate))?,
+            up: gpu.buffer("up", f32s(dense_intermediate))?,
+            act: gpu.buffer("act", f32s(dense_intermediate))?,
             x_rows: gpu.buffer("x rows", max_rows as u64 * c.hidden_size as u64 * 4)?,
             logits: gpu.buffer("logits", max_rows as u64 * vocab_row)?,
             tokens: gpu.buffer("greedy tokens", max_rows as u64 * 4)?,
             // `splits` keeps tokens × splits ≤ tokens + target.
             partials: attention::Partials::new(gpu, &shape, max_tokens + ATTENTION_TARGET_GROUPS)?,
+            moe,
         })
     }
 
@@ -213,7 +260,9 @@ impl Activations {
     pub fn bytes(&self) -> u64 {
         let i = &self.inputs;
         let normed = self.qk_normed.iter().flat_map(|(q, k)| [q.size(), k.size()]).sum::<u64>();
+        let experts = self.moe.iter().flat_map(|m| m.buffers()).map(|b| b.size()).sum::<u64>();
         normed
+            + experts
             + [
             &i.ids,
             &i.meta,
@@ -288,6 +337,15 @@ fn linear(
     }
 }
 
+/// proj = (silu(xn·Wgateᵀ) ⊙ xn·Wupᵀ) · Wdownᵀ for `n` tokens.
+fn dense_mlp(gpu: &Gpu, act: &Activations, mlp: &DenseMlp, n: u32) -> Result<Vec<Dispatch>> {
+    let mut d = linear(gpu, &act.xn, &mlp.gate_proj, None, &act.gate, n)?;
+    d.extend(linear(gpu, &act.xn, &mlp.up_proj, None, &act.up, n)?);
+    d.push(elementwise::swiglu(gpu, &act.gate, &act.up, &act.act, n * mlp.gate_proj.rows)?);
+    d.extend(linear(gpu, &act.act, &mlp.down_proj, None, &act.proj, n)?);
+    Ok(d)
+}
+
 /// Build the plan of a step shape (`key.tokens` ≤ `act.max_tokens`, `key.rows` ≤ `act.max_rows`),
 /// recording attention probabilities where `probes` asks for them.
 #[allow(clippy::too_many_arguments)]
@@ -311,7 +369,7 @@ pub fn plan(
             ),
         ));
     }
-    let (hidden, f) = (c.hidden_size as u32, c.intermediate_size as u32);
+    let hidden = c.hidden_size as u32;
     let tokens = act.inputs.tokens();
     let mut d: Vec<Dispatch> = Vec::new();
     let mut splits = Vec::new();
@@ -385,11 +443,35 @@ pub fn plan(
         d.push(elementwise::add_assign(gpu, &act.x, &act.proj, n * hidden)?);
         // MLP block.
         d.push(rms_norm::rms_norm(gpu, &act.x, &layer.post_attention_layernorm, &act.xn, n, hidden, c.rms_norm_eps)?);
-        d.extend(linear(gpu, &act.xn, &layer.gate_proj, None, &act.gate, n)?);
-        d.extend(linear(gpu, &act.xn, &layer.up_proj, None, &act.up, n)?);
-        d.push(elementwise::swiglu(gpu, &act.gate, &act.up, &act.act, n * f)?);
-        d.extend(linear(gpu, &act.act, &layer.down_proj, None, &act.proj, n)?);
-        d.push(elementwise::add_assign(gpu, &act.x, &act.proj, n * hidden)?);
+        match &layer.mlp {
+            Mlp::Dense(mlp) => {
+                d.extend(dense_mlp(gpu, act, mlp, n)?);
+                d.push(elementwise::add_assign(gpu, &act.x, &act.proj, n * hidden)?);
+            }
+            Mlp::Experts(experts) => {
+                let (Some(s), Some(m)) = (&act.moe, &c.moe) else {
+                    return Err(KilnError::shape("forward", "experts without a mixture-of-experts config"));
+                };
+                let r = moe::Routing { n_tokens: n, n_experts: m.n_experts as u32, top_k: m.top_k as u32 };
+                d.extend(linear(gpu, &act.xn, &experts.router, None, &s.router_logits, n)?);
+                d.push(moe::route(gpu, r, &s.router_logits, &s.ids, &s.weights, m.norm_topk_prob)?);
+                d.push(moe::group(gpu, r, &s.ids, &s.groups)?);
+                d.extend(moe::expert_matmul(gpu, r, &experts.gate_proj, &act.xn, true, &s.groups, &s.gate)?);
+                d.extend(moe::expert_matmul(gpu, r, &experts.up_proj, &act.xn, true, &s.groups, &s.up)?);
+                let fe = m.expert_intermediate_size as u32;
+                d.push(elementwise::swiglu(gpu, &s.gate, &s.up, &s.act, r.assignments() * fe)?);
+                d.extend(moe::expert_matmul(gpu, r, &experts.down_proj, &s.act, false, &s.groups, &s.out)?);
+                let shared = match &experts.shared {
+                    Some(shared) => {
+                        d.extend(dense_mlp(gpu, act, &shared.mlp, n)?);
+                        d.extend(linear(gpu, &act.xn, &shared.gate, None, &s.shared_gate, n)?);
+                        Some((&act.proj, &s.shared_gate))
+                    }
+                    None => None,
+                };
+                d.push(moe::combine(gpu, r, hidden, &s.weights, &s.out, shared, &act.x)?);
+            }
+        }
     }
     let rows = key.rows;
     if rows > 0 {

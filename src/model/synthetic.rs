@@ -165,6 +165,31 @@ impl Parameters for RandomParameters<'_> {
         let shape = &self.shapes[name];
         let dtype = (self.dtype)(name);
         let w = Weight::zeroed(self.gpu, name, shape[0] as u32, shape[1] as u32, dtype)?;
+        self.fill(name, w)
+    }
+
+    fn stacked(&mut self, names: &[String]) -> Result<Weight> {
+        let shape = &self.shapes[&names[0]];
+        let dtype = (self.dtype)(&names[0]);
+        let (count, rows, cols) = (names.len() as u32, shape[0] as u32, shape[1] as u32);
+        let w = Weight::zeroed_stacked(self.gpu, &names[0], count, rows, cols, dtype)?;
+        self.fill(&names[0], w)
+    }
+
+    fn vector(&mut self, name: &str) -> Result<wgpu::Buffer> {
+        let n = self.shapes[name][0];
+        // Norm weights near 1, biases near 0, as in trained models.
+        let base = if name.ends_with("norm.weight") { 1.0 } else { 0.0 };
+        let values: Vec<f32> = (0..n).map(|_| base + (self.rng.random::<f32>() - 0.5) * 0.1).collect();
+        self.bytes += n as u64 * 4;
+        self.gpu.upload(name, bytemuck::cast_slice(&values))
+    }
+}
+
+impl RandomParameters<'_> {
+    /// Tile `w` with its dtype's random pattern.
+    fn fill(&mut self, name: &str, w: Weight) -> Result<Weight> {
+        let dtype = w.dtype;
         if !self.patterns.contains_key(&dtype) {
             let data = random_blocks(dtype, pattern_blocks(dtype), &mut self.rng);
             let buffer = self.gpu.upload(&format!("synthetic {dtype:?} pattern"), &data)?;
@@ -185,15 +210,6 @@ impl Parameters for RandomParameters<'_> {
         self.bytes += w.bytes();
         self.largest = self.largest.max(w.bytes());
         Ok(w)
-    }
-
-    fn vector(&mut self, name: &str) -> Result<wgpu::Buffer> {
-        let n = self.shapes[name][0];
-        // Norm weights near 1, biases near 0, as in trained models.
-        let base = if name.ends_with("norm.weight") { 1.0 } else { 0.0 };
-        let values: Vec<f32> = (0..n).map(|_| base + (self.rng.random::<f32>() - 0.5) * 0.1).collect();
-        self.bytes += n as u64 * 4;
-        self.gpu.upload(name, bytemuck::cast_slice(&values))
     }
 }
 

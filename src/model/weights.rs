@@ -2,7 +2,7 @@
 //! a config implies (so a checkpoint is checked whole before anything is uploaded).
 
 use super::checkpoint::{self, TensorSource};
-use super::config::ModelConfig;
+use super::config::{Architecture, ModelConfig};
 use crate::gpu::{DType, Gpu, Weight};
 use crate::{KilnError, Result};
 use std::collections::HashMap;
@@ -21,9 +21,100 @@ pub struct LayerWeights {
     pub q_norm: Option<wgpu::Buffer>,           // (head_dim) f32, Qwen3: every query head's RMSNorm
     pub k_norm: Option<wgpu::Buffer>,           // (head_dim) f32, Qwen3: every key head's RMSNorm
     pub post_attention_layernorm: wgpu::Buffer, // (hidden) f32
-    pub gate_proj: Weight,                      // (intermediate, hidden)
-    pub up_proj: Weight,                        // (intermediate, hidden)
-    pub down_proj: Weight,                      // (hidden, intermediate)
+    pub mlp: Mlp,
+}
+
+/// A SwiGLU MLP: down(silu(gate(x)) ⊙ up(x)).
+pub struct DenseMlp {
+    pub gate_proj: Weight, // (intermediate, hidden)
+    pub up_proj: Weight,   // (intermediate, hidden)
+    pub down_proj: Weight, // (hidden, intermediate)
+}
+
+impl DenseMlp {
+    fn matrices(&self) -> [&Weight; 3] {
+        [&self.gate_proj, &self.up_proj, &self.down_proj]
+    }
+}
+
+/// A layer's feed-forward block.
+pub enum Mlp {
+    Dense(DenseMlp),
+    Experts(Experts),
+}
+
+/// A mixture of experts: the router and every expert's SwiGLU matrices, each kind stacked into
+/// one matrix (expert e's rows are e·rows .. (e+1)·rows), plus Qwen2-MoE's shared expert.
+pub struct Experts {
+    pub router: Weight,    // (n_experts, hidden)
+    pub gate_proj: Weight, // (n_experts · expert_intermediate, hidden)
+    pub up_proj: Weight,   // (n_experts · expert_intermediate, hidden)
+    pub down_proj: Weight, // (n_experts · hidden, expert_intermediate)
+    pub shared: Option<SharedExpert>,
+}
+
+/// An expert every token takes, its output scaled by sigmoid(x·gateᵀ).
+pub struct SharedExpert {
+    pub mlp: DenseMlp,
+    pub gate: Weight, // (1, hidden)
+}
+
+impl Mlp {
+    /// Every matrix of the block.
+    pub fn matrices(&self) -> Vec<&Weight> {
+        match self {
+            Mlp::Dense(d) => d.matrices().to_vec(),
+            Mlp::Experts(x) => {
+                let mut all = vec![&x.router, &x.gate_proj, &x.up_proj, &x.down_proj];
+                if let Some(s) = &x.shared {
+                    all.extend(s.mlp.matrices());
+                    all.push(&s.gate);
+                }
+                all
+            }
+        }
+    }
+
+    /// Bytes of weights one token reads: all of a dense MLP; the router, `top_k` experts and the
+    /// shared expert of a mixture.
+    pub fn bytes_per_token(&self, top_k: usize) -> u64 {
+        match self {
+            Mlp::Dense(d) => d.matrices().iter().map(|w| w.bytes()).sum(),
+            Mlp::Experts(x) => {
+                let n_experts = x.router.rows as u64;
+                let experts: u64 = [&x.gate_proj, &x.up_proj, &x.down_proj].iter().map(|w| w.bytes()).sum();
+                let shared: u64 = x.shared.iter().flat_map(|s| s.mlp.matrices().into_iter().chain([&s.gate])).map(|w| w.bytes()).sum();
+                x.router.bytes() + experts / n_experts * top_k as u64 + shared
+            }
+        }
+    }
+}
+
+/// How a family's checkpoints name their experts: Mixtral's `block_sparse_moe.experts.E.w1`
+/// (gate), `w3` (up), `w2` (down); Qwen's `mlp.experts.E.gate_proj` and so on.
+pub struct MoeNames {
+    pub module: &'static str,
+    pub gate: &'static str,
+    pub up: &'static str,
+    pub down: &'static str,
+}
+
+impl MoeNames {
+    pub const MIXTRAL: MoeNames = MoeNames { module: "block_sparse_moe", gate: "w1", up: "w3", down: "w2" };
+    pub const QWEN: MoeNames = MoeNames { module: "mlp", gate: "gate_proj", up: "up_proj", down: "down_proj" };
+
+    pub fn of(c: &ModelConfig) -> &'static MoeNames {
+        if c.architecture == Architecture::Mixtral {
+            &Self::MIXTRAL
+        } else {
+            &Self::QWEN
+        }
+    }
+
+    /// The names of every expert's matrix of one kind (`which`: gate, up or down) in layer `layer`.
+    fn experts(&self, layer: usize, which: &str, n: usize) -> Vec<String> {
+        (0..n).map(|e| format!("model.layers.{layer}.{}.experts.{e}.{which}.weight", self.module)).collect()
+    }
 }
 
 pub struct Weights {
@@ -47,7 +138,8 @@ impl Weights {
         matrices.extend(self.lm_head.iter());
         let mut vectors: Vec<&wgpu::Buffer> = vec![&self.norm];
         for l in &self.layers {
-            matrices.extend([&l.q_proj, &l.k_proj, &l.v_proj, &l.o_proj, &l.gate_proj, &l.up_proj, &l.down_proj]);
+            matrices.extend([&l.q_proj, &l.k_proj, &l.v_proj, &l.o_proj]);
+            matrices.extend(l.mlp.matrices());
             vectors.extend([&l.input_layernorm, &l.post_attention_layernorm]);
             vectors.extend([&l.q_bias, &l.k_bias, &l.v_bias, &l.o_bias, &l.q_norm, &l.k_norm].into_iter().flatten());
         }
@@ -60,7 +152,8 @@ impl Weights {
         let mut all: Vec<&Weight> = vec![&self.embed_tokens];
         all.extend(self.lm_head.iter());
         for l in &self.layers {
-            all.extend([&l.q_proj, &l.k_proj, &l.v_proj, &l.o_proj, &l.gate_proj, &l.up_proj, &l.down_proj]);
+            all.extend([&l.q_proj, &l.k_proj, &l.v_proj, &l.o_proj]);
+            all.extend(l.mlp.matrices());
         }
         let mut by: Vec<(DType, u64)> = Vec::new();
         for w in all {
@@ -106,9 +199,29 @@ pub fn expected_tensors(c: &ModelConfig) -> HashMap<String, Vec<usize>> {
             t.insert(format!("{p}.self_attn.q_norm.weight"), vec![c.head_dim]);
             t.insert(format!("{p}.self_attn.k_norm.weight"), vec![c.head_dim]);
         }
-        t.insert(format!("{p}.mlp.gate_proj.weight"), vec![f, h]);
-        t.insert(format!("{p}.mlp.up_proj.weight"), vec![f, h]);
-        t.insert(format!("{p}.mlp.down_proj.weight"), vec![h, f]);
+        match &c.moe {
+            Some(m) if m.sparse_layers[i] => {
+                let names = MoeNames::of(c);
+                let fe = m.expert_intermediate_size;
+                t.insert(format!("{p}.{}.gate.weight", names.module), vec![m.n_experts, h]);
+                for (which, shape) in [(names.gate, [fe, h]), (names.up, [fe, h]), (names.down, [h, fe])] {
+                    for name in names.experts(i, which, m.n_experts) {
+                        t.insert(name, shape.to_vec());
+                    }
+                }
+                if let Some(fs) = m.shared_intermediate_size {
+                    t.insert(format!("{p}.mlp.shared_expert.gate_proj.weight"), vec![fs, h]);
+                    t.insert(format!("{p}.mlp.shared_expert.up_proj.weight"), vec![fs, h]);
+                    t.insert(format!("{p}.mlp.shared_expert.down_proj.weight"), vec![h, fs]);
+                    t.insert(format!("{p}.mlp.shared_expert_gate.weight"), vec![1, h]);
+                }
+            }
+            _ => {
+                t.insert(format!("{p}.mlp.gate_proj.weight"), vec![f, h]);
+                t.insert(format!("{p}.mlp.up_proj.weight"), vec![f, h]);
+                t.insert(format!("{p}.mlp.down_proj.weight"), vec![h, f]);
+            }
+        }
     }
     t
 }
@@ -120,6 +233,8 @@ pub trait Parameters {
     fn matrix(&mut self, name: &str) -> Result<Weight>;
     /// A vector (norm weight, bias) as f32.
     fn vector(&mut self, name: &str) -> Result<wgpu::Buffer>;
+    /// Matrices of one shape and encoding (a layer's experts), stacked into one in order.
+    fn stacked(&mut self, names: &[String]) -> Result<Weight>;
 }
 
 /// Uploads tensors one at a time, releasing each one's pages after, and reports progress.
@@ -139,6 +254,31 @@ impl Parameters for Uploader<'_> {
         Ok(w)
     }
 
+    /// Matrices stacked in order: copied into one host buffer (host memory: one layer's experts
+    /// of one kind), then uploaded in chunks of whole experts.
+    fn stacked(&mut self, names: &[String]) -> Result<Weight> {
+        let (dtype, shape, first) = self.src.tensor(&names[0])?;
+        let mut bytes = Vec::with_capacity(first.len() * names.len());
+        for name in names {
+            let (d, s, b) = self.src.tensor(name)?;
+            if d != dtype || s != shape {
+                return Err(KilnError::model(
+                    self.src.path_of(name),
+                    format!("`{name}` is {d:?} {s:?}, `{}` is {dtype:?} {shape:?}: experts must match", names[0]),
+                ));
+            }
+            bytes.extend_from_slice(b);
+        }
+        let label = names[0].replace(".experts.0.", ".experts.");
+        let (count, rows, cols) = (names.len() as u32, shape[0] as u32, shape[1] as u32);
+        let w = Weight::upload_stacked(self.gpu, &label, count, rows, cols, dtype, &bytes)?;
+        (self.on_bytes)(bytes.len() as u64);
+        for name in names {
+            self.src.release(name);
+        }
+        Ok(w)
+    }
+
     /// A vector (norm weight, bias), converted to f32.
     fn vector(&mut self, name: &str) -> Result<wgpu::Buffer> {
         let (dtype, _, bytes) = self.src.tensor(name)?;
@@ -153,6 +293,15 @@ impl Parameters for Uploader<'_> {
         self.src.release(name);
         Ok(buf)
     }
+}
+
+/// The SwiGLU matrices under `prefix` (`model.layers.3.mlp`).
+fn dense(src: &mut dyn Parameters, prefix: &str) -> Result<DenseMlp> {
+    Ok(DenseMlp {
+        gate_proj: src.matrix(&format!("{prefix}.gate_proj.weight"))?,
+        up_proj: src.matrix(&format!("{prefix}.up_proj.weight"))?,
+        down_proj: src.matrix(&format!("{prefix}.down_proj.weight"))?,
+    })
 }
 
 /// Every parameter of the model `c` describes, from `p`, in checkpoint order.
@@ -181,9 +330,27 @@ pub fn build(src: &mut dyn Parameters, c: &ModelConfig) -> Result<Weights> {
             q_norm: opt(src, c.qk_norm, format!("{l}.self_attn.q_norm.weight"))?,
             k_norm: opt(src, c.qk_norm, format!("{l}.self_attn.k_norm.weight"))?,
             post_attention_layernorm: src.vector(&format!("{l}.post_attention_layernorm.weight"))?,
-            gate_proj: src.matrix(&format!("{l}.mlp.gate_proj.weight"))?,
-            up_proj: src.matrix(&format!("{l}.mlp.up_proj.weight"))?,
-            down_proj: src.matrix(&format!("{l}.mlp.down_proj.weight"))?,
+            mlp: match &c.moe {
+                Some(m) if m.sparse_layers[i] => {
+                    let names = MoeNames::of(c);
+                    let mut stack = |which: &str| src.stacked(&names.experts(i, which, m.n_experts));
+                    let (gate_proj, up_proj, down_proj) = (stack(names.gate)?, stack(names.up)?, stack(names.down)?);
+                    Mlp::Experts(Experts {
+                        router: src.matrix(&format!("{l}.{}.gate.weight", names.module))?,
+                        gate_proj,
+                        up_proj,
+                        down_proj,
+                        shared: match m.shared_intermediate_size {
+                            Some(_) => Some(SharedExpert {
+                                mlp: dense(src, &format!("{l}.mlp.shared_expert"))?,
+                                gate: src.matrix(&format!("{l}.mlp.shared_expert_gate.weight"))?,
+                            }),
+                            None => None,
+                        },
+                    })
+                }
+                _ => Mlp::Dense(dense(src, &format!("{l}.mlp"))?),
+            },
         });
     }
     let norm = src.vector("model.norm.weight")?;

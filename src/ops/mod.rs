@@ -8,6 +8,7 @@ pub mod elementwise;
 pub mod embedding;
 pub mod gemv;
 pub mod matmul;
+pub mod moe;
 pub mod rms_norm;
 pub mod rope;
 pub mod softmax;

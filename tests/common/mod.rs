@@ -2,7 +2,7 @@
 //! and a comparison that names the index, the values and the reason for its tolerance.
 #![allow(dead_code)]
 
-use kiln::gpu::{Gpu, GpuOptions, KernelFamily};
+use kiln::gpu::{DType, Gpu, GpuOptions, KernelFamily};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use std::sync::{Arc, OnceLock};
 
@@ -115,3 +115,33 @@ pub fn assert_close(what: &str, actual: &[f32], expected: &[f32], atol: f64, why
 
 /// Unit roundoff of f32.
 pub const U32: f64 = f32::EPSILON as f64 / 2.0;
+
+/// Random valid blocks of `dtype` for a (rows × cols) matrix: random quants, random signs and
+/// bits, scales set to moderate f16 values so nothing overflows; and their CPU dequantisation
+/// (kiln::quant, bit-exact with ggml) as the reference.
+pub fn quantized(dtype: DType, rows: usize, cols: usize, rng: &mut rand::rngs::StdRng) -> (Vec<u8>, Vec<f32>) {
+    use kiln::gguf::GgmlType;
+
+    let (ty, scale_offsets): (GgmlType, &[usize]) = match dtype {
+        DType::Q8_0 => (GgmlType::Q8_0, &[0]),
+        DType::Q4_0 => (GgmlType::Q4_0, &[0]),
+        DType::Q4_1 => (GgmlType::Q4_1, &[0, 2]),
+        DType::Q5_0 => (GgmlType::Q5_0, &[0]),
+        DType::Q5_1 => (GgmlType::Q5_1, &[0, 2]),
+        DType::Q4K => (GgmlType::Q4_K, &[0, 2]),
+        DType::Q5K => (GgmlType::Q5_K, &[0, 2]),
+        DType::Q6K => (GgmlType::Q6_K, &[208]),
+        other => panic!("{other:?} is not a block format"),
+    };
+    let (block_elems, block_bytes) = dtype.block();
+    let blocks = rows * cols / block_elems as usize;
+    let mut bytes: Vec<u8> = (0..blocks * block_bytes as usize).map(|_| rng.random()).collect();
+    for b in 0..blocks {
+        for &o in scale_offsets {
+            let d = half::f16::from_f32(rng.random_range(0.002f32..0.02) * if rng.random() { 1.0 } else { -1.0 });
+            bytes[b * block_bytes as usize + o..][..2].copy_from_slice(&d.to_le_bytes());
+        }
+    }
+    let values = kiln::quant::dequantize(ty, &bytes, rows * cols).unwrap();
+    (bytes, values)
+}
