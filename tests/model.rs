@@ -89,6 +89,43 @@ fn logits_match_transformers() {
     }
 }
 
+/// The wave-2 fixtures written as llama.cpp's converter writes GGUF files
+/// (tests/fixtures/gguf/make_model_ggufs.py): Qwen3's q/k norms and key_length, the experts'
+/// 3-d `*_exps` stacks, Qwen2-MoE's shared expert, Mixtral as arch llama with permuted q/k rows.
+/// The same goldens as their safetensors.
+#[test]
+fn gguf_files_of_the_new_families_match_transformers() {
+    for (path, gpu) in model_devices() {
+        for name in ["qwen3-tiny", "qwen2-moe-tiny", "mixtral-tiny"] {
+            let g = golden(name);
+            let file = fixture("gguf").join(format!("{name}.gguf"));
+            let model = Model::load(&file, gpu.clone(), &mut |_, _| {}).unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert_eq!(model.config.moe, load(name, gpu.clone()).config.moe, "{name}: the same mixture");
+            let vocab = model.config.vocab_size;
+            let tol = logit_tol(&gpu);
+            for case in g["logits"].as_array().unwrap() {
+                let ids = u32s(&case["input_ids"]);
+                let what = format!("{name}.gguf {path} {}", case["name"].as_str().unwrap());
+                let all = Session::new(&model, None).unwrap().feed_all(&ids).unwrap();
+                let last = &all[(ids.len() - 1) * vocab..];
+                assert_close(&format!("{what} last_logits"), last, &f32s(&case["last_logits"]), tol, "see logit_tol");
+            }
+            for run in g["greedy"].as_array().unwrap() {
+                let want = u32s(&run["generated_ids"]);
+                let out = Session::new(&model, None)
+                    .unwrap()
+                    .generate(&u32s(&run["prompt_ids"]), &greedy(want.len()), |_| {})
+                    .unwrap();
+                assert_eq!(out.tokens, want, "{name}.gguf {path} {}", run["name"]);
+            }
+            // The tokenizer rebuilt from the GGUF metadata encodes the chat prompt alike.
+            let chat = &g["tokenization"]["chat"][0];
+            let text = chat["text"].as_str().unwrap();
+            assert_eq!(model.tokenizer.encode(text, false).unwrap(), u32s(&chat["ids"]), "{name}.gguf chat ids");
+        }
+    }
+}
+
 fn greedy(tokens: usize) -> GenerateParams {
     GenerateParams { max_tokens: tokens, sampling: SamplingParams::default(), stop_at_eos: false }
 }

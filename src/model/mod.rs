@@ -239,7 +239,23 @@ impl Model {
             c.tie_word_embeddings,
             c.qkv_bias
         );
-        s += &format!("attention:      {}{}\n", windows(&c.attention_windows), if c.qk_norm { ", q/k heads RMS-normalised" } else { "" });
+        s += &format!(
+            "attention:      {}{}\n",
+            windows(&c.attention_windows),
+            if c.qk_norm { ", q/k heads RMS-normalised" } else { "" }
+        );
+        if let Some(m) = &c.moe {
+            let sparse = m.sparse_layers.iter().filter(|&&s| s).count();
+            s += &format!(
+                "experts:        {} of {} per token (intermediate {}), weights {}{}, in {sparse} of {} layers\n",
+                m.top_k,
+                m.n_experts,
+                m.expert_intermediate_size,
+                if m.norm_topk_prob { "renormalised" } else { "as the router gives them" },
+                m.shared_intermediate_size.map(|f| format!(", a gated shared expert of {f}")).unwrap_or_default(),
+                c.n_layers
+            );
+        }
         for (dtype, bytes) in self.weights.bytes_by_dtype() {
             let name = format!("{dtype:?}").to_lowercase();
             s += &format!("weights {name:5}   {bytes} bytes ({:.3} GiB)\n", gib(bytes));
