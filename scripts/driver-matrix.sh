@@ -22,7 +22,7 @@ run() {
     local name=$1
     shift
     echo "driver-matrix: $name"
-    env "$@" cargo test --release --test kernels --test model --test engine --test doctor -- --skip smollm2
+    env "$@" cargo test --release --test kernels --test moe --test lora --test model --test engine --test doctor -- --skip smollm2
 }
 
 run "lavapipe, subgroup size 4" LP_NATIVE_VECTOR_WIDTH=128

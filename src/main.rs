@@ -3,6 +3,7 @@
 
 use clap::{Args, Parser, Subcommand};
 use kiln::engine::EngineConfig;
+use kiln::model::lora::{self, AdapterSpec};
 use kiln::sampling::SamplingParams;
 use kiln::speculative::Speculator;
 use kiln::tokenizer::ChatMessage;
@@ -12,7 +13,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "kiln", version, about = "Run Llama 3 and Qwen2 models on any GPU through WebGPU")]
+#[command(name = "kiln", version, about = "Run Llama, Mistral, Qwen2/3 and mixture-of-experts models on any GPU through WebGPU")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -156,6 +157,22 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Fold LoRA adapters into a Hugging Face model directory and write the merged model
+    /// (W + scale·B·A, rounded once to the base's dtype) as a new directory.
+    MergeLora {
+        /// The base model: a Hugging Face directory of f32, f16 or bf16 safetensors.
+        #[arg(long)]
+        model: PathBuf,
+        /// An adapter and its scale (default 1); repeat to fold in several.
+        #[arg(long = "lora", value_name = "PATH[:SCALE]", required = true)]
+        lora: Vec<AdapterSpec>,
+        /// The directory to write; it must not exist (unless --force) and never is an input.
+        #[arg(long)]
+        out: PathBuf,
+        /// Replace an existing --out directory.
+        #[arg(long)]
+        force: bool,
+    },
     /// Attention maps: each chosen head's attention probabilities over the prompt, as one PNG of
     /// heatmaps per layer and the numbers as JSON.
     Attention {
@@ -183,6 +200,11 @@ struct ModelArgs {
     /// Context length (KV cache positions); default: the model's, at most 4096.
     #[arg(long)]
     ctx: Option<usize>,
+    /// A LoRA adapter directory (PEFT format), its scale after a colon (default 1); repeat for
+    /// several. Kept unmerged: generate, chat and perplexity apply them all; `serve` lets each
+    /// request choose one as the model `NAME:ADAPTER` (the adapter's directory name).
+    #[arg(long = "lora", value_name = "PATH[:SCALE]")]
+    lora: Vec<AdapterSpec>,
 }
 
 /// Speculative decoding: tokens proposed cheaply, checked by the model several at a time; greedy
@@ -321,12 +343,18 @@ fn load(args: &ModelArgs) -> kiln::Result<Model> {
     } else {
         None
     };
-    let model = Model::load(&args.model, gpu, &mut |done, total| {
+    let mut model = Model::load(&args.model, gpu, &mut |done, total| {
         if let Some(b) = &bar {
             b.set_length(total);
             b.set_position(done);
         }
     })?;
+    if !args.lora.is_empty() {
+        model.add_adapters(&args.lora)?;
+        for (name, rank, scale) in &model.weights.lora.list {
+            eprintln!("adapter {name}: rank {rank}, scale {scale}");
+        }
+    }
     if let Some(b) = bar {
         b.finish_and_clear();
     }
@@ -371,6 +399,7 @@ fn run(cli: Cli) -> kiln::Result<()> {
             let draft = speculative.load_draft(&model)?;
             let ids = model.tokenizer.encode(&prompt, true)?;
             let mut session = Session::new(&model, args.ctx)?;
+            session.set_adapters(model.weights.lora.all())?;
             let mut speculator = speculative.speculator(draft.as_ref(), &model, session.context())?;
             generate(&mut session, &mut speculator, &ids, &params)?;
         }
@@ -380,6 +409,7 @@ fn run(cli: Cli) -> kiln::Result<()> {
             params.sampling.validate()?;
             let draft = speculative.load_draft(&model)?;
             let mut session = Session::new(&model, args.ctx)?;
+            session.set_adapters(model.weights.lora.all())?;
             let mut speculator = speculative.speculator(draft.as_ref(), &model, session.context())?;
             let mut messages: Vec<ChatMessage> =
                 system.into_iter().map(|s| ChatMessage { role: "system".into(), content: s }).collect();
@@ -422,6 +452,7 @@ fn run(cli: Cli) -> kiln::Result<()> {
                 return Err(kiln::KilnError::Request(format!("{} has fewer than 2 tokens", file.display())));
             }
             let mut session = Session::new(&model, args.ctx)?;
+            session.set_adapters(model.weights.lora.all())?;
             let window = session.context();
             let vocab = model.config.vocab_size;
             let (mut nll, mut count) = (0f64, 0usize);
@@ -475,7 +506,7 @@ fn run(cli: Cli) -> kiln::Result<()> {
         }
         Command::Doctor { model, synthetic, json } => {
             let model = match (model, synthetic) {
-                (Some(path), _) => load(&ModelArgs { model: path, ctx: None })?,
+                (Some(path), _) => load(&ModelArgs { model: path, ctx: None, lora: Vec::new() })?,
                 (None, Some(name)) => Model::synthetic(&name, Some(1), Gpu::new()?, 0)?,
                 (None, None) => unreachable!("clap requires --model or --synthetic"),
             };
@@ -489,6 +520,19 @@ fn run(cli: Cli) -> kiln::Result<()> {
             if !report.passed() {
                 return Err(kiln::KilnError::Request("some kernels computed wrong results on this device".into()));
             }
+        }
+        Command::MergeLora { model, lora: specs, out, force } => {
+            if model.is_file() {
+                return Err(kiln::KilnError::Request(format!(
+                    "{} is a GGUF file: merge-lora writes Hugging Face directories (merge into the safetensors, then convert)",
+                    model.display()
+                )));
+            }
+            let config = kiln::model::ModelConfig::from_file(&model.join("config.json"))?;
+            let adapters: Vec<lora::Adapter> =
+                specs.iter().map(|s| lora::Adapter::read(s, &config)).collect::<kiln::Result<_>>()?;
+            let changed = lora::merge(&model, &adapters, &out, force)?;
+            eprintln!("merged {} adapter(s) into {changed} matrices: {}", adapters.len(), out.display());
         }
         Command::Attention { model: args, prompt, layers, heads, out } => {
             attention(&args, &prompt, layers, &heads, &out)?
@@ -525,7 +569,7 @@ fn run(cli: Cli) -> kiln::Result<()> {
             json,
         } => {
             let model = match (model, synthetic) {
-                (Some(path), _) => load(&ModelArgs { model: path, ctx: None })?,
+                (Some(path), _) => load(&ModelArgs { model: path, ctx: None, lora: Vec::new() })?,
                 (None, Some(name)) => {
                     eprintln!("making synthetic model {name} on the device");
                     let m = Model::synthetic(&name, layers, Gpu::new()?, 0)?;
@@ -609,6 +653,7 @@ fn attention(
     };
     let ids = model.tokenizer.encode(prompt, true)?;
     let mut session = Session::new(&model, args.ctx)?;
+    session.set_adapters(model.weights.lora.all())?;
     let maps = session.attention_maps(&ids, &layers)?;
     std::fs::create_dir_all(out).map_err(|e| kiln::KilnError::io(out, e))?;
     let texts: Vec<String> = ids.iter().map(|&id| model.tokenizer.decode(&[id], false).unwrap_or_default()).collect();

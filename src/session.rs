@@ -109,6 +109,8 @@ pub struct Session<'m> {
     block_table: Vec<u32>,
     /// Every token in the cache, in order.
     tokens: Vec<u32>,
+    /// The LoRA adapters applied (a bit mask over the model's adapters).
+    adapters: u32,
 }
 
 /// Why generation stopped.
@@ -170,7 +172,7 @@ impl<'m> Session<'m> {
         let blocks = (ctx as u32).div_ceil(SESSION_BLOCK);
         let step = max_step_tokens.min(ctx).max(1) as u32;
         let runner = Runner::new(model, blocks, SESSION_BLOCK, step, ctx)?;
-        Ok(Session { runner, ctx, block_table: (0..blocks).collect(), tokens: Vec::new() })
+        Ok(Session { runner, ctx, block_table: (0..blocks).collect(), tokens: Vec::new(), adapters: 0 })
     }
 
     pub fn model(&self) -> &'m Model {
@@ -185,6 +187,25 @@ impl<'m> Session<'m> {
     /// The tokens in the cache.
     pub fn tokens(&self) -> &[u32] {
         &self.tokens
+    }
+
+    /// Apply the model's LoRA adapters of `mask` (bit i: adapter i; 0: the base model alone)
+    /// from now on. The cache holds keys and values computed under the old choice, so a change
+    /// empties it.
+    pub fn set_adapters(&mut self, mask: u32) -> Result<()> {
+        let known = self.model().weights.lora.all();
+        if mask & !known != 0 {
+            return Err(KilnError::Request(format!("adapter mask {mask:#x}: the model holds {known:#x}")));
+        }
+        if mask != self.adapters {
+            self.tokens.clear();
+            self.adapters = mask;
+        }
+        Ok(())
+    }
+
+    pub fn adapters(&self) -> u32 {
+        self.adapters
     }
 
     /// Forget everything after the first `len` tokens (speculative decoding, edited chats).
@@ -225,7 +246,7 @@ impl<'m> Session<'m> {
 
     /// Run one step of `ids` (≤ the step size) and append them.
     fn step(&mut self, ids: &[u32], wanted: Wanted, readback: Readback) -> Result<crate::engine::batch::StepOutput> {
-        let step = SeqStep { tokens: ids, pos0: self.tokens.len(), block_table: &self.block_table, wanted };
+        let step = SeqStep { tokens: ids, pos0: self.tokens.len(), block_table: &self.block_table, wanted, adapters: self.adapters };
         let out = self.runner.step(&[step], readback)?;
         self.tokens.extend_from_slice(ids);
         Ok(out)
@@ -235,7 +256,7 @@ impl<'m> Session<'m> {
     /// and append them: (dispatch label, seconds) in execution order. For `kiln bench`.
     pub fn profile_step(&mut self, ids: &[u32], wanted: Wanted, readback: Readback) -> Result<Vec<(String, f64)>> {
         self.check_room(ids.len())?;
-        let step = SeqStep { tokens: ids, pos0: self.tokens.len(), block_table: &self.block_table, wanted };
+        let step = SeqStep { tokens: ids, pos0: self.tokens.len(), block_table: &self.block_table, wanted, adapters: self.adapters };
         let times = self.runner.profile_step(&[step], readback)?;
         self.tokens.extend_from_slice(ids);
         Ok(times)
@@ -265,8 +286,8 @@ impl<'m> Session<'m> {
                 self.runner.max_step_tokens()
             )));
         }
-        let step =
-            SeqStep { tokens: ids, pos0: self.tokens.len(), block_table: &self.block_table, wanted: Wanted::None };
+        let wanted = Wanted::None;
+        let step = SeqStep { tokens: ids, pos0: self.tokens.len(), block_table: &self.block_table, wanted, adapters: self.adapters };
         let maps = self.runner.attention_maps(step, layers)?;
         self.tokens.extend_from_slice(ids);
         Ok(maps)

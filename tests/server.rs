@@ -491,6 +491,27 @@ fn run_python(script: &str, args: &[&str]) {
     assert!(out.status.success(), "{script} failed:\n{stdout}\n{stderr}");
 }
 
+/// Each request chooses a LoRA adapter as its model (`base:adapter`, as vLLM lists adapters):
+/// the official client sees the adapters in /v1/models, gets `kiln generate --lora`'s greedy text
+/// for each, and a clear 404 for an adapter that is not loaded.
+#[test]
+fn requests_choose_lora_adapters_by_model_name() {
+    let model = fixture("llama3-tiny");
+    let adapter = |n: &str| fixture("llama3-tiny-lora").join(n).to_str().unwrap().to_string();
+    let (a, b) = (adapter("adapter-a"), adapter("adapter-b"));
+    let server = Server::start(&model, &["--lora", &a, "--lora", &b]);
+    let base_text = kiln_generate(&model, PROMPT, 12);
+    let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["generate", "--model", model.to_str().unwrap(), "--lora", &a, "--prompt", PROMPT])
+        .args(["--temperature", "0", "--max-tokens", "12"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let adapter_text = String::from_utf8(out.stdout).unwrap().trim_end_matches('\n').to_string();
+    assert_ne!(base_text, adapter_text, "the adapter changes the continuation");
+    run_python("lora_client.py", &[&server.url(), PROMPT, &base_text, &adapter_text]);
+}
+
 #[test]
 fn the_official_openai_client_works_against_the_server() {
     let model = fixture("llama3-tiny");

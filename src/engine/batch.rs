@@ -27,6 +27,8 @@ pub struct SeqStep<'a> {
     pub pos0: usize,
     pub block_table: &'a [u32],
     pub wanted: Wanted,
+    /// The LoRA adapters its tokens use: bit i = the model's adapter i (0: none).
+    pub adapters: u32,
 }
 
 impl SeqStep<'_> {
@@ -91,6 +93,7 @@ pub struct Runner<'m> {
     meta: Vec<[u32; 2]>,
     table: Vec<u32>,
     rows: Vec<u32>,
+    adapters: Vec<u32>,
 }
 
 impl<'m> Runner<'m> {
@@ -113,7 +116,8 @@ impl<'m> Runner<'m> {
         let gpu = &model.gpu;
         let cache = KvCache::new(gpu, c, blocks, block_size)?;
         let max_step_tokens = max_step_tokens.max(1);
-        let act = Activations::new(gpu, c, max_step_tokens, max_context as u32, block_size)?;
+        let lora_rank = model.weights.lora.max_total_rank();
+        let act = Activations::new(gpu, c, max_step_tokens, max_context as u32, block_size, lora_rank)?;
         let inv = rope::inv_freq_with_factors(
             c.head_dim,
             c.rope_theta,
@@ -133,6 +137,7 @@ impl<'m> Runner<'m> {
             meta: Vec::new(),
             table: Vec::new(),
             rows: Vec::new(),
+            adapters: Vec::new(),
         })
     }
 
@@ -189,7 +194,9 @@ impl<'m> Runner<'m> {
         self.meta.clear();
         self.table.clear();
         self.rows.clear();
+        self.adapters.clear();
         let mut max_kv_len = 0;
+        let known = self.model.weights.lora.all();
         for s in seqs {
             let end = s.pos0 + s.tokens.len();
             if end > self.max_context {
@@ -210,12 +217,16 @@ impl<'m> Runner<'m> {
             if let Some(t) = s.tokens.iter().find(|&&t| t >= vocab) {
                 return Err(KilnError::Request(format!("token id {t} is outside the vocabulary of {vocab}")));
             }
+            if s.adapters & !known != 0 {
+                return Err(KilnError::Request(format!("adapter mask {:#x}: the model holds {known:#x}", s.adapters)));
+            }
             let table = self.table.len() as u32;
             self.table.extend_from_slice(s.block_table);
             let first_row = self.ids.len() as u32;
             for (i, &id) in s.tokens.iter().enumerate() {
                 self.ids.push(id);
                 self.meta.push([(s.pos0 + i) as u32, table]);
+                self.adapters.push(s.adapters);
             }
             match s.wanted {
                 Wanted::None => {}
@@ -233,6 +244,7 @@ impl<'m> Runner<'m> {
         self.ids.resize(key.tokens as usize, 0);
         self.meta.resize(key.tokens as usize, [NO_POSITION, 0]);
         self.rows.resize(key.rows as usize, 0);
+        self.adapters.resize(key.tokens as usize, 0);
         if self.table.is_empty() {
             self.table.push(0);
         }
@@ -245,6 +257,7 @@ impl<'m> Runner<'m> {
         gpu.queue.write_buffer(&inputs.ids, 0, bytemuck::cast_slice(&self.ids));
         gpu.queue.write_buffer(&inputs.meta, 0, bytemuck::cast_slice(&self.meta));
         gpu.queue.write_buffer(&inputs.block_table, 0, bytemuck::cast_slice(&self.table));
+        gpu.queue.write_buffer(&inputs.adapters, 0, bytemuck::cast_slice(&self.adapters));
         if !self.rows.is_empty() {
             gpu.queue.write_buffer(&inputs.rows, 0, bytemuck::cast_slice(&self.rows));
         }

@@ -28,11 +28,17 @@ impl Default for BlockHasher {
 }
 
 impl BlockHasher {
-    pub fn key(&self, parent: Option<BlockKey>, tokens: &[u32]) -> BlockKey {
+    /// The key of a block of `tokens` after the prefix keyed `parent`. A first block (no parent)
+    /// is keyed with `seed` too: what besides the tokens decides its K and V (the LoRA adapters
+    /// applied), so the same prompt under other adapters never shares blocks.
+    pub fn key(&self, parent: Option<BlockKey>, seed: u32, tokens: &[u32]) -> BlockKey {
         let half = |s: &RandomState| {
             let mut h = s.build_hasher();
             h.write_u128(parent.unwrap_or(0));
             h.write_u8(parent.is_some() as u8);
+            if parent.is_none() {
+                h.write_u32(seed);
+            }
             for &t in tokens {
                 h.write_u32(t);
             }
@@ -42,9 +48,9 @@ impl BlockHasher {
     }
 
     /// Keys of every full block of `tokens`, in blocks of `block_size`, continuing `keys`.
-    pub fn extend(&self, keys: &mut Vec<BlockKey>, tokens: &[u32], block_size: usize) {
+    pub fn extend(&self, keys: &mut Vec<BlockKey>, seed: u32, tokens: &[u32], block_size: usize) {
         for i in keys.len()..tokens.len() / block_size {
-            let key = self.key(keys.last().copied(), &tokens[i * block_size..(i + 1) * block_size]);
+            let key = self.key(keys.last().copied(), seed, &tokens[i * block_size..(i + 1) * block_size]);
             keys.push(key);
         }
     }
@@ -206,7 +212,7 @@ mod tests {
         let h = BlockHasher::default();
         let a = pool.allocate().unwrap();
         let b = pool.allocate().unwrap();
-        let key = h.key(None, &[1, 2, 3]);
+        let key = h.key(None, 0, &[1, 2, 3]);
         pool.register(a, key);
         pool.release(&[a, b]);
         assert_eq!(pool.free_blocks(), 4);
@@ -230,13 +236,16 @@ mod tests {
         let h = BlockHasher::default();
         let mut x = Vec::new();
         let mut y = Vec::new();
-        h.extend(&mut x, &[1, 2, 3, 4, 5, 6, 7], 2);
-        h.extend(&mut y, &[9, 9, 3, 4, 5, 6], 2);
+        h.extend(&mut x, 0, &[1, 2, 3, 4, 5, 6, 7], 2);
+        h.extend(&mut y, 0, &[9, 9, 3, 4, 5, 6], 2);
         assert_eq!(x.len(), 3);
         assert_eq!(y.len(), 3);
         assert!(x.iter().zip(&y).all(|(a, b)| a != b), "same block tokens after a different prefix differ");
         let mut z = x[..1].to_vec();
-        h.extend(&mut z, &[1, 2, 3, 4, 5, 6], 2);
+        h.extend(&mut z, 0, &[1, 2, 3, 4, 5, 6], 2);
         assert_eq!(z, x, "extending continues the chain");
+        let mut w = Vec::new();
+        h.extend(&mut w, 1, &[1, 2, 3, 4, 5, 6, 7], 2);
+        assert!(x.iter().zip(&w).all(|(a, b)| a != b), "the same tokens under other adapters never match");
     }
 }

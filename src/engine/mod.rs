@@ -116,6 +116,8 @@ pub struct RequestParams {
     pub stop: Vec<String>,
     /// Report each generated token's log-probability and this many most likely alternatives.
     pub logprobs: Option<usize>,
+    /// The model's LoRA adapters this request applies (bit i: adapter i; 0: the base model).
+    pub adapters: u32,
 }
 
 impl Default for RequestParams {
@@ -126,6 +128,7 @@ impl Default for RequestParams {
             stop_at_eos: true,
             stop: Vec::new(),
             logprobs: None,
+            adapters: 0,
         }
     }
 }
@@ -422,6 +425,10 @@ impl Engine {
         if params.max_tokens == 0 {
             return Err(KilnError::Request("max_tokens must be at least 1".into()));
         }
+        let known = self.model.weights.lora.all();
+        if params.adapters & !known != 0 {
+            return Err(KilnError::Request(format!("adapter mask {:#x}: the model holds {known:#x}", params.adapters)));
+        }
         let needed = prompt.len() + params.max_tokens;
         if needed > self.max_context {
             return Err(KilnError::Request(format!(
@@ -576,6 +583,7 @@ impl<'m> EngineLoop<'m> {
                     pos0: seq.computed,
                     block_table: &seq.blocks,
                     wanted: if last { Wanted::Last } else { Wanted::None },
+                    adapters: seq.params.adapters,
                 }
             })
             .collect();

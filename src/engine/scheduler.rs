@@ -108,7 +108,7 @@ impl<'t> Scheduler<'t> {
             }
             let Some(seq) = self.waiting.front_mut() else { break };
             let bs = self.block_size;
-            self.hasher.extend(&mut seq.keys, &seq.tokens, bs);
+            self.hasher.extend(&mut seq.keys, seq.params.adapters, &seq.tokens, bs);
             // At least the last token is computed (its logits are needed): never reuse a block
             // that holds it, so no shared block is ever written.
             let reusable = (seq.tokens.len() - 1) / bs;
@@ -156,7 +156,7 @@ impl<'t> Scheduler<'t> {
         seq.computed += s.n;
         let full = seq.computed / bs;
         if full > seq.registered {
-            self.hasher.extend(&mut seq.keys, &seq.tokens[..full * bs], bs);
+            self.hasher.extend(&mut seq.keys, seq.params.adapters, &seq.tokens[..full * bs], bs);
             for b in seq.registered..full {
                 self.pool.register(seq.blocks[b], seq.keys[b]);
             }

@@ -42,6 +42,7 @@ shader!(SOFTMAX, "softmax.wgsl", reduces: true, uses_kv: false, reads_weights: f
 shader!(ARGMAX, "argmax.wgsl", reduces: true, uses_kv: false, reads_weights: false);
 shader!(ATTENTION, "attention.wgsl", reduces: false, uses_kv: true, reads_weights: false);
 shader!(MOE, "moe.wgsl", reduces: false, uses_kv: false, reads_weights: true);
+shader!(LORA, "lora.wgsl", reduces: false, uses_kv: false, reads_weights: false);
 
 /// The two interchangeable reduction libraries.
 pub const REDUCE_SUBGROUP: &str = include_str!("../../shaders/reduce_subgroup.wgsl");
@@ -51,7 +52,7 @@ pub const WEIGHTS: &str = include_str!("../../shaders/weights.wgsl");
 
 /// Every kernel family, for validation tests and cache warm-up.
 pub const ALL: &[&Shader] =
-    &[&MATMUL, &GEMV, &RMS_NORM, &ROPE, &ELEMENTWISE, &EMBEDDING, &SOFTMAX, &ARGMAX, &ATTENTION, &MOE];
+    &[&MATMUL, &GEMV, &RMS_NORM, &ROPE, &ELEMENTWISE, &EMBEDDING, &SOFTMAX, &ARGMAX, &ATTENTION, &MOE, &LORA];
 
 /// The full WGSL text of `shader` for the given paths.
 pub fn compose(shader: &Shader, subgroups: bool, kv_f16: bool) -> String {

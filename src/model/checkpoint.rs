@@ -78,14 +78,25 @@ impl Checkpoint {
 
         let mut checkpoint = Checkpoint { files: Vec::new(), tensors: BTreeMap::new() };
         for path in paths {
-            let file = std::fs::File::open(&path).map_err(|e| KilnError::io(&path, e))?;
-            // SAFETY: the map is read-only; a file changed under us by another process could
-            // change tensor values but not break memory safety of the header checks below,
-            // which copy what they need.
-            let mmap = unsafe { Mmap::map(&file) }.map_err(|e| KilnError::io(&path, e))?;
-            checkpoint.add_shard(path, Data::Mapped(mmap))?;
+            checkpoint.map_shard(path)?;
         }
         Ok(checkpoint)
+    }
+
+    /// One safetensors file (a LoRA adapter's `adapter_model.safetensors`).
+    pub fn open_file(path: &Path) -> Result<Checkpoint> {
+        let mut checkpoint = Checkpoint { files: Vec::new(), tensors: BTreeMap::new() };
+        checkpoint.map_shard(path.to_path_buf())?;
+        Ok(checkpoint)
+    }
+
+    fn map_shard(&mut self, path: PathBuf) -> Result<()> {
+        let file = std::fs::File::open(&path).map_err(|e| KilnError::io(&path, e))?;
+        // SAFETY: the map is read-only; a file changed under us by another process could
+        // change tensor values but not break memory safety of the header checks below,
+        // which copy what they need.
+        let mmap = unsafe { Mmap::map(&file) }.map_err(|e| KilnError::io(&path, e))?;
+        self.add_shard(path, Data::Mapped(mmap))
     }
 
     /// A checkpoint of one safetensors file already in memory, named `path` in errors (the

@@ -27,7 +27,7 @@ use super::config::ModelConfig;
 use super::weights::{DenseMlp, Mlp, Weights};
 use crate::gpu::{Dispatch, Gpu, Weight};
 use crate::ops::{
-    argmax, attention, elementwise, embedding, gemv, matmul, moe, rms_norm, rope, KvGeometry, StepTokens,
+    argmax, attention, elementwise, embedding, gemv, lora, matmul, moe, rms_norm, rope, KvGeometry, StepTokens,
 };
 use crate::{KilnError, Result};
 
@@ -153,6 +153,8 @@ pub struct Activations {
     pub tokens: wgpu::Buffer, // (max_rows) u32: greedy picks
     partials: attention::Partials,
     moe: Option<MoeScratch>,
+    /// (T, widest LoRA shrink): the adapters' x·Aᵀ, when the model has adapters.
+    lora_u: Option<wgpu::Buffer>,
 }
 
 /// The activations of a mixture-of-experts block, for `max_tokens` tokens and their top-k
@@ -181,6 +183,7 @@ pub struct StepInputs {
     pub meta: wgpu::Buffer,        // (max_tokens) (position, first block-table entry)
     pub block_table: wgpu::Buffer, // (max_table_entries) u32: the sequences' block tables
     pub rows: wgpu::Buffer,        // (max_rows) u32: the tokens whose logits are wanted
+    pub adapters: wgpu::Buffer,    // (max_tokens) u32: each token's LoRA adapters, a bit mask
 }
 
 impl StepInputs {
@@ -194,8 +197,16 @@ const ATTENTION_TARGET_GROUPS: u32 = 64;
 
 impl Activations {
     /// `max_tokens` per step, sequences of at most `max_context` positions in blocks of
-    /// `block_size` (sizes the block-table buffer: every token of a step may be its own sequence).
-    pub fn new(gpu: &Gpu, c: &ModelConfig, max_tokens: u32, max_context: u32, block_size: u32) -> Result<Activations> {
+    /// `block_size` (sizes the block-table buffer: every token of a step may be its own sequence),
+    /// and LoRA shrinks of up to `lora_rank` columns.
+    pub fn new(
+        gpu: &Gpu,
+        c: &ModelConfig,
+        max_tokens: u32,
+        max_context: u32,
+        block_size: u32,
+        lora_rank: u32,
+    ) -> Result<Activations> {
         let t = max_tokens as u64;
         let f32s = |n: usize| t * n as u64 * 4;
         let vocab_row = c.vocab_size as u64 * 4;
@@ -232,6 +243,7 @@ impl Activations {
                 meta: gpu.buffer("token positions", t * 8)?,
                 block_table: gpu.buffer("block tables", max_table_entries as u64 * 4)?,
                 rows: gpu.buffer("logit rows", max_rows as u64 * 4)?,
+                adapters: gpu.buffer("token adapters", t * 4)?,
             },
             x: gpu.buffer("x", f32s(c.hidden_size))?,
             xn: gpu.buffer("xn", f32s(c.hidden_size))?,
@@ -253,6 +265,10 @@ impl Activations {
             // `splits` keeps tokens × splits ≤ tokens + target.
             partials: attention::Partials::new(gpu, &shape, max_tokens + ATTENTION_TARGET_GROUPS)?,
             moe,
+            lora_u: match lora_rank {
+                0 => None,
+                r => Some(gpu.buffer("lora shrink", t * r as u64 * 4)?),
+            },
         })
     }
 
@@ -261,8 +277,10 @@ impl Activations {
         let i = &self.inputs;
         let normed = self.qk_normed.iter().flat_map(|(q, k)| [q.size(), k.size()]).sum::<u64>();
         let experts = self.moe.iter().flat_map(|m| m.buffers()).map(|b| b.size()).sum::<u64>();
+        let lora = self.lora_u.iter().map(|b| b.size()).sum::<u64>() + i.adapters.size();
         normed
             + experts
+            + lora
             + [
             &i.ids,
             &i.meta,
@@ -395,9 +413,19 @@ pub fn plan(
         let shape = attention_shape(c, cache.geometry, Some(l));
         // Attention block.
         d.push(rms_norm::rms_norm(gpu, &act.x, &layer.input_layernorm, &act.xn, n, hidden, c.rms_norm_eps)?);
+        // y = x·Wᵀ (+ b), plus the LoRA adapters of each token that has any for module `m`.
+        let adapted = |d: &mut Vec<Dispatch>, m: usize, x: &wgpu::Buffer, y: &wgpu::Buffer| -> Result<()> {
+            if let (Some(module), Some(u)) = (w.lora.modules.get(&(l, m)), &act.lora_u) {
+                d.extend(lora::apply(gpu, module, &act.inputs.adapters, x, u, y, n)?);
+            }
+            Ok(())
+        };
         d.extend(linear(gpu, &act.xn, &layer.q_proj, layer.q_bias.as_ref(), &act.q, n)?);
+        adapted(&mut d, 0, &act.xn, &act.q)?;
         d.extend(linear(gpu, &act.xn, &layer.k_proj, layer.k_bias.as_ref(), &act.k, n)?);
+        adapted(&mut d, 1, &act.xn, &act.k)?;
         d.extend(linear(gpu, &act.xn, &layer.v_proj, layer.v_bias.as_ref(), &act.v, n)?);
+        adapted(&mut d, 2, &act.xn, &act.v)?;
         let (q, k) = match (&act.qk_normed, &layer.q_norm, &layer.k_norm) {
             (Some((qn, kn)), Some(q_norm), Some(k_norm)) => {
                 let (heads, kv_heads, dim) = (n * c.n_heads as u32, n * c.n_kv_heads as u32, c.head_dim as u32);
@@ -440,12 +468,19 @@ pub fn plan(
             }
         }
         d.extend(linear(gpu, &act.attn, &layer.o_proj, layer.o_bias.as_ref(), &act.proj, n)?);
+        adapted(&mut d, 3, &act.attn, &act.proj)?;
         d.push(elementwise::add_assign(gpu, &act.x, &act.proj, n * hidden)?);
         // MLP block.
         d.push(rms_norm::rms_norm(gpu, &act.x, &layer.post_attention_layernorm, &act.xn, n, hidden, c.rms_norm_eps)?);
         match &layer.mlp {
             Mlp::Dense(mlp) => {
-                d.extend(dense_mlp(gpu, act, mlp, n)?);
+                d.extend(linear(gpu, &act.xn, &mlp.gate_proj, None, &act.gate, n)?);
+                adapted(&mut d, 4, &act.xn, &act.gate)?;
+                d.extend(linear(gpu, &act.xn, &mlp.up_proj, None, &act.up, n)?);
+                adapted(&mut d, 5, &act.xn, &act.up)?;
+                d.push(elementwise::swiglu(gpu, &act.gate, &act.up, &act.act, n * mlp.gate_proj.rows)?);
+                d.extend(linear(gpu, &act.act, &mlp.down_proj, None, &act.proj, n)?);
+                adapted(&mut d, 6, &act.act, &act.proj)?;
                 d.push(elementwise::add_assign(gpu, &act.x, &act.proj, n * hidden)?);
             }
             Mlp::Experts(experts) => {

@@ -9,6 +9,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod forward;
 pub mod gguf_source;
+pub mod lora;
 pub mod synthetic;
 pub mod weights;
 
@@ -209,6 +210,15 @@ impl Model {
         })
     }
 
+    /// Read LoRA adapters for this model and keep them on the GPU beside the weights, unmerged:
+    /// sessions and requests then choose which apply (`Adapters::mask`). Replaces any loaded.
+    pub fn add_adapters(&mut self, specs: &[lora::AdapterSpec]) -> Result<()> {
+        let adapters: Vec<lora::Adapter> =
+            specs.iter().map(|s| lora::Adapter::read(s, &self.config)).collect::<Result<_>>()?;
+        self.weights.lora = lora::Adapters::upload(&self.gpu, &self.weights, &adapters)?;
+        Ok(())
+    }
+
     /// The default context: the model's own, at most 4096.
     pub fn default_context(&self) -> usize {
         self.config.max_position_embeddings.min(4096)
@@ -275,6 +285,9 @@ impl Model {
             gib(per_token * ctx),
             c.max_position_embeddings
         );
+        for (name, rank, scale) in &self.weights.lora.list {
+            s += &format!("lora adapter:   {name} (rank {rank}, scale {scale}), unmerged\n");
+        }
         s += &format!("eos ids:        {:?}\n", self.generation.eos_token_ids);
         s += &format!("adapter:        {}\n", self.gpu.describe());
         s

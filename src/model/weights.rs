@@ -123,6 +123,8 @@ pub struct Weights {
     pub norm: wgpu::Buffer, // (hidden) f32
     /// (vocab, hidden); None when tied to `embed_tokens`.
     pub lm_head: Option<Weight>,
+    /// LoRA adapters applied unmerged (`Model::add_adapters`); none at load.
+    pub lora: super::lora::Adapters,
 }
 
 impl Weights {
@@ -355,5 +357,5 @@ pub fn build(src: &mut dyn Parameters, c: &ModelConfig) -> Result<Weights> {
     }
     let norm = src.vector("model.norm.weight")?;
     let lm_head = if c.tie_word_embeddings { None } else { Some(src.matrix("lm_head.weight")?) };
-    Ok(Weights { embed_tokens, layers, norm, lm_head })
+    Ok(Weights { embed_tokens, layers, norm, lm_head, lora: Default::default() })
 }

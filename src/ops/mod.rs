@@ -7,6 +7,7 @@ pub mod attention;
 pub mod elementwise;
 pub mod embedding;
 pub mod gemv;
+pub mod lora;
 pub mod matmul;
 pub mod moe;
 pub mod rms_norm;

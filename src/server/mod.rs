@@ -265,17 +265,23 @@ async fn metrics_text(State(st): State<Arc<AppState>>) -> Response {
 
 async fn models(State(st): State<Arc<AppState>>) -> Response {
     match st.ready() {
-        Ok(r) => Json(json!({
-            "object": "list",
-            "data": [{
-                "id": r.name,
-                "object": "model",
-                "created": unix_time(),
-                "owned_by": "kiln",
-                "max_model_len": r.engine.max_context(),
-            }],
-        }))
-        .into_response(),
+        Ok(r) => {
+            let card = |id: String, parent: Option<&str>| {
+                json!({
+                    "id": id,
+                    "object": "model",
+                    "created": unix_time(),
+                    "owned_by": "kiln",
+                    "root": r.name,
+                    "parent": parent,
+                    "max_model_len": r.engine.max_context(),
+                })
+            };
+            let mut data = vec![card(r.name.clone(), None)];
+            // Each LoRA adapter is a model of its own, as vLLM lists them.
+            data.extend(r.model.weights.lora.list.iter().map(|(a, _, _)| card(format!("{}:{a}", r.name), Some(&r.name))));
+            Json(json!({ "object": "list", "data": data })).into_response()
+        }
         Err(e) => error_response(e),
     }
 }
@@ -404,6 +410,8 @@ fn bridge(st: &Arc<AppState>, requests: Vec<Request>, arrival: Instant) -> mpsc:
 
 /// A validated generation request, ready to submit: each prompt's token ids and the params.
 struct Job {
+    /// The model the request named: the base's name, or `base:adapter` for a LoRA adapter.
+    model: String,
     prompts: Vec<Vec<u32>>,
     generation: openai::Generation,
     /// Chat: `logprobs` with `top_logprobs`; completions: the `logprobs` count.
@@ -475,8 +483,10 @@ async fn completions(State(st): State<Arc<AppState>>, body: std::result::Result<
 fn read_job(ready: &Ready, body: std::result::Result<Bytes, BytesRejection>, endpoint: Endpoint) -> ApiResult<Job> {
     let obj = body_object(body)?;
     let model = &ready.model;
-    let generation = openai::generation(&obj, &model.generation)?;
+    let mut generation = openai::generation(&obj, &model.generation)?;
     let f = Fields(&obj);
+    let (model_id, adapters) = adapter_of(ready, f.str("model")?)?;
+    generation.params.adapters = adapters;
     let (prompts, logprobs) = match endpoint {
         Endpoint::Chat => {
             let messages = openai::messages(&obj)?;
@@ -505,7 +515,34 @@ fn read_job(ready: &Ready, body: std::result::Result<Bytes, BytesRejection>, end
             (prompts, f.int_in("logprobs", 0, 20)?.map(|k| k as usize))
         }
     };
-    Ok(Job { prompts, generation, logprobs })
+    Ok(Job { model: model_id, prompts, generation, logprobs })
+}
+
+/// The model a request names: the served model (or no name: the base), `base:adapter` or just
+/// `adapter` for one of the LoRA adapters loaded with `--lora` (vLLM names adapters as models).
+/// Returns the name to echo and the adapter mask. Another name that is not an adapter is taken
+/// as the base (clients often send a fixed name); `base:unknown` is 404.
+fn adapter_of(ready: &Ready, requested: Option<&str>) -> ApiResult<(String, u32)> {
+    let lora = &ready.model.weights.lora;
+    let Some(name) = requested else { return Ok((ready.name.clone(), 0)) };
+    let adapter = name.strip_prefix(&format!("{}:", ready.name)).unwrap_or(name);
+    if let Ok(mask) = lora.mask(&[adapter]) {
+        return Ok((format!("{}:{adapter}", ready.name), mask));
+    }
+    if name.starts_with(&format!("{}:", ready.name)) {
+        let known: Vec<String> = lora.list.iter().map(|(n, _, _)| format!("{}:{n}", ready.name)).collect();
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found_error",
+            format!(
+                "the model `{name}` does not exist; served: {}{}",
+                ready.name,
+                known.iter().map(|k| format!(", {k}")).collect::<String>()
+            ),
+        )
+        .with_code("model_not_found"));
+    }
+    Ok((ready.name.clone(), 0))
 }
 
 async fn generate(st: Arc<AppState>, body: std::result::Result<Bytes, BytesRejection>, endpoint: Endpoint) -> Response {
@@ -528,6 +565,7 @@ async fn generate(st: Arc<AppState>, body: std::result::Result<Bytes, BytesRejec
         id: format!("{}-{:016x}", if endpoint == Endpoint::Chat { "chatcmpl" } else { "cmpl" }, rand::random::<u64>()),
         created: unix_time(),
         endpoint,
+        model: job.model.clone(),
         choices: job.prompts.len() * job.generation.n,
         prompt_tokens: job.prompts.iter().map(Vec::len).sum(),
         logprobs: job.logprobs,
@@ -546,6 +584,8 @@ struct Responder {
     id: String,
     created: u64,
     endpoint: Endpoint,
+    /// The model name to echo (`base:adapter` for an adapter).
+    model: String,
     choices: usize,
     prompt_tokens: usize,
     logprobs: Option<usize>,
@@ -567,7 +607,7 @@ struct Choice {
 
 impl Responder {
     fn model_name(&self) -> &str {
-        self.st.ready.get().map_or("kiln", |r| r.name.as_str())
+        &self.model
     }
 
     fn tokenizer(&self) -> &crate::tokenizer::Tokenizer {

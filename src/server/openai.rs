@@ -204,7 +204,7 @@ pub fn generation(obj: &Map<String, Value>, defaults: &GenerationDefaults) -> Ap
     }
     Ok(Generation {
         max_tokens,
-        params: RequestParams { max_tokens: 0, sampling, stop_at_eos: true, stop, logprobs: None },
+        params: RequestParams { max_tokens: 0, sampling, stop_at_eos: true, stop, logprobs: None, adapters: 0 },
         n,
         stream,
         include_usage,
