@@ -188,6 +188,7 @@ fn main() -> Result<()> {
             n_kv_heads: model.kv_heads,
             head_dim: model.head_dim,
             kv,
+            window: 0,
         };
         let table: Vec<u32> = (0..ctx / 16).collect();
         let table = gpu.upload("block table", bytemuck::cast_slice(&table))?;

@@ -7,6 +7,7 @@ mod common;
 use common::*;
 use kiln::gpu::DType;
 use kiln::model::synthetic::{random_blocks, PRESETS};
+use kiln::model::weights::Mlp;
 use kiln::{Model, Session};
 use rand::SeedableRng;
 use std::process::Command;
@@ -35,23 +36,27 @@ fn every_preset_builds_with_its_shapes_and_runs_a_finite_forward_pass() {
         let c = &model.config;
         assert_eq!(c.n_layers, 1);
         let by_dtype = model.weights.bytes_by_dtype();
+        let mlp = |l: usize| match &model.weights.layers[l].mlp {
+            Mlp::Dense(d) => d,
+            Mlp::Experts(_) => panic!("{}: a dense preset", preset.name),
+        };
         match preset.name {
             "smollm2-135m-q4_1" => {
                 assert_eq!((c.hidden_size, c.vocab_size, c.n_kv_heads), (576, 49152, 3));
                 assert_eq!(model.weights.embed_tokens.dtype, DType::Q8_0);
-                assert_eq!(model.weights.layers[0].gate_proj.dtype, DType::Q4_1);
+                assert_eq!(mlp(0).gate_proj.dtype, DType::Q4_1);
             }
             "qwen2.5-0.5b-q4_k" => {
                 assert_eq!((c.hidden_size, c.intermediate_size, c.vocab_size), (896, 4864, 151936));
                 assert!(c.qkv_bias);
-                assert_eq!(model.weights.layers[0].down_proj.dtype, DType::Q6K);
+                assert_eq!(mlp(0).down_proj.dtype, DType::Q6K);
                 assert_eq!(model.weights.layers[0].q_proj.dtype, DType::Q5_0);
             }
             "qwen2.5-0.5b-q8_0" => assert!(by_dtype.iter().all(|(d, _)| *d == DType::Q8_0)),
             "llama3-8b-q4_0" => {
                 assert_eq!((c.hidden_size, c.intermediate_size, c.head_dim), (4096, 14336, 128));
                 assert_eq!(model.weights.lm_head().dtype, DType::Q6K);
-                assert_eq!(model.weights.layers[0].up_proj.dtype, DType::Q4_0);
+                assert_eq!(mlp(0).up_proj.dtype, DType::Q4_0);
             }
             "llama3-8b-f16" => assert!(by_dtype.iter().all(|(d, _)| *d == DType::F16)),
             other => panic!("untested preset {other}"),

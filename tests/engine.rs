@@ -146,6 +146,7 @@ fn check_mixed_batches(model: &Model, what: &str, lens: &[usize], tol: f64, rng:
                 pos0: done[i],
                 block_table: &tables[i],
                 wanted: Wanted::All,
+                adapters: 0,
             })
             .collect();
         let out = runner.step(&step, Readback::Both).unwrap();
