@@ -164,6 +164,7 @@ pub fn run(model: &Model, mut log: impl FnMut(&str)) -> Result<DoctorReport> {
     linears.push(w.lm_head());
     for weight in linears {
         let name = weight.name.trim_start_matches("model.layers.0.").trim_end_matches(".weight");
+        let name = name.trim_start_matches("self_attn.").trim_start_matches("mlp.");
         let name = if std::ptr::eq(weight, w.lm_head()) { "lm_head" } else { name };
         for m in [1, 7] {
             log(&format!("{} {name}", if m == 1 { "gemv" } else { "matmul" }));

@@ -99,7 +99,7 @@ enum Command {
         #[arg(long, conflicts_with = "synthetic", required_unless_present = "synthetic")]
         model: Option<PathBuf>,
         /// A synthetic model with random weights made on the device: smollm2-135m-q4_1,
-        /// qwen2.5-0.5b-q4_k, qwen2.5-0.5b-q8_0, llama3-8b-q4_0, llama3-8b-f16.
+        /// qwen2.5-0.5b-q4_k, qwen2.5-0.5b-q8_0, llama3-8b-q4_0, llama3-8b-f16, qwen3-30b-a3b-q4_k.
         #[arg(long)]
         synthetic: Option<String>,
         /// Keep only the first N layers of a synthetic model (a big preset on a small machine).

@@ -38,7 +38,7 @@ fn every_preset_builds_with_its_shapes_and_runs_a_finite_forward_pass() {
         let by_dtype = model.weights.bytes_by_dtype();
         let mlp = |l: usize| match &model.weights.layers[l].mlp {
             Mlp::Dense(d) => d,
-            Mlp::Experts(_) => panic!("{}: a dense preset", preset.name),
+            Mlp::Experts(_) => panic!("{}: not a dense layer", preset.name),
         };
         match preset.name {
             "smollm2-135m-q4_1" => {
@@ -59,6 +59,17 @@ fn every_preset_builds_with_its_shapes_and_runs_a_finite_forward_pass() {
                 assert_eq!(mlp(0).up_proj.dtype, DType::Q4_0);
             }
             "llama3-8b-f16" => assert!(by_dtype.iter().all(|(d, _)| *d == DType::F16)),
+            "qwen3-30b-a3b-q4_k" => {
+                let m = c.moe.as_ref().unwrap();
+                assert_eq!((m.n_experts, m.top_k, m.expert_intermediate_size, c.head_dim), (128, 8, 768, 128));
+                assert!(c.qk_norm && m.norm_topk_prob);
+                let Mlp::Experts(x) = &model.weights.layers[0].mlp else { panic!("experts") };
+                assert_eq!((x.gate_proj.rows, x.gate_proj.dtype), (128 * 768, DType::Q4K));
+                // A token reads the router and 8 of 128 experts.
+                let per_token = model.weights.layers[0].mlp.bytes_per_token(8);
+                let all: u64 = model.weights.layers[0].mlp.matrices().iter().map(|w| w.bytes()).sum();
+                assert!(per_token * 12 < all, "{per_token} of {all} bytes");
+            }
             other => panic!("untested preset {other}"),
         }
         let mut session = Session::new(&model, Some(64)).unwrap();

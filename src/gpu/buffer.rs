@@ -103,7 +103,8 @@ impl Weight {
         dtype: DType,
         bytes: &[u8],
     ) -> Result<Weight> {
-        let group = rows;
+        // One matrix splits anywhere between rows; a stack only between its matrices.
+        let group = if count == 1 { 1 } else { rows };
         let rows = count.checked_mul(rows).ok_or_else(|| {
             KilnError::shape("weight upload", format!("{name}: {count} matrices of {rows} rows"))
         })?;
@@ -140,7 +141,7 @@ impl Weight {
     /// `count` zero-filled (rows × cols) matrices stacked as `upload_stacked` stacks them.
     pub fn zeroed_stacked(gpu: &Gpu, name: &str, count: u32, rows: u32, cols: u32, dtype: DType) -> Result<Weight> {
         let row_bytes = dtype.bytes_for(cols as u64);
-        let (group, rows) = (rows, count.saturating_mul(rows));
+        let (group, rows) = (if count == 1 { 1 } else { rows }, count.saturating_mul(rows));
         Self::build(gpu, name, rows, cols, dtype, group, |label, _, n| gpu.buffer(label, n as u64 * row_bytes))
     }
 

@@ -392,6 +392,15 @@ impl ModelConfig {
         Ok(self)
     }
 
+    /// Keep only the first `n` layers (a big model's shapes on a small machine: `--layers`).
+    pub fn keep_layers(&mut self, n: usize) {
+        self.n_layers = n;
+        self.attention_windows.truncate(n);
+        if let Some(m) = &mut self.moe {
+            m.sparse_layers.truncate(n);
+        }
+    }
+
     pub fn q_dim(&self) -> usize {
         self.n_heads * self.head_dim
     }

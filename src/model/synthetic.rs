@@ -40,6 +40,12 @@ const LLAMA3_8B: &str = r#"{"architectures": ["LlamaForCausalLM"], "hidden_size"
   "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256,
   "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "max_position_embeddings": 8192, "tie_word_embeddings": false}"#;
 
+const QWEN3_30B_A3B: &str = r#"{"architectures": ["Qwen3MoeForCausalLM"], "hidden_size": 2048,
+  "intermediate_size": 6144, "moe_intermediate_size": 768, "num_experts": 128, "num_experts_per_tok": 8,
+  "norm_topk_prob": true, "num_hidden_layers": 48, "num_attention_heads": 32, "num_key_value_heads": 4,
+  "head_dim": 128, "vocab_size": 151936, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
+  "max_position_embeddings": 40960, "tie_word_embeddings": false}"#;
+
 fn is_embedding(name: &str) -> bool {
     name == "model.embed_tokens.weight" || name == "lm_head.weight"
 }
@@ -88,6 +94,16 @@ pub const PRESETS: &[Preset] = &[
         about: "Llama-3-8B as a Q4_0 GGUF: matrices Q4_0, output Q6_K",
         config: LLAMA3_8B,
         dtype: |n| if n == "lm_head.weight" { DType::Q6K } else { DType::Q4_0 },
+    },
+    Preset {
+        name: "qwen3-30b-a3b-q4_k",
+        about: "Qwen3-30B-A3B (128 experts, 8 per token) with Q4_K matrices, Q8_0 embedding, Q6_K output",
+        config: QWEN3_30B_A3B,
+        dtype: |n| match n {
+            "model.embed_tokens.weight" => DType::Q8_0,
+            "lm_head.weight" => DType::Q6K,
+            _ => DType::Q4K,
+        },
     },
     Preset {
         name: "llama3-8b-f16",
@@ -252,7 +268,7 @@ impl Model {
             if n == 0 || n > config.n_layers {
                 return Err(KilnError::Request(format!("--layers {n}: {name} has 1..={} layers", config.n_layers)));
             }
-            config.n_layers = n;
+            config.keep_layers(n);
         }
         let mut src = RandomParameters {
             gpu: &gpu,
