@@ -14,7 +14,7 @@
 //! # Ok(()) }
 //! ```
 
-use crate::engine::batch::{LayerAttention, Readback, Runner, SeqStep, Wanted};
+use crate::engine::batch::{LayerAttention, LayerRouting, Readback, Runner, SeqStep, Wanted};
 use crate::model::forward::PlanKey;
 use crate::model::Model;
 use crate::sampling::{Sampler, SamplingParams};
@@ -291,6 +291,24 @@ impl<'m> Session<'m> {
         let maps = self.runner.attention_maps(step, layers)?;
         self.tokens.extend_from_slice(ids);
         Ok(maps)
+    }
+
+    /// Feed `ids` in one step and return the experts each token chose in the mixture-of-experts
+    /// layers `layers`, with their weights.
+    pub fn routing(&mut self, ids: &[u32], layers: &[usize]) -> Result<Vec<LayerRouting>> {
+        self.check_room(ids.len())?;
+        if ids.len() > self.runner.max_step_tokens() {
+            return Err(KilnError::Request(format!(
+                "routing is read from one step: {} tokens, at most {}",
+                ids.len(),
+                self.runner.max_step_tokens()
+            )));
+        }
+        let wanted = Wanted::None;
+        let step = SeqStep { tokens: ids, pos0: self.tokens.len(), block_table: &self.block_table, wanted, adapters: self.adapters };
+        let routes = self.runner.routing(step, layers)?;
+        self.tokens.extend_from_slice(ids);
+        Ok(routes)
     }
 
     /// Layer `layer`'s keys as the cache holds them, (n_kv_heads, slots, head_dim); position p is

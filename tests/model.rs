@@ -126,6 +126,51 @@ fn gguf_files_of_the_new_families_match_transformers() {
     }
 }
 
+/// The mixtures route every token of every golden case to the experts transformers chose, in
+/// its order (most probable first), with its weights (the router's softmax, renormalised for
+/// Mixtral): the goldens' closest k-th/next router-logit gap is 0.02, far above our error.
+#[test]
+fn mixtures_route_each_token_to_the_experts_transformers_chose() {
+    for (path, gpu) in model_devices() {
+        for name in ["qwen2-moe-tiny", "mixtral-tiny"] {
+            let g = golden(name);
+            let model = load(name, gpu.clone());
+            // Router weights are softmax outputs ≤ 1 moved by the router logits' error (see
+            // logit_tol: the hidden state carries the KV cache's rounding).
+            let tol = logit_tol(&gpu);
+            for case in g["routing"]["cases"].as_array().unwrap() {
+                let ids = u32s(&case["input_ids"]);
+                let want_layers = case["layers"].as_array().unwrap();
+                let layers: Vec<usize> = want_layers.iter().map(|l| l["layer"].as_u64().unwrap() as usize).collect();
+                let routes = Session::new(&model, None).unwrap().routing(&ids, &layers).unwrap();
+                for (r, want) in routes.iter().zip(want_layers) {
+                    let what = format!("{name} {path} {} layer {}", case["name"], r.layer);
+                    let want_ids: Vec<Vec<u32>> = want["topk_ids"].as_array().unwrap().iter().map(u32s).collect();
+                    let want_w: Vec<Vec<f32>> = want["topk_weights"].as_array().unwrap().iter().map(f32s).collect();
+                    for (t, (wi, ww)) in want_ids.iter().zip(&want_w).enumerate() {
+                        let got: Vec<(u32, f32)> =
+                            r.ids[t * r.top_k..][..r.top_k].iter().copied().zip(r.weights[t * r.top_k..].iter().copied()).collect();
+                        // The same experts with the same weights; their order (which only ranks
+                        // them) must match where the weights are further apart than our error.
+                        let mut a = got.clone();
+                        let mut b: Vec<(u32, f32)> = wi.iter().copied().zip(ww.iter().copied()).collect();
+                        a.sort_by_key(|p| p.0);
+                        b.sort_by_key(|p| p.0);
+                        assert_eq!(a.iter().map(|p| p.0).collect::<Vec<_>>(), b.iter().map(|p| p.0).collect::<Vec<_>>(), "{what} token {t}: chosen experts");
+                        let (ga, gb): (Vec<f32>, Vec<f32>) = (a.iter().map(|p| p.1).collect(), b.iter().map(|p| p.1).collect());
+                        assert_close(&format!("{what} token {t}"), &ga, &gb, tol, "softmax of router logits, see logit_tol");
+                        for s in 1..r.top_k {
+                            if ww[s - 1] - ww[s] > 2.0 * tol as f32 {
+                                assert_eq!(got[s - 1].0, wi[s - 1], "{what} token {t}: the more probable expert first");
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
 fn greedy(tokens: usize) -> GenerateParams {
     GenerateParams { max_tokens: tokens, sampling: SamplingParams::default(), stop_at_eos: false }
 }

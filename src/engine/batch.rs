@@ -3,7 +3,7 @@
 //! runs the plan recorded for the step's bucket, and reads back the logit rows or their argmax.
 //! Both the scheduler ([`super::Engine`]) and the single-sequence [`crate::Session`] drive it.
 
-use crate::model::forward::{self, Activations, AttentionProbes, KvCache, PlanKey, ProbedLayer, StepPlan};
+use crate::model::forward::{self, Activations, KvCache, PlanKey, ProbedLayer, ProbedRoute, Probes, StepPlan};
 use crate::model::Model;
 use crate::ops::{rope, NO_POSITION};
 use crate::{KilnError, Result};
@@ -73,6 +73,17 @@ pub struct LayerAttention {
     pub probs: Vec<f32>,
     /// The layer's rotated queries (tokens, n_heads·head_dim), to check `probs` against a reference.
     pub q: Vec<f32>,
+}
+
+/// One mixture-of-experts layer's routing for a step of one sequence.
+#[derive(Clone, Debug)]
+pub struct LayerRouting {
+    pub layer: usize,
+    pub top_k: usize,
+    /// (tokens, top_k): each token's experts, most probable first.
+    pub ids: Vec<u32>,
+    /// (tokens, top_k): the weights their outputs are summed with.
+    pub weights: Vec<f32>,
 }
 
 /// Recorded plans kept at once; the least recently used goes first.
@@ -335,7 +346,7 @@ impl<'m> Runner<'m> {
         let (key, max_kv_len) = self.stage(&[seq], Readback::Argmax)?;
         let gpu = &model.gpu;
         let n_keys = max_kv_len;
-        let probes = AttentionProbes {
+        let probes = Probes {
             layers: layers
                 .iter()
                 .map(|&layer| {
@@ -348,12 +359,9 @@ impl<'m> Runner<'m> {
                 })
                 .collect::<Result<_>>()?,
             n_keys,
+            routes: Vec::new(),
         };
-        let mut plan =
-            forward::plan(gpu, c, &model.weights, &self.cache, &self.act, &self.rope_table, key, Some(&probes))?;
-        self.upload_inputs();
-        plan.prepare(gpu, max_kv_len);
-        plan.run(gpu, "forward with probes")?;
+        self.run_probed(key, max_kv_len, &probes)?;
         let n = seq.tokens.len();
         probes
             .layers
@@ -365,6 +373,62 @@ impl<'m> Runner<'m> {
                 let probs = all.chunks(row).flat_map(|h| h[..n * n_keys as usize].iter().copied()).collect();
                 let q = gpu.read_f32(&pl.q, n * c.q_dim())?;
                 Ok(LayerAttention { layer: pl.layer, tokens: n, keys: n_keys as usize, probs, q })
+            })
+            .collect()
+    }
+
+    /// Run the staged step once in a one-off plan that records `probes`.
+    fn run_probed(&mut self, key: PlanKey, max_kv_len: u32, probes: &Probes) -> Result<()> {
+        let model = self.model;
+        let gpu = &model.gpu;
+        let c = &model.config;
+        let mut plan =
+            forward::plan(gpu, c, &model.weights, &self.cache, &self.act, &self.rope_table, key, Some(probes))?;
+        self.upload_inputs();
+        plan.prepare(gpu, max_kv_len);
+        plan.run(gpu, "forward with probes")
+    }
+
+    /// Run one step of a single sequence and record which experts each of its tokens chose in
+    /// the mixture-of-experts layers `layers`, and with what weights.
+    pub fn routing(&mut self, seq: SeqStep<'_>, layers: &[usize]) -> Result<Vec<LayerRouting>> {
+        let model = self.model;
+        let c = &model.config;
+        let Some(m) = &c.moe else {
+            return Err(KilnError::Request("the model has no mixture of experts to route".into()));
+        };
+        if let Some(l) = layers.iter().find(|&&l| l >= c.n_layers || !m.sparse_layers[l]) {
+            return Err(KilnError::Request(format!("layer {l} is not a mixture-of-experts layer")));
+        }
+        let (key, max_kv_len) = self.stage(&[seq], Readback::Argmax)?;
+        let gpu = &model.gpu;
+        let bytes = key.tokens as u64 * m.top_k as u64 * 4;
+        let probes = Probes {
+            layers: Vec::new(),
+            n_keys: 0,
+            routes: layers
+                .iter()
+                .map(|&layer| {
+                    Ok(ProbedRoute {
+                        layer,
+                        ids: gpu.buffer(&format!("expert ids {layer}"), bytes)?,
+                        weights: gpu.buffer(&format!("expert weights {layer}"), bytes)?,
+                    })
+                })
+                .collect::<Result<_>>()?,
+        };
+        self.run_probed(key, max_kv_len, &probes)?;
+        let n = seq.tokens.len() * m.top_k;
+        probes
+            .routes
+            .iter()
+            .map(|r| {
+                Ok(LayerRouting {
+                    layer: r.layer,
+                    top_k: m.top_k,
+                    ids: gpu.read_u32(&r.ids, n)?,
+                    weights: gpu.read_f32(&r.weights, n)?,
+                })
             })
             .collect()
     }

@@ -96,12 +96,21 @@ impl KvCache {
     }
 }
 
-/// What a plan with probes records besides the step (`kiln attention`): for each probed layer,
-/// its attention probabilities (n_heads, tokens, n_keys) and its rotated queries
-/// (tokens, n_heads·head_dim), each in its own buffer. A normal step never has probes.
-pub struct AttentionProbes {
+/// What a plan with probes records besides the step: for each probed layer, its attention
+/// probabilities (n_heads, tokens, n_keys) and its rotated queries (tokens, n_heads·head_dim)
+/// (`kiln attention`); for each probed mixture-of-experts layer, the experts each token chose and
+/// their weights. Each in its own buffer. A normal step never has probes.
+pub struct Probes {
     pub layers: Vec<ProbedLayer>,
     pub n_keys: u32,
+    pub routes: Vec<ProbedRoute>,
+}
+
+/// A mixture-of-experts layer's routing: ids and weights, (tokens, top_k) each.
+pub struct ProbedRoute {
+    pub layer: usize,
+    pub ids: wgpu::Buffer,
+    pub weights: wgpu::Buffer,
 }
 
 pub struct ProbedLayer {
@@ -375,7 +384,7 @@ pub fn plan(
     act: &Activations,
     rope_table: &wgpu::Buffer,
     key: PlanKey,
-    probes: Option<&AttentionProbes>,
+    probes: Option<&Probes>,
 ) -> Result<StepPlan> {
     let n = key.tokens;
     if n == 0 || n > act.max_tokens || key.rows > n.min(act.max_rows) {
@@ -490,6 +499,12 @@ pub fn plan(
                 let r = moe::Routing { n_tokens: n, n_experts: m.n_experts as u32, top_k: m.top_k as u32 };
                 d.extend(linear(gpu, &act.xn, &experts.router, None, &s.router_logits, n)?);
                 d.push(moe::route(gpu, r, &s.router_logits, &s.ids, &s.weights, m.norm_topk_prob)?);
+                for pr in probes.iter().flat_map(|p| &p.routes).filter(|pr| pr.layer == l) {
+                    // Buffers are padded to 16 bytes, the copy's granule.
+                    let bytes = (r.assignments() as u64 * 4).next_multiple_of(16);
+                    d.push(elementwise::copy(gpu, &s.ids, &pr.ids, bytes)?);
+                    d.push(elementwise::copy(gpu, &s.weights, &pr.weights, bytes)?);
+                }
                 d.push(moe::group(gpu, r, &s.ids, &s.groups)?);
                 d.extend(moe::expert_matmul(gpu, r, &experts.gate_proj, &act.xn, true, &s.groups, &s.gate)?);
                 d.extend(moe::expert_matmul(gpu, r, &experts.up_proj, &act.xn, true, &s.groups, &s.up)?);
