@@ -206,6 +206,13 @@ fn by_op(profile: &[(String, f64)]) -> Vec<OpTime> {
     ops
 }
 
+/// A session of `ctx` positions applying every LoRA adapter the model holds (none: the base).
+fn session(model: &Model, ctx: usize) -> Result<Session<'_>> {
+    let mut s = Session::new(model, Some(ctx))?;
+    s.set_adapters(model.weights.lora.all())?;
+    Ok(s)
+}
+
 /// Bytes one decode step reads at a cache of `fill` tokens: every layer's weights (of a mixture
 /// of experts, only the chosen experts'), the final
 /// norm, the lm-head, one embedding row (the whole table when it is the tied lm-head), and K
@@ -226,6 +233,8 @@ pub fn decode_bytes_per_token(model: &Model, fill: usize) -> u64 {
         let vectors = [&l.q_bias, &l.k_bias, &l.v_bias, &l.o_bias, &l.q_norm, &l.k_norm];
         bytes += vectors.iter().filter_map(|b| b.as_ref()).map(vector).sum::<u64>();
     }
+    // LoRA adapters a measured sequence applies (all the model holds).
+    bytes += w.lora.modules.values().map(|m| m.ab.size()).sum::<u64>();
     bytes + c.kv_bytes_per_token(model.gpu.kv_element_bytes() as usize) as u64 * (fill as u64 + 1)
 }
 
@@ -253,7 +262,7 @@ pub fn run(model: &Arc<Model>, options: &BenchOptions, mut log: impl FnMut(&str)
             fits
         })
         .collect();
-    let mut session = Session::new(model, Some(ctx))?;
+    let mut session = session(model, ctx)?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(0x6b696c6e);
     let mut random_ids = |n: usize| -> Vec<u32> { (0..n).map(|_| rng.random_range(0..c.vocab_size as u32)).collect() };
 
@@ -375,8 +384,8 @@ fn speculate(model: &Arc<Model>, bench: &SpeculativeBench, log: &mut impl FnMut(
         };
         let ctx = (ids.len() + bench.gen_tokens + 1).min(model.config.max_position_embeddings);
         let timed = |generate: &mut dyn FnMut(&mut Session) -> Result<crate::Generation>| -> Result<crate::Generation> {
-            generate(&mut Session::new(model, Some(ctx))?)?; // warm-up
-            generate(&mut Session::new(model, Some(ctx))?)
+            generate(&mut session(model, ctx)?)?; // warm-up
+            generate(&mut session(model, ctx)?)
         };
         log(&format!("speculative decoding, {name} prompt: plain"));
         let plain = timed(&mut |s| s.generate(&ids, &params, |_| {}))?;
@@ -394,9 +403,9 @@ fn speculate(model: &Arc<Model>, bench: &SpeculativeBench, log: &mut impl FnMut(
                     };
                     Ok(if k.is_some() { spec.fixed() } else { spec })
                 };
-                make()?.generate(&mut Session::new(model, Some(ctx))?, &ids, &params, |_| {})?; // warm-up
+                make()?.generate(&mut session(model, ctx)?, &ids, &params, |_| {})?; // warm-up
                 let mut spec = make()?;
-                let g = spec.generate(&mut Session::new(model, Some(ctx))?, &ids, &params, |_| {})?;
+                let g = spec.generate(&mut session(model, ctx)?, &ids, &params, |_| {})?;
                 if g.tokens != plain.tokens {
                     return Err(crate::KilnError::Request(format!(
                         "speculative greedy output differs from plain decoding on the {name} prompt ({drafter})"
@@ -490,6 +499,7 @@ fn serve_streams(
         max_tokens: options.gen_tokens.max(2),
         sampling: SamplingParams::default(),
         stop_at_eos: false,
+        adapters: model.weights.lora.all(),
         ..Default::default()
     };
     // Warm-up: compiles the pipelines the batched steps use.
@@ -550,7 +560,8 @@ fn shared_prefix(
     let mut rng = rand::rngs::StdRng::seed_from_u64(0x707265666978);
     let mut ids = |n: usize| -> Vec<u32> { (0..n).map(|_| rng.random_range(0..c.vocab_size as u32)).collect() };
     let prefix = ids(prefix_tokens);
-    let params = RequestParams { max_tokens: 2, stop_at_eos: false, ..Default::default() };
+    let adapters = model.weights.lora.all();
+    let params = RequestParams { max_tokens: 2, stop_at_eos: false, adapters, ..Default::default() };
     // Warm-up on an unrelated prompt of the same length (pipelines and plans).
     engine.submit(ids(prefix_tokens + 8), params.clone())?.wait()?;
     let ttft = |question: Vec<u32>| -> Result<(f64, usize)> {

@@ -136,6 +136,9 @@ enum Command {
         /// Fixed numbers of drafted tokens per step to measure besides the adaptive choice.
         #[arg(long, value_delimiter = ',', default_value = "2,4,6")]
         draft_tokens: Vec<usize>,
+        /// LoRA adapters applied to every measured sequence (the cost of unmerged adapters).
+        #[arg(long = "lora", value_name = "PATH[:SCALE]")]
+        lora: Vec<AdapterSpec>,
         /// Also draw the results as charts into this .svg or .png file.
         #[arg(long)]
         plot: Option<PathBuf>,
@@ -565,10 +568,11 @@ fn run(cli: Cli) -> kiln::Result<()> {
             lookup,
             draft,
             draft_tokens,
+            lora,
             plot,
             json,
         } => {
-            let model = match (model, synthetic) {
+            let mut model = match (model, synthetic) {
                 (Some(path), _) => load(&ModelArgs { model: path, ctx: None, lora: Vec::new() })?,
                 (None, Some(name)) => {
                     eprintln!("making synthetic model {name} on the device");
@@ -582,6 +586,10 @@ fn run(cli: Cli) -> kiln::Result<()> {
                 }
                 (None, None) => unreachable!("clap requires --model or --synthetic"),
             };
+            if !lora.is_empty() {
+                model.add_adapters(&lora)?;
+                eprintln!("every measured sequence applies {} LoRA adapter(s)", lora.len());
+            }
             if let Some(path) = &plot {
                 let ext = path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase);
                 if !matches!(ext.as_deref(), Some("svg" | "png")) {

@@ -127,8 +127,7 @@ impl<'m> Runner<'m> {
         let gpu = &model.gpu;
         let cache = KvCache::new(gpu, c, blocks, block_size)?;
         let max_step_tokens = max_step_tokens.max(1);
-        let lora_rank = model.weights.lora.max_total_rank();
-        let act = Activations::new(gpu, c, max_step_tokens, max_context as u32, block_size, lora_rank)?;
+        let act = Activations::new(gpu, c, max_step_tokens, max_context as u32, block_size)?;
         let inv = rope::inv_freq_with_factors(
             c.head_dim,
             c.rope_theta,

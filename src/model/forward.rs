@@ -162,8 +162,6 @@ pub struct Activations {
     pub tokens: wgpu::Buffer, // (max_rows) u32: greedy picks
     partials: attention::Partials,
     moe: Option<MoeScratch>,
-    /// (T, widest LoRA shrink): the adapters' x·Aᵀ, when the model has adapters.
-    lora_u: Option<wgpu::Buffer>,
 }
 
 /// The activations of a mixture-of-experts block, for `max_tokens` tokens and their top-k
@@ -206,16 +204,8 @@ const ATTENTION_TARGET_GROUPS: u32 = 64;
 
 impl Activations {
     /// `max_tokens` per step, sequences of at most `max_context` positions in blocks of
-    /// `block_size` (sizes the block-table buffer: every token of a step may be its own sequence),
-    /// and LoRA shrinks of up to `lora_rank` columns.
-    pub fn new(
-        gpu: &Gpu,
-        c: &ModelConfig,
-        max_tokens: u32,
-        max_context: u32,
-        block_size: u32,
-        lora_rank: u32,
-    ) -> Result<Activations> {
+    /// `block_size` (sizes the block-table buffer: every token of a step may be its own sequence).
+    pub fn new(gpu: &Gpu, c: &ModelConfig, max_tokens: u32, max_context: u32, block_size: u32) -> Result<Activations> {
         let t = max_tokens as u64;
         let f32s = |n: usize| t * n as u64 * 4;
         let vocab_row = c.vocab_size as u64 * 4;
@@ -274,10 +264,6 @@ impl Activations {
             // `splits` keeps tokens × splits ≤ tokens + target.
             partials: attention::Partials::new(gpu, &shape, max_tokens + ATTENTION_TARGET_GROUPS)?,
             moe,
-            lora_u: match lora_rank {
-                0 => None,
-                r => Some(gpu.buffer("lora shrink", t * r as u64 * 4)?),
-            },
         })
     }
 
@@ -286,10 +272,9 @@ impl Activations {
         let i = &self.inputs;
         let normed = self.qk_normed.iter().flat_map(|(q, k)| [q.size(), k.size()]).sum::<u64>();
         let experts = self.moe.iter().flat_map(|m| m.buffers()).map(|b| b.size()).sum::<u64>();
-        let lora = self.lora_u.iter().map(|b| b.size()).sum::<u64>() + i.adapters.size();
         normed
             + experts
-            + lora
+            + i.adapters.size()
             + [
             &i.ids,
             &i.meta,
@@ -424,8 +409,8 @@ pub fn plan(
         d.push(rms_norm::rms_norm(gpu, &act.x, &layer.input_layernorm, &act.xn, n, hidden, c.rms_norm_eps)?);
         // y = x·Wᵀ (+ b), plus the LoRA adapters of each token that has any for module `m`.
         let adapted = |d: &mut Vec<Dispatch>, m: usize, x: &wgpu::Buffer, y: &wgpu::Buffer| -> Result<()> {
-            if let (Some(module), Some(u)) = (w.lora.modules.get(&(l, m)), &act.lora_u) {
-                d.extend(lora::apply(gpu, module, &act.inputs.adapters, x, u, y, n)?);
+            if let Some(module) = w.lora.modules.get(&(l, m)) {
+                d.push(lora::apply(gpu, module, &act.inputs.adapters, x, y, n)?);
             }
             Ok(())
         };

@@ -217,11 +217,6 @@ impl Adapters {
         Ok(Adapters { list, modules })
     }
 
-    /// The largest shrink width of any module: the scratch a step needs per token.
-    pub fn max_total_rank(&self) -> u32 {
-        self.modules.values().map(|m| m.total_rank()).max().unwrap_or(0)
-    }
-
     /// The bit mask of the adapters named, or an error naming the unknown one.
     pub fn mask(&self, names: &[&str]) -> Result<u32> {
         names.iter().try_fold(0u32, |mask, n| {

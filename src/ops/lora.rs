@@ -78,6 +78,11 @@ impl LoraModule {
             };
             entries.push(entry);
         }
+        if u > MAX_RANK {
+            return Err(KilnError::Request(format!(
+                "{label}: the adapters' ranks add up to {u}; kiln applies at most {MAX_RANK} per module"
+            )));
+        }
         Ok(LoraModule {
             ab: gpu.upload(&format!("{label} lora"), bytemuck::cast_slice(&ab))?,
             table: gpu.upload(&format!("{label} lora table"), bytemuck::cast_slice(&entries))?,
@@ -88,17 +93,12 @@ impl LoraModule {
     }
 }
 
-/// y (n_tokens, out) += the adapters of each token's mask applied to x (n_tokens, in), with
-/// `u` (n_tokens, total_rank) as scratch: two dispatches.
-pub fn apply(
-    gpu: &Gpu,
-    m: &LoraModule,
-    adapters: &wgpu::Buffer,
-    x: &wgpu::Buffer,
-    u: &wgpu::Buffer,
-    y: &wgpu::Buffer,
-    n_tokens: u32,
-) -> Result<[Dispatch; 2]> {
+/// The widest shrink (`MAX_RANK` in lora.wgsl).
+pub const MAX_RANK: u32 = 1024;
+
+/// y (n_tokens, out) += the adapters of each token's mask applied to x (n_tokens, in): one
+/// dispatch.
+pub fn apply(gpu: &Gpu, m: &LoraModule, adapters: &wgpu::Buffer, x: &wgpu::Buffer, y: &wgpu::Buffer, n_tokens: u32) -> Result<Dispatch> {
     let params = Params {
         n_tokens,
         n_adapters: m.entries.len() as u32,
@@ -107,26 +107,10 @@ pub fn apply(
         total_rank: m.total_rank(),
         _pad: [0; 3],
     };
-    let shrink = gpu.pipeline(&shaders::LORA, "shrink", &[])?;
-    let expand = gpu.pipeline(&shaders::LORA, "expand", &[])?;
-    let shrink_groups = (n_tokens * params.total_rank).div_ceil(64);
-    super::check_groups(gpu, "lora", "shrink groups", shrink_groups)?;
-    Ok([
-        gpu.dispatch_at(
-            "lora shrink",
-            shrink,
-            &params,
-            &[(1, &m.ab), (2, &m.table), (3, adapters), (4, x), (5, u)],
-            [shrink_groups, 1, 1],
-        )?,
-        gpu.dispatch_at(
-            "lora expand",
-            expand,
-            &params,
-            &[(1, &m.ab), (2, &m.table), (3, adapters), (6, u), (7, y)],
-            super::flat_grid(gpu, (n_tokens * m.out_dim).div_ceil(64)),
-        )?,
-    ])
+    let pipeline = gpu.pipeline(&shaders::LORA, "apply", &[])?;
+    super::check_groups(gpu, "lora", "tokens", n_tokens)?;
+    let buffers = [(1, &m.ab), (2, &m.table), (3, adapters), (4, x), (5, y)];
+    gpu.dispatch_at("lora", pipeline, &params, &buffers, [1, n_tokens, 1])
 }
 
 /// Reference in f64: y + Σ over each token's adapters of s·(x·Aᵀ)·Bᵀ. `adapters[i]` as for
