@@ -149,6 +149,98 @@ fn x_at(i: u32) -> f32 {
     return x[i >> 2u][i & 3u];
 }
 
+// y[a][row0 .. row0 + EM_ROWS] for the assignments order[o0 .. o0 + EM_TOKENS] of expert rows
+// starting at w_row0: one weight block decoded for the whole tile.
+fn expert_tile(o0: u32, w_row0: u32, row0: u32) {
+    let order = 2u * p.n_experts + 2u;
+    var xr: array<u32, EM_TOKENS>;
+    for (var t = 0u; t < EM_TOKENS; t++) {
+        xr[t] = x_row(groups[order + o0 + t]);
+    }
+    var acc: array<array<f32, EM_TOKENS>, EM_ROWS>;
+    if p.k % 32u == 0u {
+        let nb = p.k / 32u;
+        for (var b = 0u; b < nb; b++) {
+            var xs: array<array<vec4<f32>, 8>, EM_TOKENS>;
+            for (var t = 0u; t < EM_TOKENS; t++) {
+                let xi = xr[t] * (p.k / 4u) + 8u * b;
+                for (var i = 0u; i < 8u; i++) {
+                    xs[t][i] = x[xi + i];
+                }
+            }
+            for (var r = 0u; r < EM_ROWS; r++) {
+                let wv = weights32((w_row0 + min(row0 + r, p.rows - 1u)) * nb + b);
+                for (var t = 0u; t < EM_TOKENS; t++) {
+                    var s = 0.0;
+                    for (var i = 0u; i < 8u; i++) {
+                        s += dot(wv[i], xs[t][i]);
+                    }
+                    acc[r][t] += s;
+                }
+            }
+        }
+    } else {
+        for (var kk = 0u; kk < p.k; kk++) {
+            var xv: array<f32, EM_TOKENS>;
+            for (var t = 0u; t < EM_TOKENS; t++) {
+                xv[t] = x_at(xr[t] * p.k + kk);
+            }
+            for (var r = 0u; r < EM_ROWS; r++) {
+                let wv = weight_at((w_row0 + min(row0 + r, p.rows - 1u)) * p.k + kk);
+                for (var t = 0u; t < EM_TOKENS; t++) {
+                    acc[r][t] += wv * xv[t];
+                }
+            }
+        }
+    }
+    for (var t = 0u; t < EM_TOKENS; t++) {
+        let a = groups[order + o0 + t];
+        for (var r = 0u; r < EM_ROWS; r++) {
+            if row0 + r < p.rows {
+                y[a * p.rows + row0 + r] = acc[r][t];
+            }
+        }
+    }
+}
+
+// The same for the single assignment order[o] (a decode step's token, or a tile's remainder):
+// no work for tile slots that would only repeat it.
+fn expert_one(o: u32, w_row0: u32, row0: u32) {
+    let a = groups[2u * p.n_experts + 2u + o];
+    let xr = x_row(a);
+    var acc: array<f32, EM_ROWS>;
+    if p.k % 32u == 0u {
+        let nb = p.k / 32u;
+        for (var b = 0u; b < nb; b++) {
+            var xs: array<vec4<f32>, 8>;
+            let xi = xr * (p.k / 4u) + 8u * b;
+            for (var i = 0u; i < 8u; i++) {
+                xs[i] = x[xi + i];
+            }
+            for (var r = 0u; r < EM_ROWS; r++) {
+                let wv = weights32((w_row0 + min(row0 + r, p.rows - 1u)) * nb + b);
+                var s = 0.0;
+                for (var i = 0u; i < 8u; i++) {
+                    s += dot(wv[i], xs[i]);
+                }
+                acc[r] += s;
+            }
+        }
+    } else {
+        for (var kk = 0u; kk < p.k; kk++) {
+            let xv = x_at(xr * p.k + kk);
+            for (var r = 0u; r < EM_ROWS; r++) {
+                acc[r] += weight_at((w_row0 + min(row0 + r, p.rows - 1u)) * p.k + kk) * xv;
+            }
+        }
+    }
+    for (var r = 0u; r < EM_ROWS; r++) {
+        if row0 + r < p.rows {
+            y[a * p.rows + row0 + r] = acc[r];
+        }
+    }
+}
+
 @compute @workgroup_size(EM_WG)
 fn expert_matmul(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let e_n = p.n_experts;
@@ -159,62 +251,18 @@ fn expert_matmul(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocatio
     if e < p.first_expert || e >= p.first_expert + p.chunk_experts {
         return;
     }
-    let order = 2u * e_n + 2u;
     let a_begin = groups[e];
     let a_end = groups[e + 1u];
     let row0 = (wid.x * EM_WG + lid) * EM_ROWS;
     let w_row0 = (e - p.first_expert) * p.rows;
-    for (var a0 = a_begin; a0 < a_end; a0 += EM_TOKENS) {
-        var xr: array<u32, EM_TOKENS>;
-        for (var t = 0u; t < EM_TOKENS; t++) {
-            xr[t] = x_row(groups[order + min(a0 + t, a_end - 1u)]);   // clamped: reads stay in range
-        }
-        var acc: array<array<f32, EM_TOKENS>, EM_ROWS>;
-        if p.k % 32u == 0u {
-            let nb = p.k / 32u;
-            for (var b = 0u; b < nb; b++) {
-                var xs: array<array<vec4<f32>, 8>, EM_TOKENS>;
-                for (var t = 0u; t < EM_TOKENS; t++) {
-                    let xi = xr[t] * (p.k / 4u) + 8u * b;
-                    for (var i = 0u; i < 8u; i++) {
-                        xs[t][i] = x[xi + i];
-                    }
-                }
-                for (var r = 0u; r < EM_ROWS; r++) {
-                    let wv = weights32((w_row0 + min(row0 + r, p.rows - 1u)) * nb + b);
-                    for (var t = 0u; t < EM_TOKENS; t++) {
-                        var s = 0.0;
-                        for (var i = 0u; i < 8u; i++) {
-                            s += dot(wv[i], xs[t][i]);
-                        }
-                        acc[r][t] += s;
-                    }
-                }
-            }
-        } else {
-            for (var kk = 0u; kk < p.k; kk++) {
-                var xv: array<f32, EM_TOKENS>;
-                for (var t = 0u; t < EM_TOKENS; t++) {
-                    xv[t] = x_at(xr[t] * p.k + kk);
-                }
-                for (var r = 0u; r < EM_ROWS; r++) {
-                    let wv = weight_at((w_row0 + min(row0 + r, p.rows - 1u)) * p.k + kk);
-                    for (var t = 0u; t < EM_TOKENS; t++) {
-                        acc[r][t] += wv * xv[t];
-                    }
-                }
-            }
-        }
-        for (var t = 0u; t < EM_TOKENS; t++) {
-            if a0 + t < a_end {
-                let a = groups[order + a0 + t];
-                for (var r = 0u; r < EM_ROWS; r++) {
-                    if row0 + r < p.rows {
-                        y[a * p.rows + row0 + r] = acc[r][t];
-                    }
-                }
-            }
-        }
+    // Whole tiles, then the rest one at a time. Either way each (assignment, row) dot product
+    // sums its blocks in the same order, so batching never changes it.
+    var o = a_begin;
+    for (; o + EM_TOKENS <= a_end; o += EM_TOKENS) {
+        expert_tile(o, w_row0, row0);
+    }
+    for (; o < a_end; o++) {
+        expert_one(o, w_row0, row0);
     }
 }
 
