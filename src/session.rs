@@ -278,37 +278,36 @@ impl<'m> Session<'m> {
     /// ([`LayerAttention`]: per query head, each token's softmax over the keys it sees, earlier
     /// turns included). For `kiln attention`.
     pub fn attention_maps(&mut self, ids: &[u32], layers: &[usize]) -> Result<Vec<LayerAttention>> {
-        self.check_room(ids.len())?;
-        if ids.len() > self.runner.max_step_tokens() {
-            return Err(KilnError::Request(format!(
-                "attention maps take the prompt in one step: {} tokens, at most {}",
-                ids.len(),
-                self.runner.max_step_tokens()
-            )));
-        }
-        let wanted = Wanted::None;
-        let step = SeqStep { tokens: ids, pos0: self.tokens.len(), block_table: &self.block_table, wanted, adapters: self.adapters };
-        let maps = self.runner.attention_maps(step, layers)?;
-        self.tokens.extend_from_slice(ids);
-        Ok(maps)
+        self.probed_step(ids, "attention maps", |runner, step| runner.attention_maps(step, layers))
     }
 
     /// Feed `ids` in one step and return the experts each token chose in the mixture-of-experts
     /// layers `layers`, with their weights.
     pub fn routing(&mut self, ids: &[u32], layers: &[usize]) -> Result<Vec<LayerRouting>> {
+        self.probed_step(ids, "routing", |runner, step| runner.routing(step, layers))
+    }
+
+    /// Feed `ids` as one step that `run` records probes of (what it reads needs the whole prompt
+    /// in one step), then append them.
+    fn probed_step<T>(
+        &mut self,
+        ids: &[u32],
+        what: &str,
+        run: impl FnOnce(&mut Runner<'m>, SeqStep<'_>) -> Result<T>,
+    ) -> Result<T> {
         self.check_room(ids.len())?;
         if ids.len() > self.runner.max_step_tokens() {
             return Err(KilnError::Request(format!(
-                "routing is read from one step: {} tokens, at most {}",
+                "{what} take the prompt in one step: {} tokens, at most {}",
                 ids.len(),
                 self.runner.max_step_tokens()
             )));
         }
         let wanted = Wanted::None;
         let step = SeqStep { tokens: ids, pos0: self.tokens.len(), block_table: &self.block_table, wanted, adapters: self.adapters };
-        let routes = self.runner.routing(step, layers)?;
+        let out = run(&mut self.runner, step)?;
         self.tokens.extend_from_slice(ids);
-        Ok(routes)
+        Ok(out)
     }
 
     /// Layer `layer`'s keys as the cache holds them, (n_kv_heads, slots, head_dim); position p is
