@@ -10,7 +10,8 @@ templates are the fixtures' and Qwen2.5's real one (tools, several branches).
   hf_files/        config.json NUL tokenizer.json NUL tokenizer_config.json
   gguf_tokenizer/  GGUF files holding only tokenizer.ggml.* metadata (written by gguf-py), one
                    per pre-tokenizer kiln knows
-  gguf/            a tiny llama and a tiny qwen2 model (every tensor kiln loads, F32/F16/Q8_0),
+  gguf/            tiny llama, qwen2, qwen3, qwen2moe and Mixtral models (every tensor kiln loads,
+                   F32/F16/Q8_0),
                    besides the two reader seeds tests/gguf.rs keeps
   safetensors/     small files of every float dtype kiln loads, plus dtypes it refuses
 
@@ -99,7 +100,8 @@ def write(target, name, data):
 
 
 def hf_files(qwen25_template):
-    for name in ["llama3-tiny", "qwen2-tiny"]:
+    # Every family's config: Qwen3's head_dim and q/k norms, Mistral's window, the mixtures.
+    for name in ["llama3-tiny", "qwen2-tiny", "qwen3-tiny", "mistral-swa-tiny", "qwen2-moe-tiny", "mixtral-tiny"]:
         config = (FIXTURES / name / "config.json").read_bytes()
         tok = compact(mini_tokenizer(name, byte_level=True))
         write("hf_files", f"{name}.bin", config + b"\0" + tok + b"\0" + compact(tokenizer_config(name)))
@@ -154,12 +156,17 @@ def gguf_tokenizer(qwen25_template):
 
 
 def gguf_models():
-    """Tiny llama and qwen2 models as llama.cpp names their tensors."""
+    """Tiny models of every GGUF arch kiln loads, as llama.cpp names their tensors: llama, qwen2,
+    qwen3 (q/k norms, key_length), qwen2moe (experts stacked in *_exps, a shared expert) and
+    Mixtral (arch llama with experts)."""
     rng = np.random.default_rng(7)
     h, f, heads, kv_heads, vocab = 32, 64, 4, 2, 40
+    n_exp, ef = 4, 32
     head_dim = h // heads
-    for arch in ["llama", "qwen2"]:
-        path = SEEDS / "gguf" / f"tiny-{arch}.gguf"
+    for name, arch in [("llama", "llama"), ("qwen2", "qwen2"), ("qwen3", "qwen3"), ("qwen2moe", "qwen2moe"),
+                       ("mixtral", "llama")]:
+        moe = name in ("qwen2moe", "mixtral")
+        path = SEEDS / "gguf" / f"tiny-{name}.gguf"
         w = gguf.GGUFWriter(str(path), arch)
         w.add_context_length(128)
         w.add_embedding_length(h)
@@ -170,6 +177,15 @@ def gguf_models():
         w.add_layer_norm_rms_eps(1e-5)
         w.add_rope_freq_base(10000.0)
         w.add_vocab_size(vocab)
+        if name == "qwen3":
+            w.add_key_length(head_dim)
+            w.add_value_length(head_dim)
+        if moe:
+            w.add_expert_count(n_exp)
+            w.add_expert_used_count(2)
+            if name == "qwen2moe":
+                w.add_expert_feed_forward_length(ef)
+                w.add_expert_shared_feed_forward_length(f)
 
         def t(name, shape, qtype=gguf.GGMLQuantizationType.F32):
             data = rng.standard_normal(shape).astype(np.float32) * 0.1
@@ -188,13 +204,28 @@ def gguf_models():
         t("blk.0.attn_k.weight", (kv_heads * head_dim, h), gguf.GGMLQuantizationType.F16)
         t("blk.0.attn_v.weight", (kv_heads * head_dim, h), gguf.GGMLQuantizationType.F16)
         t("blk.0.attn_output.weight", (h, heads * head_dim), q8)
-        if arch == "qwen2":
+        if arch in ("qwen2", "qwen2moe"):
             t("blk.0.attn_q.bias", (heads * head_dim,))
             t("blk.0.attn_k.bias", (kv_heads * head_dim,))
             t("blk.0.attn_v.bias", (kv_heads * head_dim,))
-        t("blk.0.ffn_gate.weight", (f, h), q8)
-        t("blk.0.ffn_up.weight", (f, h), q8)
-        t("blk.0.ffn_down.weight", (h, f), q8)
+        if name == "qwen3":
+            t("blk.0.attn_q_norm.weight", (head_dim,))
+            t("blk.0.attn_k_norm.weight", (head_dim,))
+        if moe:
+            e_f = ef if name == "qwen2moe" else f
+            t("blk.0.ffn_gate_inp.weight", (n_exp, h))
+            t("blk.0.ffn_gate_exps.weight", (n_exp, e_f, h), q8)
+            t("blk.0.ffn_up_exps.weight", (n_exp, e_f, h), q8)
+            t("blk.0.ffn_down_exps.weight", (n_exp, h, e_f), q8)
+            if name == "qwen2moe":
+                t("blk.0.ffn_gate_shexp.weight", (f, h), q8)
+                t("blk.0.ffn_up_shexp.weight", (f, h), q8)
+                t("blk.0.ffn_down_shexp.weight", (h, f), q8)
+                t("blk.0.ffn_gate_inp_shexp.weight", (h,))
+        else:
+            t("blk.0.ffn_gate.weight", (f, h), q8)
+            t("blk.0.ffn_up.weight", (f, h), q8)
+            t("blk.0.ffn_down.weight", (h, f), q8)
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
