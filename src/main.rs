@@ -82,6 +82,14 @@ enum Command {
         /// Seconds running streams may take to finish after SIGINT/SIGTERM.
         #[arg(long, default_value_t = 30)]
         shutdown_timeout: u64,
+        /// Speculative decoding by prompt lookup for greedy requests: each step drafts up to
+        /// --draft-tokens tokens per sequence from its own prompt and output, checked in the same
+        /// batched step (the output is unchanged; acceptance in /metrics).
+        #[arg(long)]
+        lookup: bool,
+        /// Most tokens drafted per sequence and step with --lookup.
+        #[arg(long, default_value_t = 4, requires = "lookup")]
+        draft_tokens: usize,
     },
     /// Architecture, sizes, memory and the adapter.
     Info {
@@ -489,6 +497,8 @@ fn run(cli: Cli) -> kiln::Result<()> {
             max_step_tokens,
             max_body,
             shutdown_timeout,
+            lookup,
+            draft_tokens,
         } => {
             let options = kiln::server::ServeOptions {
                 host,
@@ -500,6 +510,7 @@ fn run(cli: Cli) -> kiln::Result<()> {
                     max_waiting,
                     max_step_tokens,
                     max_context: args.ctx,
+                    lookup_draft_tokens: if lookup { draft_tokens } else { 0 },
                     ..Default::default()
                 },
                 max_body_bytes: max_body.min(usize::MAX as u64) as usize,

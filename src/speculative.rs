@@ -369,21 +369,7 @@ fn reject(sampler: &mut Sampler, p: &[(u32, f32)], q: &[(u32, f32)], d: u32) -> 
     Some(if residual.is_empty() { sampler.draw(p) } else { sampler.draw(&residual) })
 }
 
-/// Prompt lookup: for n from `max_ngram` down to `min_ngram` (at least 1), the most recent earlier
-/// occurrence of the last n tokens of `history`, and up to `k` tokens that followed it.
-pub fn lookup(history: &[u32], min_ngram: usize, max_ngram: usize, k: usize) -> Vec<u32> {
-    let len = history.len();
-    for n in (min_ngram.max(1)..=max_ngram.min(len.saturating_sub(1))).rev() {
-        let tail = &history[len - n..];
-        for start in (0..len - n).rev() {
-            if &history[start..start + n] == tail {
-                let follow = start + n;
-                return history[follow..(follow + k).min(len)].to_vec();
-            }
-        }
-    }
-    Vec::new()
-}
+pub use crate::engine::lookup::prompt_lookup as lookup;
 
 /// Draft and target must tokenise alike: the same tokens at the same ids. Their embedding tables
 /// may be padded differently (the config's `vocab_size` rows, often rounded up past the

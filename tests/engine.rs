@@ -191,11 +191,17 @@ fn solo_greedy(model: &Model, prompt: &[u32], max_tokens: usize) -> Vec<u32> {
 }
 
 fn small_engine(model: &Arc<Model>, kv_tokens: usize, max_step_tokens: usize) -> Engine {
+    speculative_engine(model, kv_tokens, max_step_tokens, 0)
+}
+
+/// As `small_engine`, drafting up to `lookup` tokens per greedy sequence and step.
+fn speculative_engine(model: &Arc<Model>, kv_tokens: usize, max_step_tokens: usize, lookup: usize) -> Engine {
     let per_token = model.config.kv_bytes_per_token(model.gpu.kv_element_bytes() as usize) as u64;
     let config = EngineConfig {
         kv_memory: Some(kv_tokens as u64 * per_token),
         max_step_tokens,
         max_context: Some(256),
+        lookup_draft_tokens: lookup,
         ..Default::default()
     };
     Engine::start(model.clone(), config).unwrap()
@@ -323,13 +329,24 @@ fn cancelling_mid_stream_frees_the_blocks_and_leaves_the_others_alone() {
 
 #[test]
 fn random_schedules_with_preemption_return_every_block() {
+    random_schedules(0);
+}
+
+/// The same with speculative steps: drafted tokens take blocks, rejected ones are rolled back,
+/// and streams stay token for token the model's own.
+#[test]
+fn random_schedules_with_prompt_lookup_speculation_return_every_block() {
+    random_schedules(4);
+}
+
+fn random_schedules(lookup: usize) {
     let mut rng = rng("random_schedules");
     let (path, gpu) = devices().remove(0);
     let model = load("llama3-tiny", gpu);
     let vocab = model.config.vocab_size;
     // 10 blocks of 16: several sequences of up to 150 tokens cannot all fit, so the scheduler
     // must preempt and recompute (from the prefix cache where it can).
-    let engine = small_engine(&model, 160, 48);
+    let engine = speculative_engine(&model, 160, 48, lookup);
     let shared = random_tokens(&mut rng, 24, vocab);
     for round in 0..3 {
         let mut requests = Vec::new();
@@ -363,7 +380,12 @@ fn random_schedules_with_preemption_return_every_block() {
         }
         assert_pool_empty(&engine, &format!("{path} round {round}"));
     }
-    assert!(engine.stats().preemptions > 0, "the small pool forced preemption: {:?}", engine.stats());
+    let stats = engine.stats();
+    assert!(stats.preemptions > 0, "the small pool forced preemption: {stats:?}");
+    if lookup > 0 {
+        assert!(stats.drafted_tokens > 0 && stats.accepted_tokens > 0, "drafts were made and some kept: {stats:?}");
+        assert!(stats.accepted_tokens < stats.drafted_tokens, "and some rejected (rolled back): {stats:?}");
+    }
 }
 
 #[test]

@@ -512,6 +512,44 @@ fn requests_choose_lora_adapters_by_model_name() {
     run_python("lora_client.py", &[&server.url(), PROMPT, &base_text, &adapter_text]);
 }
 
+/// `kiln serve --lookup`: greedy requests are decoded speculatively inside the batch (drafts by
+/// prompt lookup, checked in the same step); the text is `kiln generate`'s, and /metrics counts
+/// drafted and accepted tokens.
+#[test]
+fn prompt_lookup_speculation_in_the_server_keeps_the_output_and_reports_acceptance() {
+    // SmolLM2 repeats code it has seen, so drafts are made and kept (the tiny random models
+    // rarely repeat two tokens).
+    let model = smollm();
+    let server = Server::start(&model, &["--lookup", "--draft-tokens", "3"]);
+    let prompt = "def area(width, height):\n    return width * height\n\n\ndef area(width, height):\n";
+    let want = kiln_generate(&model, prompt, 40);
+    let body = json!({"prompt": prompt, "max_tokens": 40, "temperature": 0});
+    let (status, v) = server.post("/v1/completions", &body);
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["choices"][0]["text"], want.as_str());
+    // Streamed, and several at once: the same text each time.
+    let handles: Vec<_> = (0..3)
+        .map(|_| {
+            let (port, body) = (server.port, json!({"prompt": prompt, "max_tokens": 40, "temperature": 0, "stream": true}));
+            std::thread::spawn(move || http(port, "POST", "/v1/completions", body.to_string().as_bytes()).unwrap())
+        })
+        .collect();
+    for h in handles {
+        let (status, text) = h.join().unwrap();
+        assert_eq!(status, 200);
+        let streamed: String = sse_data(&text)
+            .iter()
+            .filter(|d| *d != "[DONE]")
+            .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+            .filter_map(|c| c["choices"][0]["text"].as_str().map(str::to_string))
+            .collect();
+        assert_eq!(streamed, want);
+    }
+    let (drafted, accepted) =
+        (server.metric("kiln_spec_draft_tokens_total"), server.metric("kiln_spec_accepted_tokens_total"));
+    assert!(drafted > 0.0 && accepted > 0.0 && accepted <= drafted, "drafted {drafted}, accepted {accepted}");
+}
+
 #[test]
 fn the_official_openai_client_works_against_the_server() {
     let model = fixture("llama3-tiny");

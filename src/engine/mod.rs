@@ -29,6 +29,7 @@
 
 pub mod batch;
 pub mod block_pool;
+pub mod lookup;
 pub mod scheduler;
 pub mod sequence;
 
@@ -36,7 +37,7 @@ use crate::model::Model;
 use crate::sampling::SamplingParams;
 use crate::{KilnError, Result};
 use batch::{Readback, Runner, SeqStep, Wanted};
-use scheduler::Scheduler;
+use scheduler::{Scheduled, Scheduler};
 use sequence::Sequence;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
@@ -60,6 +61,9 @@ pub struct EngineConfig {
     pub max_context: Option<usize>,
     /// Most requests waiting to start; more are refused with [`KilnError::Busy`].
     pub max_waiting: usize,
+    /// Speculative decoding by prompt lookup for greedy requests: up to this many tokens drafted
+    /// per sequence and step, checked in the same step (0: off). The output is unchanged.
+    pub lookup_draft_tokens: usize,
 }
 
 /// The KV pool an [`EngineConfig`] gives a model.
@@ -101,6 +105,7 @@ impl Default for EngineConfig {
             max_running: 64,
             max_context: None,
             max_waiting: 1024,
+            lookup_draft_tokens: 0,
         }
     }
 }
@@ -256,6 +261,9 @@ pub struct EngineStats {
     pub cached_prompt_tokens: u64,
     pub generated_tokens: u64,
     pub preemptions: u64,
+    /// Tokens drafted by prompt lookup, and how many of them the model confirmed.
+    pub drafted_tokens: u64,
+    pub accepted_tokens: u64,
     /// A broken block-pool invariant, checked whenever the engine goes idle (never expected).
     pub pool_error: Option<String>,
     /// Why the engine stopped for good (the GPU device was lost); `None` while it serves.
@@ -310,6 +318,7 @@ impl Engine {
         let thread = {
             let (model, stats, in_flight) = (model.clone(), stats.clone(), in_flight.clone());
             let max_running = config.max_running.max(1);
+            let lookup_draft_tokens = config.lookup_draft_tokens;
             std::thread::Builder::new()
                 .name("kiln-engine".into())
                 .spawn(move || {
@@ -326,8 +335,9 @@ impl Engine {
                             return;
                         }
                     };
-                    let scheduler = Scheduler::new(blocks, block_size as usize, runner.max_step_tokens(), max_running);
-                    EngineLoop { model: &model, runner, scheduler, stats, in_flight }.run(rx);
+                    let scheduler =
+                        Scheduler::new(blocks, block_size as usize, runner.max_step_tokens(), max_running, runner.max_rows());
+                    EngineLoop { model: &model, runner, scheduler, stats, in_flight, lookup_draft_tokens }.run(rx);
                 })
                 .map_err(|e| KilnError::Request(format!("could not start the engine thread: {e}")))?
         };
@@ -472,6 +482,8 @@ struct EngineLoop<'m> {
     scheduler: Scheduler<'m>,
     stats: Arc<Mutex<EngineStats>>,
     in_flight: Arc<AtomicUsize>,
+    /// Most tokens prompt lookup drafts per sequence and step (0: no speculation).
+    lookup_draft_tokens: usize,
 }
 
 impl<'m> EngineLoop<'m> {
@@ -568,29 +580,44 @@ impl<'m> EngineLoop<'m> {
     /// One forward step over what the scheduler picks. Errors only when the device is lost (a
     /// failed step otherwise fails just its own sequences).
     fn step(&mut self) -> Result<()> {
+        self.propose_drafts();
         let scheduled = self.scheduler.schedule();
         if scheduled.is_empty() {
             return Ok(());
         }
         let running = &self.scheduler.running;
-        let steps: Vec<SeqStep<'_>> = scheduled
+        // A sequence with a draft feeds its last token and the drafted ones, and wants every
+        // row: the model's pick after each (speculative verification in the batch).
+        let drafted: Vec<Option<Vec<u32>>> = scheduled
             .iter()
             .map(|s| {
                 let seq = &running[s.index];
-                let last = seq.computed + s.n == seq.tokens.len();
-                SeqStep {
-                    tokens: &seq.tokens[seq.computed..seq.computed + s.n],
-                    pos0: seq.computed,
-                    block_table: &seq.blocks,
-                    wanted: if last { Wanted::Last } else { Wanted::None },
-                    adapters: seq.params.adapters,
-                }
+                (!seq.draft.is_empty()).then(|| {
+                    let mut ids = seq.tokens[seq.computed..].to_vec();
+                    ids.extend_from_slice(&seq.draft);
+                    ids
+                })
+            })
+            .collect();
+        let steps: Vec<SeqStep<'_>> = scheduled
+            .iter()
+            .zip(&drafted)
+            .map(|(s, d)| {
+                let seq = &running[s.index];
+                let (tokens, wanted) = match d {
+                    Some(ids) => (ids.as_slice(), Wanted::All),
+                    None => {
+                        let last = seq.computed + s.n == seq.tokens.len();
+                        (&seq.tokens[seq.computed..seq.computed + s.n], if last { Wanted::Last } else { Wanted::None })
+                    }
+                };
+                SeqStep { tokens, pos0: seq.computed, block_table: &seq.blocks, wanted, adapters: seq.params.adapters }
             })
             .collect();
         let rows: Vec<&Sequence<'_>> = steps
             .iter()
             .zip(&scheduled)
-            .filter(|(st, _)| st.wanted == Wanted::Last)
+            .filter(|(st, _)| st.wanted != Wanted::None)
             .map(|(_, s)| &running[s.index])
             .collect();
         let all_argmax = rows.iter().all(|s| !s.needs_logits());
@@ -620,7 +647,37 @@ impl<'m> EngineLoop<'m> {
         let eos = &self.model.generation.eos_token_ids;
         let mut row = 0;
         let mut finished = Vec::new();
+        let (mut drafted_total, mut accepted_total, mut generated) = (0u64, 0u64, 0u64);
         for s in &scheduled {
+            if !self.scheduler.running[s.index].draft.is_empty() {
+                // Keep the drafted tokens the model agrees with, then its own next token; the
+                // cache past them holds rejected positions, rewritten as the sequence goes on.
+                let seq = &mut self.scheduler.running[s.index];
+                let draft = std::mem::take(&mut seq.draft);
+                let picks = &out.argmax[row..row + draft.len() + 1];
+                row += draft.len() + 1;
+                let accepted = draft.iter().zip(picks).take_while(|(d, p)| d == p).count();
+                drafted_total += draft.len() as u64;
+                accepted_total += accepted as u64;
+                let mut done = None;
+                for &id in &picks[..=accepted] {
+                    generated += 1;
+                    match seq.push_token(id, None, eos) {
+                        Ok(None) => {}
+                        Ok(Some(reason)) => done = Some(Ok(reason)),
+                        Err(e) => done = Some(Err(e.to_string())),
+                    }
+                    if done.is_some() {
+                        break;
+                    }
+                }
+                match done {
+                    Some(reason) => finished.push((s.index, reason)),
+                    // The last token and the accepted drafts are in the cache now.
+                    None => self.scheduler.advance(Scheduled { index: s.index, n: 1 + accepted }),
+                }
+                continue;
+            }
             self.scheduler.advance(*s);
             let seq = &mut self.scheduler.running[s.index];
             if seq.computed < seq.tokens.len() {
@@ -639,6 +696,7 @@ impl<'m> EngineLoop<'m> {
                 (out.argmax[row], None)
             };
             row += 1;
+            generated += 1;
             match seq.push_token(next, logprob, eos) {
                 Ok(None) => {}
                 Ok(Some(reason)) => finished.push((s.index, Ok(reason))),
@@ -647,7 +705,9 @@ impl<'m> EngineLoop<'m> {
         }
         if let Ok(mut st) = self.stats.lock() {
             st.steps += 1;
-            st.generated_tokens += row as u64;
+            st.generated_tokens += generated;
+            st.drafted_tokens += drafted_total;
+            st.accepted_tokens += accepted_total;
         }
         // Highest index first, so the others stay valid.
         finished.sort_by_key(|(i, _)| std::cmp::Reverse(*i));
@@ -662,6 +722,35 @@ impl<'m> EngineLoop<'m> {
             }
         }
         Ok(())
+    }
+
+    /// Prompt lookup for every decoding greedy sequence: up to `lookup_draft_tokens` tokens that
+    /// followed the latest earlier match of its last 2–3 tokens, within its max_tokens, its
+    /// context and the step's tokens.
+    fn propose_drafts(&mut self) {
+        let k = self.lookup_draft_tokens;
+        // Tokens left once every running sequence has its own (the scheduler also cuts drafts to
+        // the rows the step has spare).
+        let running = &mut self.scheduler.running;
+        let mut spare_tokens = self.runner.max_step_tokens().saturating_sub(running.len());
+        for seq in running.iter_mut() {
+            seq.draft.clear();
+            let decoding = seq.computed + 1 == seq.tokens.len() && seq.generated() > 0;
+            if k == 0 || !decoding || seq.needs_logits() {
+                continue;
+            }
+            let room = [
+                k,
+                seq.params.max_tokens.saturating_sub(seq.generated() + 1),
+                self.runner.max_context().saturating_sub(seq.tokens.len() + 1),
+                spare_tokens,
+            ];
+            let most = room.into_iter().min().unwrap_or(0);
+            if most > 0 {
+                seq.draft = lookup::prompt_lookup(&seq.tokens, 2, 3, most);
+                spare_tokens -= seq.draft.len();
+            }
+        }
     }
 
     fn publish(&mut self) {

@@ -20,6 +20,8 @@ pub struct Scheduler<'t> {
     pub block_size: usize,
     pub max_step_tokens: usize,
     pub max_running: usize,
+    /// Most logit rows a step makes (`max_running` never exceeds it).
+    pub max_rows: usize,
     pub waiting: VecDeque<Sequence<'t>>,
     pub running: Vec<Sequence<'t>>,
     /// Sequences preempted so far (for stats).
@@ -34,13 +36,14 @@ pub struct Scheduled {
 }
 
 impl<'t> Scheduler<'t> {
-    pub fn new(blocks: u32, block_size: usize, max_step_tokens: usize, max_running: usize) -> Self {
+    pub fn new(blocks: u32, block_size: usize, max_step_tokens: usize, max_running: usize, max_rows: usize) -> Self {
         Scheduler {
             pool: BlockPool::new(blocks),
             hasher: BlockHasher::default(),
             block_size,
             max_step_tokens,
             max_running,
+            max_rows,
             waiting: VecDeque::new(),
             running: Vec::new(),
             preemptions: 0,
@@ -59,6 +62,7 @@ impl<'t> Scheduler<'t> {
     fn release(&mut self, seq: &mut Sequence<'t>) {
         self.pool.release(&seq.blocks);
         seq.blocks.clear();
+        seq.draft.clear();
         seq.computed = 0;
         seq.registered = 0;
     }
@@ -75,9 +79,16 @@ impl<'t> Scheduler<'t> {
         let mut budget = self.max_step_tokens;
         let mut out = Vec::new();
         let mut i = 0;
+        // Drafted tokens are rows of logits too: they get the rows no sequence that may run this
+        // step needs for its own (every running one, and as many waiting as could be admitted).
+        let admissible = self.waiting.len().min(self.max_running.saturating_sub(self.running.len()));
+        let mut draft_rows = self.max_rows.saturating_sub(self.running.len() + admissible);
         while i < self.running.len() && budget > 0 {
+            let seq = &mut self.running[i];
+            seq.draft.truncate(draft_rows);
             let seq = &self.running[i];
-            let n = (seq.tokens.len() - seq.computed).min(budget);
+            // Its uncomputed tokens and any drafted ones; a draft that does not fit is cut.
+            let n = (seq.tokens.len() - seq.computed + seq.draft.len()).min(budget);
             let need = self.blocks_for(seq.computed + n).saturating_sub(seq.blocks.len());
             // Make room by preempting from the back; the sequence itself may be the one to go.
             while (self.pool.free_blocks() as usize) < need && self.running.len() > i + 1 {
@@ -91,6 +102,9 @@ impl<'t> Scheduler<'t> {
             for _ in 0..need {
                 seq.blocks.push(self.pool.allocate().expect("counted free blocks"));
             }
+            let pending = seq.tokens.len() - seq.computed;
+            seq.draft.truncate(n.saturating_sub(pending));
+            draft_rows -= seq.draft.len();
             out.push(Scheduled { index: i, n });
             budget -= n;
             i += 1;

@@ -29,6 +29,8 @@ pub struct Sequence<'t> {
     pub admitted_once: bool,
     /// Wait until this sequence's prompt is computed (a sibling choice), to share its blocks.
     pub after: Option<u64>,
+    /// Tokens drafted by prompt lookup for this step, after its last token (speculative).
+    pub draft: Vec<u32>,
     pub params: RequestParams,
     pub sampler: Sampler,
     decoder: StreamDecoder<'t>,
@@ -57,6 +59,7 @@ impl<'t> Sequence<'t> {
             cached_tokens: 0,
             admitted_once: false,
             after: None,
+            draft: Vec::new(),
             sampler: Sampler::new(params.sampling.clone()),
             decoder: StreamDecoder::new(tokenizer, true),
             stops: StopMatcher::new(params.stop.clone()),

@@ -19,6 +19,10 @@ pub struct Metrics {
     kv_blocks_free: IntGauge,
     kv_blocks_cached: IntGauge,
     preemptions: IntGauge,
+    spec_drafted: IntCounter,
+    spec_accepted: IntCounter,
+    /// Rendering copies the engine's running totals into the counters: one render at a time.
+    render_lock: std::sync::Mutex<()>,
 }
 
 fn register<T: prometheus::core::Collector + Clone + 'static>(registry: &Registry, metric: T) -> T {
@@ -63,13 +67,26 @@ impl Metrics {
             kv_blocks_free: gauge("kiln_kv_blocks_free", "KV cache blocks free (cached prefixes included)"),
             kv_blocks_cached: gauge("kiln_kv_blocks_cached", "KV cache blocks holding a reusable prefix block"),
             preemptions: gauge("kiln_preemptions", "Sequences preempted for KV cache room so far"),
+            spec_drafted: counter(
+                "kiln_spec_draft_tokens_total",
+                "Tokens drafted by prompt lookup (speculative decoding, --lookup)",
+            ),
+            spec_accepted: counter(
+                "kiln_spec_accepted_tokens_total",
+                "Drafted tokens the model confirmed; acceptance = accepted / drafted",
+            ),
+            render_lock: std::sync::Mutex::new(()),
             registry: r,
         }
     }
 
     /// The text exposition, with the engine's gauges as of now.
     pub fn render(&self, stats: Option<&EngineStats>) -> String {
+        let _one_at_a_time = self.render_lock.lock();
         if let Some(s) = stats {
+            // The engine keeps running totals; counters only go up by the difference.
+            self.spec_drafted.inc_by(s.drafted_tokens.saturating_sub(self.spec_drafted.get()));
+            self.spec_accepted.inc_by(s.accepted_tokens.saturating_sub(self.spec_accepted.get()));
             self.running.set(s.running as i64);
             self.waiting.set(s.waiting as i64);
             self.kv_blocks_used.set(s.blocks_used as i64);
