@@ -90,6 +90,10 @@ enum Command {
         /// Most tokens drafted per sequence and step with --lookup.
         #[arg(long, default_value_t = 4, requires = "lookup")]
         draft_tokens: usize,
+        /// With --lookup, drafts fill a step only up to this many tokens in all (default: 12 on
+        /// CPU adapters, 64 on GPUs: past it, checking drafts costs the batch more than it saves).
+        #[arg(long, requires = "lookup")]
+        lookup_step_tokens: Option<usize>,
     },
     /// Architecture, sizes, memory and the adapter.
     Info {
@@ -499,6 +503,7 @@ fn run(cli: Cli) -> kiln::Result<()> {
             shutdown_timeout,
             lookup,
             draft_tokens,
+            lookup_step_tokens,
         } => {
             let options = kiln::server::ServeOptions {
                 host,
@@ -511,6 +516,7 @@ fn run(cli: Cli) -> kiln::Result<()> {
                     max_step_tokens,
                     max_context: args.ctx,
                     lookup_draft_tokens: if lookup { draft_tokens } else { 0 },
+                    lookup_step_tokens,
                     ..Default::default()
                 },
                 max_body_bytes: max_body.min(usize::MAX as u64) as usize,

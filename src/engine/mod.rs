@@ -64,6 +64,10 @@ pub struct EngineConfig {
     /// Speculative decoding by prompt lookup for greedy requests: up to this many tokens drafted
     /// per sequence and step, checked in the same step (0: off). The output is unchanged.
     pub lookup_draft_tokens: usize,
+    /// Drafts fill a step only up to this many tokens in all: past the size where a step costs
+    /// about what a one-token step does, checking drafts slows the batch down (`None`: 12 on CPU
+    /// adapters, measured in benches/RESULTS.md; 64 on GPUs).
+    pub lookup_step_tokens: Option<usize>,
 }
 
 /// The KV pool an [`EngineConfig`] gives a model.
@@ -106,6 +110,7 @@ impl Default for EngineConfig {
             max_context: None,
             max_waiting: 1024,
             lookup_draft_tokens: 0,
+            lookup_step_tokens: None,
         }
     }
 }
@@ -319,6 +324,8 @@ impl Engine {
             let (model, stats, in_flight) = (model.clone(), stats.clone(), in_flight.clone());
             let max_running = config.max_running.max(1);
             let lookup_draft_tokens = config.lookup_draft_tokens;
+            let lookup_step_tokens =
+                config.lookup_step_tokens.unwrap_or(if model.gpu.is_cpu_adapter() { 12 } else { 64 });
             std::thread::Builder::new()
                 .name("kiln-engine".into())
                 .spawn(move || {
@@ -337,7 +344,16 @@ impl Engine {
                     };
                     let scheduler =
                         Scheduler::new(blocks, block_size as usize, runner.max_step_tokens(), max_running, runner.max_rows());
-                    EngineLoop { model: &model, runner, scheduler, stats, in_flight, lookup_draft_tokens }.run(rx);
+                    EngineLoop {
+                        model: &model,
+                        runner,
+                        scheduler,
+                        stats,
+                        in_flight,
+                        lookup_draft_tokens,
+                        lookup_step_tokens,
+                    }
+                    .run(rx);
                 })
                 .map_err(|e| KilnError::Request(format!("could not start the engine thread: {e}")))?
         };
@@ -484,6 +500,8 @@ struct EngineLoop<'m> {
     in_flight: Arc<AtomicUsize>,
     /// Most tokens prompt lookup drafts per sequence and step (0: no speculation).
     lookup_draft_tokens: usize,
+    /// Most tokens of a step with drafts in it.
+    lookup_step_tokens: usize,
 }
 
 impl<'m> EngineLoop<'m> {
@@ -729,10 +747,11 @@ impl<'m> EngineLoop<'m> {
     /// context and the step's tokens.
     fn propose_drafts(&mut self) {
         let k = self.lookup_draft_tokens;
-        // Tokens left once every running sequence has its own (the scheduler also cuts drafts to
-        // the rows the step has spare).
+        // Tokens left for drafts once every running sequence has its own, within the step size
+        // where drafts still come nearly free (the scheduler also cuts drafts to the spare rows).
         let running = &mut self.scheduler.running;
-        let mut spare_tokens = self.runner.max_step_tokens().saturating_sub(running.len());
+        let step = self.lookup_step_tokens.min(self.runner.max_step_tokens());
+        let mut spare_tokens = step.saturating_sub(running.len());
         for seq in running.iter_mut() {
             seq.draft.clear();
             let decoding = seq.computed + 1 == seq.tokens.len() && seq.generated() > 0;
