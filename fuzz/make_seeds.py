@@ -10,7 +10,7 @@ templates are the fixtures' and Qwen2.5's real one (tools, several branches).
   hf_files/        config.json NUL tokenizer.json NUL tokenizer_config.json
   gguf_tokenizer/  GGUF files holding only tokenizer.ggml.* metadata (written by gguf-py), one
                    per pre-tokenizer kiln knows
-  gguf/            tiny llama, qwen2, qwen3, qwen2moe and Mixtral models (every tensor kiln loads,
+  gguf/            tiny llama, qwen2, qwen3, qwen2moe, qwen3moe and Mixtral models (every tensor kiln loads,
                    F32/F16/Q8_0),
                    besides the two reader seeds tests/gguf.rs keeps
   safetensors/     small files of every float dtype kiln loads, plus dtypes it refuses
@@ -157,15 +157,15 @@ def gguf_tokenizer(qwen25_template):
 
 def gguf_models():
     """Tiny models of every GGUF arch kiln loads, as llama.cpp names their tensors: llama, qwen2,
-    qwen3 (q/k norms, key_length), qwen2moe (experts stacked in *_exps, a shared expert) and
-    Mixtral (arch llama with experts)."""
+    qwen3 (q/k norms, key_length), qwen2moe (experts stacked in *_exps, a shared expert),
+    qwen3moe and Mixtral (arch llama with experts)."""
     rng = np.random.default_rng(7)
     h, f, heads, kv_heads, vocab = 32, 64, 4, 2, 40
     n_exp, ef = 4, 32
     head_dim = h // heads
     for name, arch in [("llama", "llama"), ("qwen2", "qwen2"), ("qwen3", "qwen3"), ("qwen2moe", "qwen2moe"),
-                       ("mixtral", "llama")]:
-        moe = name in ("qwen2moe", "mixtral")
+                       ("qwen3moe", "qwen3moe"), ("mixtral", "llama")]:
+        moe = name in ("qwen2moe", "qwen3moe", "mixtral")
         path = SEEDS / "gguf" / f"tiny-{name}.gguf"
         w = gguf.GGUFWriter(str(path), arch)
         w.add_context_length(128)
@@ -177,14 +177,15 @@ def gguf_models():
         w.add_layer_norm_rms_eps(1e-5)
         w.add_rope_freq_base(10000.0)
         w.add_vocab_size(vocab)
-        if name == "qwen3":
+        if arch in ("qwen3", "qwen3moe"):
             w.add_key_length(head_dim)
             w.add_value_length(head_dim)
         if moe:
             w.add_expert_count(n_exp)
             w.add_expert_used_count(2)
-            if name == "qwen2moe":
+            if name != "mixtral":
                 w.add_expert_feed_forward_length(ef)
+            if name == "qwen2moe":
                 w.add_expert_shared_feed_forward_length(f)
 
         def t(name, shape, qtype=gguf.GGMLQuantizationType.F32):
@@ -208,11 +209,11 @@ def gguf_models():
             t("blk.0.attn_q.bias", (heads * head_dim,))
             t("blk.0.attn_k.bias", (kv_heads * head_dim,))
             t("blk.0.attn_v.bias", (kv_heads * head_dim,))
-        if name == "qwen3":
+        if arch in ("qwen3", "qwen3moe"):
             t("blk.0.attn_q_norm.weight", (head_dim,))
             t("blk.0.attn_k_norm.weight", (head_dim,))
         if moe:
-            e_f = ef if name == "qwen2moe" else f
+            e_f = f if name == "mixtral" else ef
             t("blk.0.ffn_gate_inp.weight", (n_exp, h))
             t("blk.0.ffn_gate_exps.weight", (n_exp, e_f, h), q8)
             t("blk.0.ffn_up_exps.weight", (n_exp, e_f, h), q8)

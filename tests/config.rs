@@ -200,3 +200,39 @@ fn sizes_no_model_has_are_refused_before_anything_uses_them() {
     // The largest real models are well inside the bounds.
     assert!(parse(LLAMA31).is_ok());
 }
+
+/// GGUF metadata of every new family (fuzz/seeds/gguf/, written by gguf-py as llama.cpp's
+/// converter names things): the architecture, Qwen3's key_length and q/k norms, the experts'
+/// counts and sizes, Qwen2-MoE's shared expert, Mixtral as arch llama with experts (permuted
+/// q/k: interleaved RoPE); and the tensors, the per-expert slices of `*_exps` included, match.
+#[test]
+fn gguf_files_of_the_new_families_give_their_configs() {
+    use kiln::model::checkpoint::check_tensors;
+    use kiln::model::gguf_source::GgufSource;
+    use kiln::model::weights::expected_tensors;
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds/gguf");
+    // (file, architecture, q/k norms, experts' intermediate size, renormalised, shared expert)
+    let cases = [
+        ("tiny-qwen3.gguf", Architecture::Qwen3, true, None, false, None),
+        ("tiny-qwen2moe.gguf", Architecture::Qwen2Moe, false, Some(32), false, Some(64)),
+        ("tiny-qwen3moe.gguf", Architecture::Qwen3Moe, true, Some(32), true, None),
+        ("tiny-mixtral.gguf", Architecture::Mixtral, false, Some(64), true, None),
+    ];
+    for (file, arch, qk_norm, expert_ff, renorm, shared) in cases {
+        let path = dir.join(file);
+        let src = GgufSource::open(&path).unwrap();
+        let c = src.config().unwrap_or_else(|e| panic!("{file}: {e}"));
+        assert_eq!((c.architecture, c.qk_norm, c.head_dim), (arch, qk_norm, 8), "{file}");
+        assert_eq!(c.rope_interleaved, arch == Architecture::Mixtral, "{file}: llama-arch q/k are permuted");
+        match (&c.moe, expert_ff) {
+            (Some(m), Some(ff)) => {
+                assert_eq!((m.n_experts, m.top_k, m.expert_intermediate_size), (4, 2, ff), "{file}");
+                assert_eq!((m.norm_topk_prob, m.shared_intermediate_size), (renorm, shared), "{file}");
+                assert_eq!(m.sparse_layers, vec![true], "{file}");
+            }
+            (None, None) => {}
+            (m, _) => panic!("{file}: experts {m:?}"),
+        }
+        check_tensors(&src, &expected_tensors(&c), &path).unwrap_or_else(|e| panic!("{file}: {e}"));
+    }
+}
