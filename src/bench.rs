@@ -442,8 +442,10 @@ fn profile_batched_decode(
     let tables: Vec<Vec<u32>> = (0..n).map(|i| ((i * per_seq) as u32..((i + 1) * per_seq) as u32).collect()).collect();
     // The cache content does not change the work: attend over whatever the blocks hold.
     let ids = vec![1u32];
-    let steps: Vec<SeqStep<'_>> =
-        tables.iter().map(|t| SeqStep { tokens: &ids, pos0: len - 1, block_table: t, wanted: Wanted::Last, adapters: 0 }).collect();
+    let steps: Vec<SeqStep<'_>> = tables
+        .iter()
+        .map(|t| SeqStep { tokens: &ids, pos0: len - 1, block_table: t, wanted: Wanted::Last, adapters: 0 })
+        .collect();
     runner.step(&steps, Readback::Argmax)?; // plan and pipelines
     runner.profile_step(&steps, Readback::Argmax)
 }

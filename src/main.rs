@@ -13,7 +13,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "kiln", version, about = "Run Llama, Mistral, Qwen2/3 and mixture-of-experts models on any GPU through WebGPU")]
+#[command(
+    name = "kiln",
+    version,
+    about = "Run Llama, Mistral, Qwen2/3 and mixture-of-experts models on any GPU through WebGPU"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

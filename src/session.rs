@@ -246,7 +246,13 @@ impl<'m> Session<'m> {
 
     /// Run one step of `ids` (≤ the step size) and append them.
     fn step(&mut self, ids: &[u32], wanted: Wanted, readback: Readback) -> Result<crate::engine::batch::StepOutput> {
-        let step = SeqStep { tokens: ids, pos0: self.tokens.len(), block_table: &self.block_table, wanted, adapters: self.adapters };
+        let step = SeqStep {
+            tokens: ids,
+            pos0: self.tokens.len(),
+            block_table: &self.block_table,
+            wanted,
+            adapters: self.adapters,
+        };
         let out = self.runner.step(&[step], readback)?;
         self.tokens.extend_from_slice(ids);
         Ok(out)
@@ -256,7 +262,13 @@ impl<'m> Session<'m> {
     /// and append them: (dispatch label, seconds) in execution order. For `kiln bench`.
     pub fn profile_step(&mut self, ids: &[u32], wanted: Wanted, readback: Readback) -> Result<Vec<(String, f64)>> {
         self.check_room(ids.len())?;
-        let step = SeqStep { tokens: ids, pos0: self.tokens.len(), block_table: &self.block_table, wanted, adapters: self.adapters };
+        let step = SeqStep {
+            tokens: ids,
+            pos0: self.tokens.len(),
+            block_table: &self.block_table,
+            wanted,
+            adapters: self.adapters,
+        };
         let times = self.runner.profile_step(&[step], readback)?;
         self.tokens.extend_from_slice(ids);
         Ok(times)
@@ -304,7 +316,13 @@ impl<'m> Session<'m> {
             )));
         }
         let wanted = Wanted::None;
-        let step = SeqStep { tokens: ids, pos0: self.tokens.len(), block_table: &self.block_table, wanted, adapters: self.adapters };
+        let step = SeqStep {
+            tokens: ids,
+            pos0: self.tokens.len(),
+            block_table: &self.block_table,
+            wanted,
+            adapters: self.adapters,
+        };
         let out = run(&mut self.runner, step)?;
         self.tokens.extend_from_slice(ids);
         Ok(out)

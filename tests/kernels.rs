@@ -679,10 +679,8 @@ fn check_attention(gpu: &Gpu, name: &str, c: &AttnCase, rng: &mut rand::rngs::St
     let tol = attention::output_error_bound(c.head_dim, max_kv_len);
     let why =
         "score error D·u·|s|max plus exp error (3+2|s|) ulp, doubled for the normalisation, plus kv_len·u summation";
-    let what = format!(
-        "{name} Hq={} Hkv={} D={} seqs={:?} window={}",
-        c.n_heads, c.n_kv_heads, c.head_dim, c.seqs, c.window
-    );
+    let what =
+        format!("{name} Hq={} Hkv={} D={} seqs={:?} window={}", c.n_heads, c.n_kv_heads, c.head_dim, c.seqs, c.window);
 
     let out = poisoned(gpu, "out", nq);
     gpu.run("attention prefill", &[&attention::prefill(gpu, &shape, &qb, &kc, &vc, &out, n_tokens, tokens).unwrap()])

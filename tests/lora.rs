@@ -62,7 +62,9 @@ fn greedy(n: usize) -> GenerateParams {
 fn the_kernel_adds_each_tokens_adapters() {
     let mut rng = rng("lora_kernel");
     // Fewer outputs than one workgroup's tile, and several tiles with a partial last one.
-    for ((path, gpu), (in_dim, out_dim)) in devices().into_iter().flat_map(|d| [(d.clone(), (37usize, 53usize)), (d, (64, 601))]) {
+    for ((path, gpu), (in_dim, out_dim)) in
+        devices().into_iter().flat_map(|d| [(d.clone(), (37usize, 53usize)), (d, (64, 601))])
+    {
         let n_tokens = 7usize;
         // Adapters of rank 3 and 5, one that leaves this module alone, and one of rank 1.
         let ranks = [Some(3usize), Some(5), None, Some(1)];
@@ -199,16 +201,26 @@ fn merged_checkpoints_match_peft_merge_and_unload() {
         assert_eq!(changed, if name == "adapter-a" { 8 } else { 6 }, "{name}: 2 layers × its modules");
         let merged = Model::load(&out, gpu.clone(), &mut |_, _| {}).unwrap();
         for case in g["adapters"][name]["merged"]["logits"].as_array().unwrap() {
-            let ids = u32s(&g["adapters"][name]["logits"].as_array().unwrap().iter().find(|c| c["name"] == case["name"]).unwrap()["input_ids"]);
+            let ids = u32s(
+                &g["adapters"][name]["logits"].as_array().unwrap().iter().find(|c| c["name"] == case["name"]).unwrap()
+                    ["input_ids"],
+            );
             let last = Session::new(&merged, None).unwrap().feed(&ids).unwrap();
-            assert_close(&format!("merged {name} {}", case["name"]), &last, &f32s(&case["last_logits"]), 1e-3, "f32 weights, f32 KV");
+            assert_close(
+                &format!("merged {name} {}", case["name"]),
+                &last,
+                &f32s(&case["last_logits"]),
+                1e-3,
+                "f32 weights, f32 KV",
+            );
         }
         // Never over an existing directory without --force, never over an input.
         let again = lora::Adapter::read(&spec(name), &base.config).unwrap();
         let err = lora::merge(&fixture("llama3-tiny"), &[again], &out, false).unwrap_err().to_string();
         assert!(err.contains("exists"), "{err}");
         let again = lora::Adapter::read(&spec(name), &base.config).unwrap();
-        let err = lora::merge(&fixture("llama3-tiny"), &[again], &fixture("llama3-tiny"), true).unwrap_err().to_string();
+        let err =
+            lora::merge(&fixture("llama3-tiny"), &[again], &fixture("llama3-tiny"), true).unwrap_err().to_string();
         assert!(err.contains("is an input"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
@@ -229,7 +241,8 @@ fn damaged(name: &str, edit: impl FnOnce(&mut Value, &PathBuf)) -> AdapterSpec {
     for f in ["adapter_config.json", "adapter_model.safetensors"] {
         std::fs::copy(src.join(f), dir.join(f)).unwrap();
     }
-    let mut cfg: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("adapter_config.json")).unwrap()).unwrap();
+    let mut cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("adapter_config.json")).unwrap()).unwrap();
     edit(&mut cfg, &dir);
     std::fs::write(dir.join("adapter_config.json"), cfg.to_string()).unwrap();
     AdapterSpec { path: dir, scale: 1.0 }

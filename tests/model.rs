@@ -15,7 +15,8 @@ use std::sync::Arc;
 /// Llama 3 (GQA, f32, untied), Qwen2 (MQA, biases, bf16, tied), Qwen3 (per-head q/k RMSNorm,
 /// head_dim 48 ≠ hidden / heads, f16, tied) and Mistral with a 16-key sliding window (its 72-token
 /// logits, its greedy runs from 47- and 72-token prompts and its incremental case run past it).
-const MODELS: [&str; 6] = ["llama3-tiny", "qwen2-tiny", "qwen3-tiny", "mistral-swa-tiny", "qwen2-moe-tiny", "mixtral-tiny"];
+const MODELS: [&str; 6] =
+    ["llama3-tiny", "qwen2-tiny", "qwen3-tiny", "mistral-swa-tiny", "qwen2-moe-tiny", "mixtral-tiny"];
 
 fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
@@ -148,17 +149,31 @@ fn mixtures_route_each_token_to_the_experts_transformers_chose() {
                     let want_ids: Vec<Vec<u32>> = want["topk_ids"].as_array().unwrap().iter().map(u32s).collect();
                     let want_w: Vec<Vec<f32>> = want["topk_weights"].as_array().unwrap().iter().map(f32s).collect();
                     for (t, (wi, ww)) in want_ids.iter().zip(&want_w).enumerate() {
-                        let got: Vec<(u32, f32)> =
-                            r.ids[t * r.top_k..][..r.top_k].iter().copied().zip(r.weights[t * r.top_k..].iter().copied()).collect();
+                        let got: Vec<(u32, f32)> = r.ids[t * r.top_k..][..r.top_k]
+                            .iter()
+                            .copied()
+                            .zip(r.weights[t * r.top_k..].iter().copied())
+                            .collect();
                         // The same experts with the same weights; their order (which only ranks
                         // them) must match where the weights are further apart than our error.
                         let mut a = got.clone();
                         let mut b: Vec<(u32, f32)> = wi.iter().copied().zip(ww.iter().copied()).collect();
                         a.sort_by_key(|p| p.0);
                         b.sort_by_key(|p| p.0);
-                        assert_eq!(a.iter().map(|p| p.0).collect::<Vec<_>>(), b.iter().map(|p| p.0).collect::<Vec<_>>(), "{what} token {t}: chosen experts");
-                        let (ga, gb): (Vec<f32>, Vec<f32>) = (a.iter().map(|p| p.1).collect(), b.iter().map(|p| p.1).collect());
-                        assert_close(&format!("{what} token {t}"), &ga, &gb, tol, "softmax of router logits, see logit_tol");
+                        assert_eq!(
+                            a.iter().map(|p| p.0).collect::<Vec<_>>(),
+                            b.iter().map(|p| p.0).collect::<Vec<_>>(),
+                            "{what} token {t}: chosen experts"
+                        );
+                        let (ga, gb): (Vec<f32>, Vec<f32>) =
+                            (a.iter().map(|p| p.1).collect(), b.iter().map(|p| p.1).collect());
+                        assert_close(
+                            &format!("{what} token {t}"),
+                            &ga,
+                            &gb,
+                            tol,
+                            "softmax of router logits, see logit_tol",
+                        );
                         for s in 1..r.top_k {
                             if ww[s - 1] - ww[s] > 2.0 * tol as f32 {
                                 assert_eq!(got[s - 1].0, wi[s - 1], "{what} token {t}: the more probable expert first");

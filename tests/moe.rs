@@ -40,7 +40,9 @@ fn check_groups(what: &str, groups: &[u32], ids: &[u32], n_experts: usize) {
 fn routing_picks_the_top_k_by_probability_ties_to_the_lower_expert() {
     let mut rng = rng("moe_route");
     for (path, gpu) in devices() {
-        for (n_experts, top_k, n_tokens) in [(8usize, 2usize, 37usize), (60, 4, 5), (256, 8, 3), (3, 3, 1), (128, 1, 17)] {
+        for (n_experts, top_k, n_tokens) in
+            [(8usize, 2usize, 37usize), (60, 4, 5), (256, 8, 3), (3, 3, 1), (128, 1, 17)]
+        {
             let mut logits = uniform(&mut rng, n_tokens * n_experts, -4.0, 4.0);
             // Exact ties: the lower expert wins, as torch.topk keeps the first of equal values.
             for t in 0..n_tokens {
@@ -129,16 +131,8 @@ fn expert_products_use_each_assignments_own_expert_in_every_encoding() {
                     let x_rows = if x_per_token { n_tokens } else { n_tokens * top_k };
                     let x = uniform(&mut rng, x_rows * cols, -1.0, 1.0);
                     let y = poisoned(&gpu, "y", ids.len() * rows);
-                    let ds = moe::expert_matmul(
-                        &gpu,
-                        r,
-                        &w,
-                        &upload_f32(&gpu, "x", &x),
-                        x_per_token,
-                        &groups_b,
-                        &y,
-                    )
-                    .unwrap();
+                    let ds = moe::expert_matmul(&gpu, r, &w, &upload_f32(&gpu, "x", &x), x_per_token, &groups_b, &y)
+                        .unwrap();
                     gpu.run("expert_matmul", &ds.iter().collect::<Vec<_>>()).unwrap();
                     let got = gpu.read_f32(&y, ids.len() * rows).unwrap();
                     let want = moe::expert_matmul_cpu(&exact, cols, rows, &x, &ids, top_k, x_per_token);

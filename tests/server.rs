@@ -530,7 +530,8 @@ fn prompt_lookup_speculation_in_the_server_keeps_the_output_and_reports_acceptan
     // Streamed, and several at once: the same text each time.
     let handles: Vec<_> = (0..3)
         .map(|_| {
-            let (port, body) = (server.port, json!({"prompt": prompt, "max_tokens": 40, "temperature": 0, "stream": true}));
+            let (port, body) =
+                (server.port, json!({"prompt": prompt, "max_tokens": 40, "temperature": 0, "stream": true}));
             std::thread::spawn(move || http(port, "POST", "/v1/completions", body.to_string().as_bytes()).unwrap())
         })
         .collect();

@@ -18,4 +18,3 @@ pub fn prompt_lookup(history: &[u32], min_ngram: usize, max_ngram: usize, k: usi
     }
     Vec::new()
 }
-

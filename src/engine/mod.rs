@@ -342,8 +342,13 @@ impl Engine {
                             return;
                         }
                     };
-                    let scheduler =
-                        Scheduler::new(blocks, block_size as usize, runner.max_step_tokens(), max_running, runner.max_rows());
+                    let scheduler = Scheduler::new(
+                        blocks,
+                        block_size as usize,
+                        runner.max_step_tokens(),
+                        max_running,
+                        runner.max_rows(),
+                    );
                     EngineLoop {
                         model: &model,
                         runner,

@@ -105,9 +105,9 @@ impl Weight {
     ) -> Result<Weight> {
         // One matrix splits anywhere between rows; a stack only between its matrices.
         let group = if count == 1 { 1 } else { rows };
-        let rows = count.checked_mul(rows).ok_or_else(|| {
-            KilnError::shape("weight upload", format!("{name}: {count} matrices of {rows} rows"))
-        })?;
+        let rows = count
+            .checked_mul(rows)
+            .ok_or_else(|| KilnError::shape("weight upload", format!("{name}: {count} matrices of {rows} rows")))?;
         let block = dtype.block().0;
         if !(cols as u64).is_multiple_of(block) {
             return Err(KilnError::shape(

@@ -154,7 +154,11 @@ const MAX_LAYERS: usize = 1 << 10;
 /// Each layer's sliding window, as transformers decides it: an explicit `layer_types` list; else
 /// Mistral's `sliding_window` on every layer; else, for the Qwen families, `sliding_window` on
 /// layers from `max_window_layers` on, only when `use_sliding_window` is true.
-fn attention_windows(raw: &RawConfig, arch: Architecture, n_layers: usize) -> std::result::Result<Vec<Option<u32>>, String> {
+fn attention_windows(
+    raw: &RawConfig,
+    arch: Architecture,
+    n_layers: usize,
+) -> std::result::Result<Vec<Option<u32>>, String> {
     let window = match &raw.sliding_window {
         None | Some(Value::Null) => None,
         Some(v) => match v.as_u64() {
@@ -191,8 +195,9 @@ fn moe_config(raw: &RawConfig, arch: Architecture, n_layers: usize) -> std::resu
         Architecture::Qwen2Moe | Architecture::Qwen3Moe => (raw.num_experts, raw.moe_intermediate_size),
     };
     let n_experts = n_experts.filter(|&e| e > 0).ok_or("a mixture of experts without a number of experts")?;
-    let expert_intermediate_size =
-        expert_intermediate_size.filter(|&f| f > 0).ok_or("a mixture of experts without the experts' intermediate size")?;
+    let expert_intermediate_size = expert_intermediate_size
+        .filter(|&f| f > 0)
+        .ok_or("a mixture of experts without the experts' intermediate size")?;
     let top_k = raw.num_experts_per_tok.unwrap_or(2);
     if n_experts > MAX_EXPERTS || top_k == 0 || top_k > n_experts.min(MAX_TOP_K) {
         return Err(format!(

@@ -145,10 +145,10 @@ pub struct Activations {
     /// Entries of `inputs.block_table`.
     pub max_table_entries: u32,
     pub inputs: StepInputs,
-    x: wgpu::Buffer,          // (T, hidden) the residual stream
-    xn: wgpu::Buffer,         // (T, hidden) normalised
-    q: wgpu::Buffer,          // (T, n_heads·head_dim)
-    k: wgpu::Buffer,          // (T, n_kv_heads·head_dim)
+    x: wgpu::Buffer,  // (T, hidden) the residual stream
+    xn: wgpu::Buffer, // (T, hidden) normalised
+    q: wgpu::Buffer,  // (T, n_heads·head_dim)
+    k: wgpu::Buffer,  // (T, n_kv_heads·head_dim)
     /// q and k with each head RMS-normalised, for models that do that (Qwen3).
     qk_normed: Option<(wgpu::Buffer, wgpu::Buffer)>,
     v: wgpu::Buffer,          // (T, n_kv_heads·head_dim)
@@ -180,7 +180,17 @@ struct MoeScratch {
 
 impl MoeScratch {
     fn buffers(&self) -> [&wgpu::Buffer; 9] {
-        [&self.router_logits, &self.ids, &self.weights, &self.groups, &self.gate, &self.up, &self.act, &self.out, &self.shared_gate]
+        [
+            &self.router_logits,
+            &self.ids,
+            &self.weights,
+            &self.groups,
+            &self.gate,
+            &self.up,
+            &self.act,
+            &self.out,
+            &self.shared_gate,
+        ]
     }
 }
 
@@ -276,29 +286,29 @@ impl Activations {
             + experts
             + i.adapters.size()
             + [
-            &i.ids,
-            &i.meta,
-            &i.block_table,
-            &i.rows,
-            &self.x,
-            &self.xn,
-            &self.q,
-            &self.k,
-            &self.v,
-            &self.attn,
-            &self.proj,
-            &self.gate,
-            &self.up,
-            &self.act,
-            &self.x_rows,
-            &self.logits,
-            &self.tokens,
-            &self.partials.ml,
-            &self.partials.acc,
-        ]
-        .iter()
-        .map(|b| b.size())
-        .sum::<u64>()
+                &i.ids,
+                &i.meta,
+                &i.block_table,
+                &i.rows,
+                &self.x,
+                &self.xn,
+                &self.q,
+                &self.k,
+                &self.v,
+                &self.attn,
+                &self.proj,
+                &self.gate,
+                &self.up,
+                &self.act,
+                &self.x_rows,
+                &self.logits,
+                &self.tokens,
+                &self.partials.ml,
+                &self.partials.acc,
+            ]
+            .iter()
+            .map(|b| b.size())
+            .sum::<u64>()
     }
 }
 

@@ -11,8 +11,8 @@ use super::checkpoint::TensorSource;
 use super::config::{Architecture, ModelConfig, MoeConfig};
 use super::weights::MoeNames;
 use crate::gguf::{GgmlType, GgufFile};
-use crate::model::config::{MAX_EXPERTS, MAX_TOP_K};
 use crate::gpu::DType;
+use crate::model::config::{MAX_EXPERTS, MAX_TOP_K};
 use crate::{KilnError, Result};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -193,7 +193,8 @@ impl GgufSource {
                     Architecture::Mixtral => usize_of("feed_forward_length")?,
                     _ => usize_of("expert_feed_forward_length")?,
                 };
-                let module = if architecture == Architecture::Mixtral { MoeNames::MIXTRAL } else { MoeNames::QWEN }.module;
+                let module =
+                    if architecture == Architecture::Mixtral { MoeNames::MIXTRAL } else { MoeNames::QWEN }.module;
                 Some(MoeConfig {
                     n_experts,
                     top_k,

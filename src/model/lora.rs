@@ -18,8 +18,15 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 /// The linear modules an adapter may touch, by their Hugging Face names.
-pub const MODULES: [&str; 7] =
-    ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"];
+pub const MODULES: [&str; 7] = [
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+];
 
 /// `--lora PATH[:SCALE]`.
 #[derive(Clone, Debug, PartialEq)]
@@ -75,7 +82,9 @@ impl Adapter {
         let rank = get("r").and_then(Value::as_u64).filter(|&r| r > 0).ok_or_else(|| bad("no positive `r`".into()))?;
         let alpha = get("lora_alpha").and_then(Value::as_f64).unwrap_or(8.0);
         let flag = |k: &str| get(k).and_then(Value::as_bool).unwrap_or(false);
-        for (key, what) in [("use_dora", "DoRA"), ("fan_in_fan_out", "fan_in_fan_out weights"), ("use_qalora", "QA-LoRA")] {
+        for (key, what) in
+            [("use_dora", "DoRA"), ("fan_in_fan_out", "fan_in_fan_out weights"), ("use_qalora", "QA-LoRA")]
+        {
             if flag(key) {
                 return Err(bad(format!("`{key}: true`: {what} is not supported")));
             }
@@ -123,7 +132,9 @@ impl Adapter {
                 .and_then(|(l, m)| Some((l.parse::<usize>().ok()?, MODULES.iter().position(|x| *x == m)?)));
             let base = format!("{module}.weight");
             let (Some((layer, which)), Some(shape)) = (layer_module, expected.get(&base)) else {
-                return Err(err(format!("`{name}` adapts `{module}`, which is not a linear layer of this model kiln can adapt")));
+                return Err(err(format!(
+                    "`{name}` adapts `{module}`, which is not a linear layer of this model kiln can adapt"
+                )));
             };
             if !targets.iter().any(|t| module.ends_with(&format!(".{t}"))) {
                 return Err(err(format!("`{name}`: `{module}` is not among target_modules {targets:?}")));
@@ -164,11 +175,20 @@ impl Adapter {
         // Experts are not adapted: an adapter for `mlp.gate_proj` on an expert layer has no base.
         if let Some(moe) = &config.moe {
             if let Some((l, _)) = matrices.keys().find(|(l, m)| *m >= 4 && moe.sparse_layers[*l]) {
-                return Err(KilnError::model(dir, format!("layer {l}'s MLP is a mixture of experts; kiln adapts no experts")));
+                return Err(KilnError::model(
+                    dir,
+                    format!("layer {l}'s MLP is a mixture of experts; kiln adapts no experts"),
+                ));
             }
         }
         let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "adapter".into());
-        Ok(Adapter { name, path: dir.clone(), rank: rank as usize, scale: (scaling * spec.scale as f64) as f32, matrices })
+        Ok(Adapter {
+            name,
+            path: dir.clone(),
+            rank: rank as usize,
+            scale: (scaling * spec.scale as f64) as f32,
+            matrices,
+        })
     }
 }
 
@@ -222,7 +242,10 @@ impl Adapters {
         names.iter().try_fold(0u32, |mask, n| {
             let i = self.list.iter().position(|(name, _, _)| name == n).ok_or_else(|| {
                 let known: Vec<&str> = self.list.iter().map(|(n, _, _)| n.as_str()).collect();
-                KilnError::Request(format!("no adapter `{n}`; loaded: {}", if known.is_empty() { "none".into() } else { known.join(", ") }))
+                KilnError::Request(format!(
+                    "no adapter `{n}`; loaded: {}",
+                    if known.is_empty() { "none".into() } else { known.join(", ") }
+                ))
             })?;
             Ok(mask | 1 << i)
         })
@@ -262,7 +285,10 @@ pub fn merge(base: &Path, adapters: &[Adapter], out: &Path, force: bool) -> Resu
             .and_then(|r| r.split_once('.'))
             .and_then(|(l, m)| Some((l.parse::<usize>().ok()?, MODULES.iter().position(|x| *x == m)?)));
         let deltas: Vec<(&[f32], &[f32], f32)> = match key {
-            Some(k) => adapters.iter().filter_map(|a| a.matrices.get(&k).map(|(x, y)| (x.as_slice(), y.as_slice(), a.scale))).collect(),
+            Some(k) => adapters
+                .iter()
+                .filter_map(|a| a.matrices.get(&k).map(|(x, y)| (x.as_slice(), y.as_slice(), a.scale)))
+                .collect(),
             None => Vec::new(),
         };
         let st_dtype = match dtype {

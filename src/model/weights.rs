@@ -83,7 +83,12 @@ impl Mlp {
             Mlp::Experts(x) => {
                 let n_experts = x.router.rows as u64;
                 let experts: u64 = [&x.gate_proj, &x.up_proj, &x.down_proj].iter().map(|w| w.bytes()).sum();
-                let shared: u64 = x.shared.iter().flat_map(|s| s.mlp.matrices().into_iter().chain([&s.gate])).map(|w| w.bytes()).sum();
+                let shared: u64 = x
+                    .shared
+                    .iter()
+                    .flat_map(|s| s.mlp.matrices().into_iter().chain([&s.gate]))
+                    .map(|w| w.bytes())
+                    .sum();
                 x.router.bytes() + experts / n_experts * top_k as u64 + shared
             }
         }

@@ -51,7 +51,13 @@ impl LoraModule {
 
     /// `adapters[i]` = Some((A (rank × in), B (out × rank), scale)) for the adapters that touch
     /// this module, None for the others.
-    pub fn upload(gpu: &Gpu, label: &str, in_dim: u32, out_dim: u32, adapters: &[Option<(&[f32], &[f32], f32)>]) -> Result<LoraModule> {
+    pub fn upload(
+        gpu: &Gpu,
+        label: &str,
+        in_dim: u32,
+        out_dim: u32,
+        adapters: &[Option<(&[f32], &[f32], f32)>],
+    ) -> Result<LoraModule> {
         if adapters.len() > MAX_ADAPTERS {
             return Err(KilnError::Request(format!("{} adapters: at most {MAX_ADAPTERS}", adapters.len())));
         }
@@ -69,7 +75,14 @@ impl LoraModule {
                             format!("{label}: A of {} and B of {} values for {in_dim} → {out_dim}", a.len(), b.len()),
                         ));
                     }
-                    let e = Entry { a: ab.len() as u32, b: (ab.len() + a.len()) as u32, rank, u, scale: *scale, _pad: [0; 3] };
+                    let e = Entry {
+                        a: ab.len() as u32,
+                        b: (ab.len() + a.len()) as u32,
+                        rank,
+                        u,
+                        scale: *scale,
+                        _pad: [0; 3],
+                    };
                     ab.extend_from_slice(a);
                     ab.extend_from_slice(b);
                     u += rank;
@@ -98,7 +111,14 @@ pub const MAX_RANK: u32 = 1024;
 
 /// y (n_tokens, out) += the adapters of each token's mask applied to x (n_tokens, in): one
 /// dispatch.
-pub fn apply(gpu: &Gpu, m: &LoraModule, adapters: &wgpu::Buffer, x: &wgpu::Buffer, y: &wgpu::Buffer, n_tokens: u32) -> Result<Dispatch> {
+pub fn apply(
+    gpu: &Gpu,
+    m: &LoraModule,
+    adapters: &wgpu::Buffer,
+    x: &wgpu::Buffer,
+    y: &wgpu::Buffer,
+    n_tokens: u32,
+) -> Result<Dispatch> {
     let params = Params {
         n_tokens,
         n_adapters: m.entries.len() as u32,
@@ -132,8 +152,9 @@ pub fn apply_cpu(
                 continue;
             }
             let rank = a.len() / in_dim;
-            let u: Vec<f64> =
-                (0..rank).map(|j| a[j * in_dim..][..in_dim].iter().zip(xt).map(|(p, q)| *p as f64 * *q as f64).sum()).collect();
+            let u: Vec<f64> = (0..rank)
+                .map(|j| a[j * in_dim..][..in_dim].iter().zip(xt).map(|(p, q)| *p as f64 * *q as f64).sum())
+                .collect();
             for o in 0..out_dim {
                 let v: f64 = (0..rank).map(|j| b[o * rank + j] as f64 * u[j]).sum();
                 out[t * out_dim + o] = (out[t * out_dim + o] as f64 + *s as f64 * v) as f32;

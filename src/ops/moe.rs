@@ -124,9 +124,13 @@ pub fn expert_matmul(
                 ..r.params()
             };
             let buffers = [(1, &c.buffer), (2, x), (3, y), (7, groups)];
-            gpu.dispatch_at(format!("moe expert_matmul {}", w.name), pipeline.clone(), &params, &buffers, [
-                row_groups, slots, 1,
-            ])
+            gpu.dispatch_at(
+                format!("moe expert_matmul {}", w.name),
+                pipeline.clone(),
+                &params,
+                &buffers,
+                [row_groups, slots, 1],
+            )
         })
         .collect()
 }
@@ -183,7 +187,15 @@ pub fn group_cpu(ids: &[u32], n_experts: usize) -> (Vec<u32>, Vec<u32>, Vec<u32>
 }
 
 /// Reference expert products in f64: `w` the stacked experts dequantised, (n_experts · rows, k).
-pub fn expert_matmul_cpu(w: &[f32], k: usize, rows: usize, x: &[f32], ids: &[u32], top_k: usize, x_per_token: bool) -> Vec<f32> {
+pub fn expert_matmul_cpu(
+    w: &[f32],
+    k: usize,
+    rows: usize,
+    x: &[f32],
+    ids: &[u32],
+    top_k: usize,
+    x_per_token: bool,
+) -> Vec<f32> {
     let mut y = vec![0f32; ids.len() * rows];
     for (a, &e) in ids.iter().enumerate() {
         let xr = if x_per_token { a / top_k } else { a };
@@ -210,7 +222,8 @@ pub fn combine_cpu(
         .enumerate()
         .map(|(i, &x)| {
             let (t, d) = (i / dim, i % dim);
-            let mut s: f64 = (0..top_k).map(|j| weights[t * top_k + j] as f64 * expert_out[(t * top_k + j) * dim + d] as f64).sum();
+            let mut s: f64 =
+                (0..top_k).map(|j| weights[t * top_k + j] as f64 * expert_out[(t * top_k + j) * dim + d] as f64).sum();
             if let Some((out, gate)) = shared {
                 s += out[i] as f64 / (1.0 + (-gate[t] as f64).exp());
             }

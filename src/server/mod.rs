@@ -279,7 +279,9 @@ async fn models(State(st): State<Arc<AppState>>) -> Response {
             };
             let mut data = vec![card(r.name.clone(), None)];
             // Each LoRA adapter is a model of its own, as vLLM lists them.
-            data.extend(r.model.weights.lora.list.iter().map(|(a, _, _)| card(format!("{}:{a}", r.name), Some(&r.name))));
+            data.extend(
+                r.model.weights.lora.list.iter().map(|(a, _, _)| card(format!("{}:{a}", r.name), Some(&r.name))),
+            );
             Json(json!({ "object": "list", "data": data })).into_response()
         }
         Err(e) => error_response(e),
