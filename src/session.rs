@@ -193,10 +193,7 @@ impl<'m> Session<'m> {
     /// from now on. The cache holds keys and values computed under the old choice, so a change
     /// empties it.
     pub fn set_adapters(&mut self, mask: u32) -> Result<()> {
-        let known = self.model().weights.lora.all();
-        if mask & !known != 0 {
-            return Err(KilnError::Request(format!("adapter mask {mask:#x}: the model holds {known:#x}")));
-        }
+        self.model().weights.lora.check(mask)?;
         if mask != self.adapters {
             self.tokens.clear();
             self.adapters = mask;

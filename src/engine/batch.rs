@@ -206,7 +206,6 @@ impl<'m> Runner<'m> {
         self.rows.clear();
         self.adapters.clear();
         let mut max_kv_len = 0;
-        let known = self.model.weights.lora.all();
         for s in seqs {
             let end = s.pos0 + s.tokens.len();
             if end > self.max_context {
@@ -227,9 +226,7 @@ impl<'m> Runner<'m> {
             if let Some(t) = s.tokens.iter().find(|&&t| t >= vocab) {
                 return Err(KilnError::Request(format!("token id {t} is outside the vocabulary of {vocab}")));
             }
-            if s.adapters & !known != 0 {
-                return Err(KilnError::Request(format!("adapter mask {:#x}: the model holds {known:#x}", s.adapters)));
-            }
+            self.model.weights.lora.check(s.adapters)?;
             let table = self.table.len() as u32;
             self.table.extend_from_slice(s.block_table);
             let first_row = self.ids.len() as u32;

@@ -456,10 +456,7 @@ impl Engine {
         if params.max_tokens == 0 {
             return Err(KilnError::Request("max_tokens must be at least 1".into()));
         }
-        let known = self.model.weights.lora.all();
-        if params.adapters & !known != 0 {
-            return Err(KilnError::Request(format!("adapter mask {:#x}: the model holds {known:#x}", params.adapters)));
-        }
+        self.model.weights.lora.check(params.adapters)?;
         let needed = prompt.len() + params.max_tokens;
         if needed > self.max_context {
             return Err(KilnError::Request(format!(

@@ -359,13 +359,23 @@ fn linear(
     }
 }
 
-/// proj = (silu(xn·Wgateᵀ) ⊙ xn·Wupᵀ) · Wdownᵀ for `n` tokens.
-fn dense_mlp(gpu: &Gpu, act: &Activations, mlp: &DenseMlp, n: u32) -> Result<Vec<Dispatch>> {
-    let mut d = linear(gpu, &act.xn, &mlp.gate_proj, None, &act.gate, n)?;
+/// proj = (silu(xn·Wgateᵀ) ⊙ xn·Wupᵀ) · Wdownᵀ for `n` tokens, into `d`; `adapt(d, m, x, y)`
+/// adds module m's LoRA adapters (4 gate, 5 up, 6 down, as `lora::MODULES`) after each product.
+fn dense_mlp(
+    gpu: &Gpu,
+    act: &Activations,
+    mlp: &DenseMlp,
+    n: u32,
+    d: &mut Vec<Dispatch>,
+    adapt: impl Fn(&mut Vec<Dispatch>, usize, &wgpu::Buffer, &wgpu::Buffer) -> Result<()>,
+) -> Result<()> {
+    d.extend(linear(gpu, &act.xn, &mlp.gate_proj, None, &act.gate, n)?);
+    adapt(d, 4, &act.xn, &act.gate)?;
     d.extend(linear(gpu, &act.xn, &mlp.up_proj, None, &act.up, n)?);
+    adapt(d, 5, &act.xn, &act.up)?;
     d.push(elementwise::swiglu(gpu, &act.gate, &act.up, &act.act, n * mlp.gate_proj.rows)?);
     d.extend(linear(gpu, &act.act, &mlp.down_proj, None, &act.proj, n)?);
-    Ok(d)
+    adapt(d, 6, &act.act, &act.proj)
 }
 
 /// Build the plan of a step shape (`key.tokens` ≤ `act.max_tokens`, `key.rows` ≤ `act.max_rows`),
@@ -478,13 +488,7 @@ pub fn plan(
         d.push(rms_norm::rms_norm(gpu, &act.x, &layer.post_attention_layernorm, &act.xn, n, hidden, c.rms_norm_eps)?);
         match &layer.mlp {
             Mlp::Dense(mlp) => {
-                d.extend(linear(gpu, &act.xn, &mlp.gate_proj, None, &act.gate, n)?);
-                adapted(&mut d, 4, &act.xn, &act.gate)?;
-                d.extend(linear(gpu, &act.xn, &mlp.up_proj, None, &act.up, n)?);
-                adapted(&mut d, 5, &act.xn, &act.up)?;
-                d.push(elementwise::swiglu(gpu, &act.gate, &act.up, &act.act, n * mlp.gate_proj.rows)?);
-                d.extend(linear(gpu, &act.act, &mlp.down_proj, None, &act.proj, n)?);
-                adapted(&mut d, 6, &act.act, &act.proj)?;
+                dense_mlp(gpu, act, mlp, n, &mut d, adapted)?;
                 d.push(elementwise::add_assign(gpu, &act.x, &act.proj, n * hidden)?);
             }
             Mlp::Experts(experts) => {
@@ -508,7 +512,8 @@ pub fn plan(
                 d.extend(moe::expert_matmul(gpu, r, &experts.down_proj, &s.act, false, &s.groups, &s.out)?);
                 let shared = match &experts.shared {
                     Some(shared) => {
-                        d.extend(dense_mlp(gpu, act, &shared.mlp, n)?);
+                        // Adapters never touch experts (lora::Adapter::read refuses them).
+                        dense_mlp(gpu, act, &shared.mlp, n, &mut d, |_, _, _, _| Ok(()))?;
                         d.extend(linear(gpu, &act.xn, &shared.gate, None, &s.shared_gate, n)?);
                         Some((&act.proj, &s.shared_gate))
                     }

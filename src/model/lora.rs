@@ -251,6 +251,15 @@ impl Adapters {
         })
     }
 
+    /// `mask` names only adapters this model holds.
+    pub fn check(&self, mask: u32) -> Result<()> {
+        let known = self.all();
+        if mask & !known != 0 {
+            return Err(KilnError::Request(format!("adapter mask {mask:#x}: the model holds {known:#x}")));
+        }
+        Ok(())
+    }
+
     /// Every adapter at once.
     pub fn all(&self) -> u32 {
         if self.list.is_empty() {
