@@ -284,7 +284,9 @@ pub fn merge(base: &Path, adapters: &[Adapter], out: &Path, force: bool) -> Resu
         }
     }
     let ckpt = Checkpoint::open(base)?;
-    let mut merged: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+    // Unchanged tensors are written straight from the base's memory map; only merged ones are
+    // held in memory.
+    let mut merged: Vec<(String, safetensors::Dtype, Vec<usize>, std::borrow::Cow<'_, [u8]>)> = Vec::new();
     let mut changed = 0;
     for name in ckpt.names() {
         let (dtype, shape, bytes) = ckpt.tensor(&name)?;
@@ -307,7 +309,7 @@ pub fn merge(base: &Path, adapters: &[Adapter], out: &Path, force: bool) -> Resu
             other => return Err(KilnError::model(base, format!("`{name}` is {other:?}; merging needs float weights"))),
         };
         if deltas.is_empty() {
-            merged.push((name, st_dtype, shape, bytes.to_vec()));
+            merged.push((name, st_dtype, shape, bytes.into()));
             continue;
         }
         let w = checkpoint::to_f32(dtype, bytes).expect("float dtypes convert");
@@ -330,7 +332,7 @@ pub fn merge(base: &Path, adapters: &[Adapter], out: &Path, force: bool) -> Resu
             _ => out_values.iter().flat_map(|v| half::bf16::from_f32(*v).to_le_bytes()).collect(),
         };
         changed += 1;
-        merged.push((name, st_dtype, shape, bytes));
+        merged.push((name, st_dtype, shape, bytes.into()));
     }
     // Write into a temporary directory beside `out`, then rename: no half-written model ever
     // carries the final name.
